@@ -1,0 +1,231 @@
+"""Keys, signatures and ciphers: the only module that imports PyNaCl.
+
+Every function checks the lengths of keys and signatures where they enter,
+so that callers further in can trust them.
+
+* Drive keys are Ed25519 public keys (32 bytes).  A drive's secret is the
+  32-byte Ed25519 seed.  Users see keys as 52 lowercase z-base-32 characters;
+  on input we also take 64 hex digits and a ``p2pfs://`` prefix.
+* A signed head is a signature over fixed-layout bytes, never over a
+  re-serialised object::
+
+      b"p2pfs/head/v1" || drive key (32) || u64le length || tree root (32)
+
+* The discovery key, which is all the network ever sees of a drive, is
+  BLAKE3 derive_key("p2pfs discovery v1", drive key).
+* The Noise and secretstream primitives used by `p2pfs.wire` are here too:
+  X25519, ChaCha20-Poly1305 (IETF, Noise nonce layout) and libsodium's
+  secretstream XChaCha20-Poly1305.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+
+import blake3
+import nacl.bindings as sodium
+import nacl.exceptions
+import nacl.signing
+
+from .errors import ProtocolError, UsageError, VerificationError
+
+PUBLIC_KEY_BYTES = 32
+SEED_BYTES = 32
+SIGNATURE_BYTES = 64
+HASH_BYTES = 32
+HEAD_NAMESPACE = b"p2pfs/head/v1"
+DISCOVERY_CONTEXT = "p2pfs discovery v1"
+URL_PREFIX = "p2pfs://"
+
+_ZBASE32 = "ybndrfg8ejkmcpqxot1uwisza345h769"
+_ZBASE32_INDEX = {c: i for i, c in enumerate(_ZBASE32)}
+KEY_TEXT_LENGTH = 52  # ceil(256 / 5)
+
+
+def _check(value: bytes, length: int, what: str) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) != length:
+        raise ValueError(f"{what} must be {length} bytes")
+    return bytes(value)
+
+
+# --- Ed25519 drive keys and signed heads -------------------------------------
+
+def generate_keypair() -> tuple[bytes, bytes]:
+    """A new drive key pair: (public key, secret seed)."""
+    signing = nacl.signing.SigningKey.generate()
+    return bytes(signing.verify_key), bytes(signing)
+
+
+def public_from_seed(seed: bytes) -> bytes:
+    """The public key belonging to a 32-byte secret seed."""
+    return bytes(nacl.signing.SigningKey(_check(seed, SEED_BYTES, "secret seed")).verify_key)
+
+
+def head_message(drive_key: bytes, length: int, root: bytes) -> bytes:
+    """The exact bytes an owner signs for version `length`."""
+    _check(drive_key, PUBLIC_KEY_BYTES, "drive key")
+    _check(root, HASH_BYTES, "tree root")
+    if not 0 <= length < 2**64:
+        raise ValueError("length out of range")
+    return HEAD_NAMESPACE + drive_key + struct.pack("<Q", length) + root
+
+
+def sign_head(seed: bytes, drive_key: bytes, length: int, root: bytes) -> bytes:
+    """Sign the head (drive_key, length, root) with the drive's secret seed."""
+    signing = nacl.signing.SigningKey(_check(seed, SEED_BYTES, "secret seed"))
+    if bytes(signing.verify_key) != drive_key:
+        raise ValueError("secret seed does not belong to this drive key")
+    return signing.sign(head_message(drive_key, length, root)).signature
+
+
+def verify_head(drive_key: bytes, length: int, root: bytes, signature: bytes) -> None:
+    """Check a signed head.  Raises VerificationError if it is not the owner's."""
+    if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
+        raise VerificationError("signed head has a malformed signature")
+    if not isinstance(root, bytes) or len(root) != HASH_BYTES:
+        raise VerificationError("signed head has a malformed root")
+    try:
+        nacl.signing.VerifyKey(_check(drive_key, PUBLIC_KEY_BYTES, "drive key")).verify(
+            head_message(drive_key, length, root), signature
+        )
+    except nacl.exceptions.BadSignatureError:
+        raise VerificationError(
+            f"signature of version length {length} does not verify against the drive key"
+        ) from None
+
+
+def discovery_key(drive_key: bytes) -> bytes:
+    """The 32-byte name under which the network sees a drive."""
+    _check(drive_key, PUBLIC_KEY_BYTES, "drive key")
+    return blake3.blake3(drive_key, derive_key_context=DISCOVERY_CONTEXT).digest()
+
+
+# --- key text ----------------------------------------------------------------
+
+def encode_key(key: bytes) -> str:
+    """32 bytes -> 52 lowercase z-base-32 characters."""
+    _check(key, PUBLIC_KEY_BYTES, "key")
+    n = int.from_bytes(key, "big") << 4  # pad 256 bits to 260 = 52 * 5
+    return "".join(_ZBASE32[(n >> (5 * i)) & 31] for i in reversed(range(KEY_TEXT_LENGTH)))
+
+
+def decode_key(text: str) -> bytes:
+    """Parse a drive key given by a user: z-base-32, hex, with or without p2pfs://.
+
+    Raises UsageError with a message fit for the user.
+    """
+    raw = text.strip()
+    if raw.lower().startswith(URL_PREFIX):
+        raw = raw[len(URL_PREFIX):].rstrip("/")
+    if len(raw) == 64:
+        try:
+            return bytes.fromhex(raw)
+        except ValueError:
+            pass
+    low = raw.lower()
+    if len(low) == KEY_TEXT_LENGTH and all(c in _ZBASE32_INDEX for c in low):
+        n = 0
+        for c in low:
+            n = (n << 5) | _ZBASE32_INDEX[c]
+        if n & 0xF == 0:
+            return (n >> 4).to_bytes(32, "big")
+    shown = text if len(text) <= 70 else text[:67] + "..."
+    raise UsageError(
+        f"{shown!r} is not a drive key: expected 52 z-base-32 characters "
+        "(as printed by 'p2pfs create'), 64 hex digits, or p2pfs://KEY"
+    )
+
+
+# --- Noise primitives (X25519, ChaChaPoly, BLAKE2b) ----------------------------
+
+DH_BYTES = 32
+AEAD_TAG_BYTES = 16
+
+
+def x25519_keypair() -> tuple[bytes, bytes]:
+    """A fresh X25519 key pair: (private, public)."""
+    public, private = sodium.crypto_box_keypair()
+    return private, public
+
+
+def x25519_public(private: bytes) -> bytes:
+    return sodium.crypto_scalarmult_base(_check(private, DH_BYTES, "X25519 private key"))
+
+
+def x25519(private: bytes, public: bytes) -> bytes:
+    """Diffie-Hellman.  A peer's malformed or low-order public key -> ProtocolError."""
+    if not isinstance(public, bytes) or len(public) != DH_BYTES:
+        raise ProtocolError("peer sent a malformed X25519 public key")
+    try:
+        shared = sodium.crypto_scalarmult(_check(private, DH_BYTES, "X25519 private key"), public)
+    except Exception:  # libsodium refuses low-order points
+        raise ProtocolError("peer sent a low-order X25519 public key") from None
+    if not any(shared):
+        raise ProtocolError("peer sent a low-order X25519 public key")
+    return shared
+
+
+def _noise_nonce(n: int) -> bytes:
+    return b"\x00\x00\x00\x00" + struct.pack("<Q", n)
+
+
+def aead_encrypt(key: bytes, n: int, ad: bytes, plaintext: bytes) -> bytes:
+    """ChaCha20-Poly1305 (IETF) with the Noise nonce layout: 4 zero bytes, u64le n."""
+    return sodium.crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, ad, _noise_nonce(n), key)
+
+
+def aead_decrypt(key: bytes, n: int, ad: bytes, ciphertext: bytes) -> bytes:
+    """Inverse of aead_encrypt.  A forged or damaged ciphertext -> ProtocolError."""
+    try:
+        return sodium.crypto_aead_chacha20poly1305_ietf_decrypt(ciphertext, ad, _noise_nonce(n), key)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise ProtocolError("peer sent a frame that fails authentication") from None
+
+
+def constant_time_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+# --- libsodium secretstream, keyed from the Noise split ------------------------
+
+SECRETSTREAM_HEADER_BYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
+SECRETSTREAM_ABYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES
+SECRETSTREAM_KEY_BYTES = sodium.crypto_secretstream_xchacha20poly1305_KEYBYTES
+
+
+class StreamEncryptor:
+    """Sending half of a secretstream.  `header` must reach the peer first."""
+
+    def __init__(self, key: bytes):
+        self._state = sodium.crypto_secretstream_xchacha20poly1305_state()
+        self.header = sodium.crypto_secretstream_xchacha20poly1305_init_push(
+            self._state, _check(key, SECRETSTREAM_KEY_BYTES, "secretstream key")
+        )
+
+    def encrypt(self, message: bytes) -> bytes:
+        return sodium.crypto_secretstream_xchacha20poly1305_push(self._state, message)
+
+
+class StreamDecryptor:
+    """Receiving half of a secretstream.  Any damaged input -> ProtocolError."""
+
+    def __init__(self, key: bytes, header: bytes):
+        if not isinstance(header, bytes) or len(header) != SECRETSTREAM_HEADER_BYTES:
+            raise ProtocolError("peer sent a malformed secretstream header")
+        self._state = sodium.crypto_secretstream_xchacha20poly1305_state()
+        try:
+            sodium.crypto_secretstream_xchacha20poly1305_init_pull(
+                self._state, header, _check(key, SECRETSTREAM_KEY_BYTES, "secretstream key")
+            )
+        except (nacl.exceptions.CryptoError, ValueError, TypeError, RuntimeError):
+            raise ProtocolError("peer sent a malformed secretstream header") from None
+
+    def decrypt(self, ciphertext: bytes) -> bytes:
+        if len(ciphertext) < SECRETSTREAM_ABYTES:
+            raise ProtocolError("peer sent a truncated encrypted frame")
+        try:
+            message, _tag = sodium.crypto_secretstream_xchacha20poly1305_pull(self._state, ciphertext)
+        except (nacl.exceptions.CryptoError, ValueError, TypeError, RuntimeError):
+            raise ProtocolError("peer sent a frame that fails authentication") from None
+        return message

@@ -1,0 +1,71 @@
+"""Errors of p2pfs.
+
+Every exception meant for a user derives from `P2pfsError`; its message is
+exactly what the CLI prints (one line, saying what to do next where there is
+something to do).  Only `p2pfs.cli` turns exceptions into exit codes.
+
+Errors caused by bytes a *peer* sent are `ProtocolError`: decoders and the
+wire state machine may raise nothing else on peer input.  Errors caused by
+our own misuse of an API are ordinary Python exceptions (TypeError,
+ValueError, AssertionError) and are bugs.
+"""
+
+from __future__ import annotations
+
+
+class P2pfsError(Exception):
+    """Base class; str(exc) is the message shown to the user."""
+
+    exit_code = 1
+
+
+class UsageError(P2pfsError):
+    """The user gave bad input: a malformed key, path or option."""
+
+    exit_code = 2
+
+
+class NotFoundError(P2pfsError):
+    """An unknown drive, a missing path, or a version past the head."""
+
+
+class VerificationError(P2pfsError):
+    """A hash, proof or signature does not match: corrupt local data or a lying peer."""
+
+
+class ForkError(VerificationError):
+    """Two different signed roots exist for one length of a drive."""
+
+
+class BlockUnavailableError(P2pfsError):
+    """A block is not held locally and no peer supplied it in time."""
+
+
+class ReadOnlyError(P2pfsError):
+    """A write to a drive whose secret key this node does not hold."""
+
+
+class KeyFileError(P2pfsError):
+    """A secret-key file is missing, malformed or readable by others."""
+
+
+class StoreError(P2pfsError):
+    """The local store cannot be opened or written (disk full, permissions)."""
+
+
+class ProtocolError(P2pfsError):
+    """A peer sent bytes that break the protocol.  The only error peer input may raise."""
+
+
+class MissingBlock(Exception):
+    """Internal signal, never shown to users: block(s) needed are not held locally.
+
+    Raised by synchronous readers (the index, the tree) so that an async
+    caller can fetch `indices` from peers and try again.
+    """
+
+    def __init__(self, indices: int | list[int]):
+        if isinstance(indices, int):
+            indices = [indices]
+        self.indices = list(indices)
+        super().__init__(f"blocks not held locally: {self.indices[:8]}")

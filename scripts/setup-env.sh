@@ -1,0 +1,33 @@
+# Sourced by scripts/test, scripts/demo and scripts/bench: installs the Debian
+# packages and the Python virtualenv (.venv) p2pfs needs.  Idempotent and quiet
+# when everything is already there.
+p2pfs_setup() {
+    local extras="${1:-}"
+    local pkgs=(fuse3 libfuse3-dev pkg-config iproute2 util-linux gcc python3-dev)
+    local missing=()
+    for p in "${pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    # python3-dev is only needed when the interpreter has no headers of its own.
+    if [ ${#missing[@]} -gt 0 ] && [ "${missing[*]}" != "python3-dev" ]; then
+        echo "p2pfs: installing Debian packages: ${missing[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >/dev/null
+        apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    local py="${PYTHON:-python3}"
+    if [ ! -x .venv/bin/python ]; then
+        echo "p2pfs: creating .venv" >&2
+        "$py" -m venv .venv
+    fi
+    local spec="."
+    [ -n "$extras" ] && spec=".[${extras}]"
+    local stamp=".venv/.p2pfs-installed-${extras:-base}"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        echo "p2pfs: installing Python packages into .venv (pyfuse3 builds from source, ~30 s)" >&2
+        .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
+        touch "$stamp"
+    fi
+    export P2PFS_PYTHON="$PWD/.venv/bin/python"
+    export PATH="$PWD/.venv/bin:$PATH"
+}
