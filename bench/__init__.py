@@ -1,0 +1,1 @@
+"""Benchmarks for p2pfs (run with scripts/bench)."""
