@@ -1,0 +1,674 @@
+"""Log block formats and the copy-on-write B-tree index of a drive.
+
+Theory of operation
+-------------------
+Every block of a drive's log that is not file content is one msgpack-encoded,
+tagged, array-like msgspec struct: `Header` (block 0), `Leaf` and `Internal`
+(B-tree nodes) and `Commit` (the last block of every signed version).
+
+The index of one version is a B+-tree whose nodes are log blocks.  Keys are
+bytes: parent directory path ‖ 0x00 ‖ name, so the children of one directory
+are one contiguous key range (`children_range`) sorted by name, and the root
+directory's own entry has the key b"" (the smallest key).  All descendants of
+a directory D other than the root are the two ranges [D‖0x00, D‖0x01) (its
+children) and [D‖"/", D‖"0") (everything deeper) — see `subtree_ranges`.
+
+Invariants (checked by the readers where a peer could break them):
+* `Internal(keys, children)`: len(children) == len(keys) + 1, keys strictly
+  ascending; child i holds exactly the keys k with keys[i-1] <= k < keys[i].
+* `Leaf(keys, entries)`: same length, keys strictly ascending.
+* A node's children have smaller block indices than the node itself (a commit
+  appends children before parents), so every descent terminates even on a
+  malicious drive; a node breaking this is a `VerificationError`.
+* Encoded nodes never exceed the drive's block size.
+
+Copy-on-write: `IndexWriter` copies a node into memory the first time a change
+touches it and keeps every dirty node in memory until `finish`, which encodes
+only the dirty nodes (post-order: children before parents), repacking runs of
+adjacent dirty leaves by encoded size.  Clean subtrees keep their block
+indices, and old roots keep reading exactly as before because nothing is ever
+overwritten.
+
+This module is pure: it never does I/O.  A `BlockReader` supplies blocks and
+may raise `MissingBlock`, which propagates unchanged to the async caller that
+fetches the block and retries.
+"""
+
+from __future__ import annotations
+
+import os
+from bisect import bisect_left, bisect_right
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from typing import Annotated, Protocol, Union
+
+import msgspec
+
+from p2pfs.errors import NotFoundError, UsageError, VerificationError
+
+__all__ = [
+    "KIND_FILE", "KIND_DIR", "KIND_SYMLINK", "MAX_BLOCK_SIZE", "MAX_PATH", "MAX_NAME",
+    "Header", "Commit", "Leaf", "Internal", "Entry", "encode_block", "decode_block",
+    "normalize_path", "split_path", "path_key", "key_path", "children_range",
+    "subtree_ranges", "BlockReader", "NodeCache", "Index", "IndexWriter", "build",
+]
+
+KIND_FILE = 0
+KIND_DIR = 1
+KIND_SYMLINK = 2
+
+MAX_BLOCK_SIZE = 1 << 24  # 16 MiB: no block (content or index) may be larger
+MAX_PATH = 4096  # bytes of a normalised path (Linux PATH_MAX)
+MAX_NAME = 255  # bytes of one path component (Linux NAME_MAX)
+MAX_KEY = MAX_PATH + 1
+MAX_DEPTH = 64  # a B-tree of 64 KiB nodes is 3-4 levels deep; anything this deep is hostile
+
+_U = Annotated[int, msgspec.Meta(ge=0)]
+_Block = Annotated[int, msgspec.Meta(ge=0)]
+_Key = Annotated[bytes, msgspec.Meta(max_length=MAX_KEY)]
+
+
+class Entry(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """One path's metadata.  extents: ((first_block, block_count), ...) in file order."""
+
+    kind: Annotated[int, msgspec.Meta(ge=0, le=2)]
+    mode: Annotated[int, msgspec.Meta(ge=0, le=0o7777)]
+    mtime_ns: int
+    size: _U = 0
+    extents: tuple[tuple[_Block, Annotated[int, msgspec.Meta(ge=1)]], ...] = ()
+    target: Annotated[bytes, msgspec.Meta(max_length=MAX_PATH)] = b""
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class Header(msgspec.Struct, frozen=True, array_like=True, tag=1):
+    """Block 0 of every drive."""
+
+    format: Annotated[int, msgspec.Meta(ge=1)] = 1
+    block_size: Annotated[int, msgspec.Meta(ge=512, le=MAX_BLOCK_SIZE)] = 65536
+    created_ns: int = 0
+
+
+class Commit(msgspec.Struct, frozen=True, array_like=True, tag=2):
+    """The last block of every version: where its index root is, and totals."""
+
+    version: Annotated[int, msgspec.Meta(ge=1)]
+    root: _Block
+    prev: Annotated[int, msgspec.Meta(ge=-1)]
+    time_ns: int
+    message: str = ""
+    files: _U = 0
+    bytes: _U = 0
+
+
+class Leaf(msgspec.Struct, frozen=True, array_like=True, tag=3):
+    keys: list[_Key]
+    entries: list[Entry]
+
+
+class Internal(msgspec.Struct, frozen=True, array_like=True, tag=4):
+    keys: list[_Key]
+    children: list[_Block]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Union[Header, Commit, Leaf, Internal])
+
+
+def encode_block(obj: Header | Commit | Leaf | Internal) -> bytes:
+    """Encode one non-content log block."""
+    return _encoder.encode(obj)
+
+
+def _ascending(keys: list[bytes]) -> bool:
+    return all(a < b for a, b in zip(keys, keys[1:]))
+
+
+def decode_block(data: bytes, max_size: int = MAX_BLOCK_SIZE) -> Header | Commit | Leaf | Internal:
+    """Decode one non-content block.
+
+    Raises VerificationError (and nothing else) for anything malformed or larger
+    than `max_size`: a verified block that does not decode means a bad drive.
+    """
+    if len(data) > max_size:
+        raise VerificationError(f"index block of {len(data)} bytes exceeds the limit of {max_size}")
+    try:
+        obj = _decoder.decode(data)
+    except (msgspec.DecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise VerificationError(f"malformed index block: {exc}") from None
+    if isinstance(obj, Leaf):
+        if len(obj.keys) != len(obj.entries) or not _ascending(obj.keys):
+            raise VerificationError("malformed index block: leaf keys unsorted or not matching entries")
+    elif isinstance(obj, Internal):
+        if len(obj.children) != len(obj.keys) + 1 or not _ascending(obj.keys):
+            raise VerificationError("malformed index block: internal node keys unsorted or not matching children")
+    return obj
+
+
+# ---------------------------------------------------------------- paths and keys
+
+
+def normalize_path(path: bytes | str) -> bytes:
+    """Absolute, normalised bytes path: b"/" for the root, no trailing slash.
+
+    Relative paths are taken from the root; empty and "." components are
+    dropped.  Raises UsageError for "..", NUL bytes, or over-long names/paths.
+    """
+    if isinstance(path, str):
+        path = os.fsencode(path)
+    if not isinstance(path, bytes):
+        raise TypeError(f"path must be bytes or str, not {type(path).__name__}")
+    if b"\x00" in path:
+        raise UsageError(f"path {path!r} contains a NUL byte")
+    parts = [p for p in path.split(b"/") if p and p != b"."]
+    for p in parts:
+        if p == b"..":
+            raise UsageError(f"path {path!r} contains '..'; give a path inside the drive")
+        if len(p) > MAX_NAME:
+            raise UsageError(f"path {path!r} has a name longer than {MAX_NAME} bytes")
+    out = b"/" + b"/".join(parts)
+    if len(out) > MAX_PATH:
+        raise UsageError(f"path {path[:64]!r}... is longer than {MAX_PATH} bytes")
+    return out
+
+
+def split_path(path: bytes) -> tuple[bytes, bytes]:
+    """(parent, name) of a normalised path; (b"", b"") for the root."""
+    if path == b"/":
+        return b"", b""
+    i = path.rindex(b"/")
+    return (path[:i] or b"/"), path[i + 1:]
+
+
+def path_key(path: bytes) -> bytes:
+    """Index key of a normalised path: parent ‖ 0x00 ‖ name; b"" for the root."""
+    if path == b"/":
+        return b""
+    i = path.rindex(b"/")
+    return (path[:i] or b"/") + b"\x00" + path[i + 1:]
+
+
+def key_path(key: bytes) -> bytes:
+    """Inverse of path_key."""
+    if not key:
+        return b"/"
+    parent, _, name = key.partition(b"\x00")
+    return (b"/" if parent == b"/" else parent + b"/") + name
+
+
+def children_range(path: bytes) -> tuple[bytes, bytes]:
+    """[lo, hi) key range of the children of directory `path` (normalised)."""
+    return path + b"\x00", path + b"\x01"
+
+
+def subtree_ranges(path: bytes) -> list[tuple[bytes, bytes | None]]:
+    """[lo, hi) key ranges (hi None = unbounded) of every descendant of `path`."""
+    if path == b"/":
+        return [(b"/", None)]
+    return [(path + b"\x00", path + b"\x01"), (path + b"/", path + b"0")]
+
+
+# ---------------------------------------------------------------- reading
+
+
+class BlockReader(Protocol):
+    def read_block(self, index: int) -> bytes:
+        """The bytes of log block `index`; raises MissingBlock(index) if not held."""
+        ...
+
+
+class NodeCache:
+    """Bounded LRU of decoded nodes keyed by block index (blocks never change).
+
+    One cache belongs to one drive: block indices of different drives collide.
+    """
+
+    def __init__(self, max_nodes: int = 256):
+        self.max_nodes = max_nodes
+        self._nodes: OrderedDict[int, Leaf | Internal] = OrderedDict()
+
+    def get(self, index: int) -> Leaf | Internal | None:
+        node = self._nodes.get(index)
+        if node is not None:
+            self._nodes.move_to_end(index)
+        return node
+
+    def put(self, index: int, node: Leaf | Internal) -> None:
+        self._nodes[index] = node
+        self._nodes.move_to_end(index)
+        while len(self._nodes) > self.max_nodes:
+            self._nodes.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def clear(self) -> None:
+        self._nodes.clear()
+
+
+def _load(reader: BlockReader, cache: NodeCache | None, index: int) -> Leaf | Internal:
+    if cache is not None:
+        node = cache.get(index)
+        if node is not None:
+            return node
+    data = reader.read_block(index)  # may raise MissingBlock: let it propagate
+    node = decode_block(data)
+    if isinstance(node, Internal):
+        if node.children and max(node.children) >= index:
+            raise VerificationError(f"index block {index} points at a later block")
+    elif not isinstance(node, Leaf):
+        raise VerificationError(f"block {index} is a {type(node).__name__}, not an index node")
+    if cache is not None:
+        cache.put(index, node)
+    return node
+
+
+class _Tree:
+    """Search and range scans over nodes that are either stored (int refs) or in memory."""
+
+    def __init__(self, reader: BlockReader, cache: NodeCache | None):
+        self._reader = reader
+        self._cache = cache
+
+    def _node(self, ref):
+        return _load(self._reader, self._cache, ref) if isinstance(ref, int) else ref
+
+    def _get(self, root, key: bytes):
+        if root is None:
+            return None
+        node = self._node(root)
+        depth = 0
+        while not isinstance(node, (Leaf, _MLeaf)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise VerificationError("index deeper than any valid drive")
+            node = self._node(node.children[bisect_right(node.keys, key)])
+        i = bisect_left(node.keys, key)
+        if i < len(node.keys) and node.keys[i] == key:
+            return node.entries[i]
+        return None
+
+    def _scan(self, ref, lo: bytes, hi: bytes | None, depth: int = 0) -> Iterator[tuple[bytes, Entry]]:
+        if depth > MAX_DEPTH:
+            raise VerificationError("index deeper than any valid drive")
+        node = self._node(ref)
+        keys = node.keys
+        if isinstance(node, (Leaf, _MLeaf)):
+            i = bisect_left(keys, lo)
+            j = len(keys) if hi is None else bisect_left(keys, hi)
+            entries = node.entries
+            for n in range(i, j):
+                yield keys[n], entries[n]
+            return
+        i = bisect_right(keys, lo)
+        j = len(keys) if hi is None else bisect_left(keys, hi)
+        children = node.children
+        for n in range(i, j + 1):
+            yield from self._scan(children[n], lo, hi, depth + 1)
+
+
+class Index(_Tree):
+    """One version of a drive's index, read-only.
+
+    Every method may raise MissingBlock (from the reader) or VerificationError
+    (a block that is not a valid index node).
+    """
+
+    def __init__(self, reader: BlockReader, root: int, cache: NodeCache | None = None):
+        super().__init__(reader, cache)
+        self.root = root
+
+    def lookup(self, path: bytes) -> Entry | None:
+        return self._get(self.root, path_key(normalize_path(path)))
+
+    def listdir(self, path: bytes) -> Iterator[tuple[bytes, Entry]]:
+        """(name, entry) of each child of directory `path`, sorted by name."""
+        lo, hi = children_range(normalize_path(path))
+        cut = len(lo)
+        for key, entry in self._scan(self.root, lo, hi):
+            yield key[cut:], entry
+
+    def walk(self) -> Iterator[tuple[bytes, Entry]]:
+        """(path, entry) of every entry, in key order (a directory's children together)."""
+        for key, entry in self._scan(self.root, b"", None):
+            yield key_path(key), entry
+
+    def path_blocks(self, path: bytes) -> list[int]:
+        """Block indices of the nodes root -> leaf that lookup(path) reads."""
+        key = path_key(normalize_path(path))
+        out = [self.root]
+        node = self._node(self.root)
+        while isinstance(node, Internal):
+            if len(out) > MAX_DEPTH:
+                raise VerificationError("index deeper than any valid drive")
+            ref = node.children[bisect_right(node.keys, key)]
+            out.append(ref)
+            node = self._node(ref)
+        return out
+
+
+# ---------------------------------------------------------------- writing
+
+
+class _MLeaf:
+    __slots__ = ("keys", "entries")
+
+    def __init__(self, keys: list[bytes], entries: list[Entry]):
+        self.keys = keys
+        self.entries = entries
+
+
+class _MInternal:
+    __slots__ = ("keys", "children")
+
+    def __init__(self, keys: list[bytes], children: list):
+        self.keys = keys
+        self.children = children  # each an int (stored block) or an _MLeaf/_MInternal
+
+
+_SPLIT_COUNT = 2048  # in-memory split threshold: keeps list inserts cheap before finish
+_NODE_OVERHEAD = 16  # fixarray + tag + two array headers, rounded up
+
+
+def _bin_size(n: int) -> int:
+    return n + (2 if n < 256 else 3 if n < 65536 else 5)
+
+
+def _int_size(v: int) -> int:
+    return 1 if v < 128 else 2 if v < 256 else 3 if v < 65536 else 5 if v < 1 << 32 else 9
+
+
+def _cuts(sizes: list[int], limit: int) -> list[int]:
+    """End indices of consecutive chunks of `sizes`, each summing to <= limit, evenly filled."""
+    total = sum(sizes)
+    if total <= limit:
+        return [len(sizes)]
+    target = total / -(-total // limit)
+    ends = []
+    acc = 0
+    start = 0
+    for i, s in enumerate(sizes):
+        if i > start and (acc + s > limit or acc + s / 2 > target):
+            ends.append(i)
+            start = i
+            acc = 0
+        acc += s
+    ends.append(len(sizes))
+    return ends
+
+
+class _Emitter:
+    """Collects encoded blocks of one finish/build, assigning block indices."""
+
+    def __init__(self, first_block: int, block_size: int):
+        if block_size < 512 or block_size > MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size {block_size} out of range")
+        self.first_block = first_block
+        self.block_size = block_size
+        self.limit = block_size - _NODE_OVERHEAD
+        self.blocks: list[bytes] = []
+
+    def emit(self, node: Leaf | Internal) -> int:
+        data = _encoder.encode(node)
+        assert len(data) <= self.block_size, (len(data), self.block_size)
+        self.blocks.append(data)
+        return self.first_block + len(self.blocks) - 1
+
+    def leaves(self, keys: list[bytes], entries: list[Entry], lo: bytes) -> list[tuple[bytes, int]]:
+        """Pack sorted items into leaves; return (lower bound key, block) per leaf."""
+        if not keys:
+            return []
+        data = _encoder.encode(Leaf(keys, entries))
+        if len(data) <= self.block_size:
+            self.blocks.append(data)
+            return [(lo, self.first_block + len(self.blocks) - 1)]
+        sizes = [_bin_size(len(k)) + len(_encoder.encode(e)) for k, e in zip(keys, entries)]
+        for k, s in zip(keys, sizes):
+            if s > self.limit:
+                raise UsageError(
+                    f"{key_path(k)!r}: its index entry needs {s} bytes, more than an index "
+                    f"block of {self.block_size} bytes holds; remove some extended attributes")
+        out = []
+        start = 0
+        for end in _cuts(sizes, self.limit):
+            out.append((lo if start == 0 else keys[start], self.emit(Leaf(keys[start:end], entries[start:end]))))
+            start = end
+        return out
+
+    def internals(self, pieces: list[tuple[bytes, int]], lo: bytes) -> list[tuple[bytes, int]]:
+        """Pack (lower bound, block) children into internal nodes; return their pieces."""
+        sizes = [_bin_size(len(k)) + _int_size(c) for k, c in pieces]
+        for (k, _), s in zip(pieces, sizes):
+            if 2 * s + 9 > self.limit:
+                raise UsageError(f"{key_path(k)!r}: path too long for index blocks of {self.block_size} bytes")
+        out = []
+        start = 0
+        for end in _cuts(sizes, self.limit):
+            chunk = pieces[start:end]
+            node = Internal([k for k, _ in chunk[1:]], [c for _, c in chunk])
+            out.append((lo if start == 0 else chunk[0][0], self.emit(node)))
+            start = end
+        return out
+
+    def root(self, pieces: list[tuple[bytes, int]]) -> int:
+        if not pieces:
+            return self.emit(Leaf([], []))
+        while len(pieces) > 1:
+            pieces = self.internals(pieces, b"")
+        return pieces[0][1]
+
+
+def build(items: Iterable[tuple[bytes, Entry]], first_block: int, block_size: int = 65536) -> tuple[list[bytes], int]:
+    """Bulk-load an index from (path, entry) pairs in any order.
+
+    Returns (encoded blocks to append at first_block, first_block+1, ...; root
+    block index).  Raises UsageError for a bad path, a duplicate path or an
+    entry too large for a block.
+    """
+    pairs = [(path_key(normalize_path(p)), e) for p, e in items]
+    pairs.sort(key=lambda kv: kv[0])
+    keys = [k for k, _ in pairs]
+    entries = [e for _, e in pairs]
+    del pairs
+    for a, b in zip(keys, keys[1:]):
+        if a == b:
+            raise UsageError(f"{key_path(a)!r} given twice")
+    em = _Emitter(first_block, block_size)
+    root = em.root(em.leaves(keys, entries, b""))
+    return em.blocks, root
+
+
+class IndexWriter(_Tree):
+    """Builds the next version of an index on top of `root` (None: an empty index).
+
+    Dirty nodes stay in memory until `finish`.  Methods may raise MissingBlock
+    (from the reader; the writer stays consistent and the call can be retried),
+    VerificationError (a bad stored node) and UsageError (bad paths).
+    """
+
+    def __init__(self, reader: BlockReader, root: int | None, cache: NodeCache | None = None):
+        super().__init__(reader, cache)
+        self._root = root
+        self._base = root
+
+    @property
+    def dirty(self) -> bool:
+        return self._root is not self._base
+
+    def get(self, path: bytes) -> Entry | None:
+        return self._get(self._root, path_key(normalize_path(path)))
+
+    def items(self, path: bytes = b"/") -> Iterator[tuple[bytes, Entry]]:
+        """(path, entry) of `path` and everything below it, in key order."""
+        path = normalize_path(path)
+        key = path_key(path)
+        entry = self._get(self._root, key)
+        if entry is not None:
+            yield path, entry
+        for lo, hi in subtree_ranges(path):
+            for k, e in self._range(lo, hi):
+                yield key_path(k), e
+
+    def _mutable(self, ref):
+        if not isinstance(ref, int):
+            return ref
+        node = _load(self._reader, self._cache, ref)
+        if isinstance(node, Leaf):
+            return _MLeaf(list(node.keys), list(node.entries))
+        return _MInternal(list(node.keys), list(node.children))
+
+    def _leaf_path(self, key: bytes) -> list:
+        """Make the root->leaf path for `key` mutable; return [(node, child slot)...] ending in the leaf."""
+        # Load first, then mutate, so a MissingBlock leaves the writer unchanged.
+        if self._root is None:
+            self._root = _MLeaf([], [])
+        ref = self._root
+        while True:
+            node = self._node(ref)
+            if isinstance(node, (Leaf, _MLeaf)):
+                break
+            ref = node.children[bisect_right(node.keys, key)]
+        root = self._root = self._mutable(self._root)
+        path = [root]
+        node = root
+        while isinstance(node, _MInternal):
+            i = bisect_right(node.keys, key)
+            child = node.children[i] = self._mutable(node.children[i])
+            path.append(child)
+            node = child
+        return path
+
+    def _put_key(self, key: bytes, entry: Entry) -> None:
+        path = self._leaf_path(key)
+        leaf = path[-1]
+        i = bisect_left(leaf.keys, key)
+        if i < len(leaf.keys) and leaf.keys[i] == key:
+            leaf.entries[i] = entry
+            return
+        leaf.keys.insert(i, key)
+        leaf.entries.insert(i, entry)
+        # In-memory splits keep lists short; finish() repacks by encoded size.
+        node = leaf
+        for parent in reversed(path[:-1]):
+            if len(node.keys) <= _SPLIT_COUNT:
+                return
+            sep, right = self._split(node)
+            j = parent.children.index(node)
+            parent.keys.insert(j, sep)
+            parent.children.insert(j + 1, right)
+            node = parent
+        if len(node.keys) > _SPLIT_COUNT:
+            sep, right = self._split(node)
+            self._root = _MInternal([sep], [node, right])
+
+    @staticmethod
+    def _split(node):
+        mid = len(node.keys) // 2
+        if isinstance(node, _MLeaf):
+            right = _MLeaf(node.keys[mid:], node.entries[mid:])
+            sep = node.keys[mid]
+            del node.keys[mid:], node.entries[mid:]
+            return sep, right
+        right = _MInternal(node.keys[mid + 1:], node.children[mid + 1:])
+        sep = node.keys[mid]
+        del node.keys[mid:], node.children[mid + 1:]
+        return sep, right
+
+    def _delete_key(self, key: bytes) -> bool:
+        if self._get(self._root, key) is None:
+            return False
+        leaf = self._leaf_path(key)[-1]
+        i = bisect_left(leaf.keys, key)
+        del leaf.keys[i], leaf.entries[i]
+        return True
+
+    def put(self, path: bytes, entry: Entry) -> None:
+        """Add or replace the entry at `path` (parents are not checked)."""
+        if not isinstance(entry, Entry):
+            raise TypeError(f"entry must be an Entry, not {type(entry).__name__}")
+        self._put_key(path_key(normalize_path(path)), entry)
+
+    def delete(self, path: bytes) -> bool:
+        """Remove `path` and, if it is a directory, everything below it.  True if anything went."""
+        path = normalize_path(path)
+        if path == b"/":
+            raise UsageError("the root directory cannot be deleted")
+        found = self._delete_key(path_key(path))
+        doomed = [k for lo, hi in subtree_ranges(path) for k, _ in self._range(lo, hi)]
+        for k in doomed:
+            self._delete_key(k)
+        return found or bool(doomed)
+
+    def _range(self, lo: bytes, hi: bytes | None) -> list[tuple[bytes, Entry]]:
+        return [] if self._root is None else list(self._scan(self._root, lo, hi))
+
+    def move(self, old: bytes, new: bytes) -> None:
+        """Rename `old` (a file, symlink or a whole directory subtree) to `new`.
+
+        Whatever was at `new` (and below it) is replaced.  Raises NotFoundError
+        if `old` does not exist, UsageError for the root or a move into itself.
+        """
+        old = normalize_path(old)
+        new = normalize_path(new)
+        if old == b"/" or new == b"/":
+            raise UsageError("the root directory cannot be moved or replaced")
+        if new.startswith(old + b"/"):
+            raise UsageError(f"cannot move {old!r} into itself ({new!r})")
+        entry = self.get(old)
+        if entry is None:
+            raise NotFoundError(f"{old!r} does not exist in the drive")
+        if new == old:
+            return
+        below = [(key_path(k), e) for lo, hi in subtree_ranges(old) for k, e in self._range(lo, hi)]
+        self.delete(old)
+        self.delete(new)
+        self._put_key(path_key(new), entry)
+        cut = len(old)
+        for p, e in below:
+            self._put_key(path_key(new + p[cut:]), e)
+
+    def finish(self, first_block: int, block_size: int = 65536) -> tuple[list[bytes], int]:
+        """Encode the dirty nodes.
+
+        Returns (blocks to append at first_block, first_block+1, ... in that
+        order, children before parents; the new root's block index).  With no
+        change it returns ([], old root).  The writer can keep going afterwards
+        on top of the new root.
+        """
+        if self._root is not None and isinstance(self._root, int):
+            return [], self._root
+        em = _Emitter(first_block, block_size)
+        if self._root is None:
+            root = em.root([])
+        else:
+            root = em.root(self._emit(em, self._root, b"", top=True))
+        self._root = self._base = root
+        return em.blocks, root
+
+    def _emit(self, em: _Emitter, node, lo: bytes, top: bool = False) -> list[tuple[bytes, int]]:
+        if isinstance(node, _MLeaf):
+            return em.leaves(node.keys, node.entries, lo)
+        pieces: list[tuple[bytes, int]] = []
+        run_keys: list[bytes] = []
+        run_entries: list[Entry] = []
+        run_lo = None
+        children = node.children
+        for i, child in enumerate(children):
+            child_lo = lo if i == 0 else node.keys[i - 1]
+            if isinstance(child, _MLeaf):
+                if run_lo is None:
+                    run_lo = child_lo
+                run_keys += child.keys
+                run_entries += child.entries
+                continue
+            if run_lo is not None:
+                pieces += em.leaves(run_keys, run_entries, run_lo)
+                run_keys, run_entries, run_lo = [], [], None
+            if isinstance(child, int):
+                pieces.append((child_lo, child))
+            else:
+                pieces += self._emit(em, child, child_lo)
+        if run_lo is not None:
+            pieces += em.leaves(run_keys, run_entries, run_lo)
+        if not pieces or (top and len(pieces) == 1):
+            return pieces
+        return em.internals(pieces, lo)
