@@ -1,0 +1,561 @@
+"""BLAKE3 Merkle tree over a drive's log: node hashing, roots, proofs.
+
+Theory of operation
+-------------------
+Nodes are numbered as in `p2pfs.flat` (leaf of block ``i`` is node ``2i``).
+Every node is a `Node(index, hash, size)`; ``size`` is the number of log
+bytes under it.  Hashes are BLAKE3 (32 bytes) with a one-byte domain tag::
+
+    leaf    H(0x00 || u64le size || data)
+    parent  H(0x01 || u64le size || left.hash || right.hash)   size = left.size + right.size
+    root    H(0x02 || for each peak, left to right: hash || u64le index || u64le size)
+
+The root of a log of ``length`` blocks hashes its peaks (`flat.full_roots`);
+the owner signs ``(length, root)``.  A node that lies inside the tree of
+some signed length is a full subtree, so once verified it stays valid for
+every later length: append-only logs never change a full subtree.
+
+Proofs.  To check block ``b`` against length ``n`` a receiver needs the
+siblings on the path from leaf ``2b`` upwards until it reaches a node it
+already trusts, or, if none, up to ``b``'s peak plus every *other* peak of
+``n`` (so it can recompute the signed root).  `proof_request` computes how
+many siblings and whether peaks are needed; `make_proof` (sender) lists them:
+siblings bottom-up, then the other peaks left to right; `verify_block`
+(receiver) climbs and returns every node it verified, for the caller to
+store.  Sibling indices are always inside the block's peak subtree and peak
+indices never are, so the list parses without markers.
+
+`verify_block` is lenient only in one safe way: a proof may carry more
+siblings than needed (another response may have made a node trusted since
+the request was sent); every trusted node met on the way must still match,
+and the climb must end at a trusted node or at the signed root.  The caller
+must not forget trusted nodes while a request is outstanding.
+
+Recipes for the drive
+---------------------
+* Accepting a block from a peer::
+
+      new = verify_block(b, data, proof, head.length, head.root, store.get_node)
+      store.put_nodes(new); store.put_block(b, data)
+
+* Serving a request ``(block, length, siblings, peaks)``::
+
+      proof = make_proof(block, length, siblings, peaks, store.get_node)
+      # LookupError -> answer no-data
+
+* Checking a locally stored block cheaply (reads, ``cat``): keep one
+  ``verified: set[int]`` of node indices per open drive and call
+  ``verify_stored(b, data, length, root, store.get_node, verified)``.  The
+  first block of a region climbs to the signed root; later blocks stop at
+  their first verified ancestor, so the cost per block is the leaf hash
+  plus O(1) node reads on average.
+
+* ``p2pfs verify``: ``check_tree(length, root, store.get_node,
+  store.get_block_or_none, complete=owner_or_seed)`` lists every problem.
+
+This module is pure: it imports only blake3 and p2pfs's pure core.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+from blake3 import blake3
+
+from . import flat
+from .errors import VerificationError
+from .types import Node
+
+__all__ = [
+    "HASH_BYTES",
+    "leaf_node",
+    "parent_node",
+    "root_hash",
+    "TreeBuilder",
+    "proof_request",
+    "make_proof",
+    "verify_block",
+    "verify_stored",
+    "check_tree",
+    "slow_root",
+    "slow_node",
+    "slow_proof",
+]
+
+HASH_BYTES = 32
+MAX_SIZE = (1 << 64) - 1  # sizes are written as u64le
+LEAF_TAG = b"\x00"
+PARENT_TAG = b"\x01"
+ROOT_TAG = b"\x02"
+
+GetNode = Callable[[int], "Node | None"]
+
+
+def _u64(n: int) -> bytes:
+    return n.to_bytes(8, "little")
+
+
+def leaf_node(block: int, data: bytes) -> Node:
+    """The leaf of `block`: ``H(0x00 || u64le len(data) || data)``."""
+    size = len(data)
+    h = blake3(LEAF_TAG + size.to_bytes(8, "little"))
+    h.update(data)
+    return Node(2 * block, h.digest(), size)
+
+
+def parent_node(left: Node, right: Node) -> Node:
+    """The parent of two sibling nodes (`left` must be the left one).
+
+    Raises ValueError if the nodes are not left and right siblings or their
+    total size does not fit in 64 bits.
+    """
+    if not (flat.depth(left.index) == flat.depth(right.index)
+            and flat.sibling(left.index) == right.index and left.index < right.index):
+        raise ValueError(f"nodes {left.index} and {right.index} are not left and right siblings")
+    size = left.size + right.size
+    if size > MAX_SIZE:
+        raise ValueError(f"node {flat.parent(left.index)} would cover more than 2**64 bytes")
+    digest = blake3(PARENT_TAG + size.to_bytes(8, "little") + left.hash + right.hash).digest()
+    return Node(flat.parent(left.index), digest, size)
+
+
+def root_hash(peaks: Sequence[Node]) -> bytes:
+    """The tree root over `peaks` (left to right): ``H(0x02 || (hash || u64le index || u64le size)*)``."""
+    h = blake3(ROOT_TAG)
+    for p in peaks:
+        h.update(p.hash + _u64(p.index) + _u64(p.size))
+    return h.digest()
+
+
+class TreeBuilder:
+    """Appends blocks to a tree and reports every node each append completes.
+
+    ``peaks`` are the peaks of the current ``length`` (as `flat.full_roots`),
+    so a builder can be resumed from stored peaks.  `append` costs one leaf
+    hash plus, on average, one 72-byte parent hash.
+    """
+
+    __slots__ = ("length", "peaks")
+
+    def __init__(self, length: int = 0, peaks: Iterable[Node] = ()):
+        peaks = list(peaks)
+        if [p.index for p in peaks] != flat.full_roots(length):
+            raise ValueError(f"peaks {[p.index for p in peaks]} are not the peaks of length {length}")
+        self.length = length
+        self.peaks = peaks
+
+    def append(self, data: bytes) -> list[Node]:
+        """Add the next block; return its leaf and every parent it completes, bottom-up."""
+        block = self.length
+        size = len(data)
+        h = blake3(LEAF_TAG + size.to_bytes(8, "little"))
+        h.update(data)
+        node = Node(2 * block, h.digest(), size)
+        new = [node]
+        peaks = self.peaks
+        # Appending block i completes one parent per trailing 1 bit of i.
+        merges = ((block + 1) & -(block + 1)).bit_length() - 1
+        for _ in range(merges):
+            left = peaks.pop()
+            size = left.size + node.size
+            node = Node(
+                (left.index + node.index) >> 1,
+                blake3(PARENT_TAG + size.to_bytes(8, "little") + left.hash + node.hash).digest(),
+                size,
+            )
+            new.append(node)
+        peaks.append(node)
+        self.length = block + 1
+        return new
+
+    def root(self) -> bytes:
+        """The root hash of the current length (to be signed)."""
+        return root_hash(self.peaks)
+
+
+def _peak_path(block: int, length: int) -> tuple[int, int]:
+    """(peak node of block in length, number of levels from leaf to that peak)."""
+    peak = flat.peak_of(block, length)
+    return peak, flat.depth(peak)
+
+
+def proof_request(block: int, length: int, is_trusted: Callable[[int], bool]) -> tuple[int, bool]:
+    """What to ask a peer for to verify `block` against a signed `length`.
+
+    Walks up from leaf ``2*block``; stops at the first node `is_trusted`
+    says we hold verified.  Returns ``(siblings, peaks)``: how many sibling
+    hashes are needed, and whether the other peaks of `length` are needed
+    (True when no node up to the block's peak is trusted).  Raises
+    ValueError if ``not 0 <= block < length``.
+    """
+    peak, height = _peak_path(block, length)
+    n = 2 * block
+    for level in range(height + 1):
+        if is_trusted(n):
+            return level, False
+        if level < height:
+            n = flat.parent(n)
+    return height, True
+
+
+def make_proof(block: int, length: int, siblings: int, peaks: bool, get_node: GetNode) -> list[Node]:
+    """The proof a sender attaches to `block` for a request ``(siblings, peaks)``.
+
+    Siblings bottom-up (at most up to the block's peak in `length`; more
+    are silently capped), then, if `peaks`, every other peak of `length`
+    left to right.  Raises LookupError if the block is outside `length`,
+    `siblings` is negative, or a needed node is not held (the caller
+    answers no-data).
+    """
+    if not (0 <= block < length) or siblings < 0:
+        raise LookupError(f"no proof for block {block} of length {length} with {siblings} siblings")
+    peak, height = _peak_path(block, length)
+    proof = []
+    n = 2 * block
+    for _ in range(min(siblings, height)):
+        node = get_node(flat.sibling(n))
+        if node is None:
+            raise LookupError(f"tree node {flat.sibling(n)} is not held")
+        proof.append(node)
+        n = flat.parent(n)
+    if peaks:
+        for p in flat.full_roots(length):
+            if p != peak:
+                node = get_node(p)
+                if node is None:
+                    raise LookupError(f"tree node {p} is not held")
+                proof.append(node)
+    return proof
+
+
+def _check_node(block: int, node: object) -> Node:
+    """`node` as a well-formed Node, or VerificationError (peer input)."""
+    if not (isinstance(node, tuple) and len(node) == 3):
+        raise VerificationError(f"block {block}: malformed proof node {type(node).__name__}")
+    index, digest, size = node
+    if type(index) is not int or index < 0:
+        raise VerificationError(f"block {block}: proof node has a bad index")
+    if not isinstance(digest, bytes) or len(digest) != HASH_BYTES:
+        raise VerificationError(f"block {block}: proof node {index} has a malformed hash")
+    if type(size) is not int or not 0 <= size <= MAX_SIZE:
+        raise VerificationError(f"block {block}: proof node {index} has a bad size")
+    return node if type(node) is Node else Node(index, digest, size)
+
+
+def _parent(block: int, left: Node, right: Node) -> Node:
+    size = left.size + right.size
+    if size > MAX_SIZE:
+        raise VerificationError(f"block {block}: node sizes overflow in the proof")
+    digest = blake3(PARENT_TAG + size.to_bytes(8, "little") + left.hash + right.hash).digest()
+    return Node((left.index + right.index) >> 1, digest, size)
+
+
+def verify_block(
+    block: int,
+    data: bytes,
+    proof: Sequence[Node],
+    length: int,
+    root: bytes,
+    get_trusted: GetNode,
+) -> list[Node]:
+    """Verify `data` as `block` of the log whose `length` blocks hash to `root`.
+
+    `proof` comes from a peer (see `make_proof`); `get_trusted(n)` returns a
+    node verified earlier, or None.  The leaf is climbed with the proof's
+    siblings (each must have the expected index); every trusted node on the
+    way must match in hash and size; the climb must end at a trusted node,
+    or at the block's peak, in which case the rest of the proof must be
+    exactly the other peaks of `length` and their root must equal `root`.
+
+    Returns every node this proved that was not already trusted (leaf,
+    siblings, parents, peaks), for the caller to store.  Raises
+    VerificationError naming the block on any mismatch or malformed input;
+    nothing else, whatever the peer sent.
+    """
+    if type(block) is not int or type(length) is not int or not 0 <= block < length:
+        raise VerificationError(f"block {block} is past the drive's length {length}")
+    if not isinstance(proof, (list, tuple)):
+        raise VerificationError(f"block {block}: malformed proof")
+    if not isinstance(root, bytes) or len(root) != HASH_BYTES:
+        raise VerificationError(f"block {block}: malformed root")
+    try:
+        node = leaf_node(block, data)
+    except TypeError:
+        raise VerificationError(f"block {block}: data is not bytes") from None
+    peak, height = _peak_path(block, length)
+    new: list[Node] = []
+    anchored = False  # the current node matches a trusted node
+    i = 0
+    level = 0
+    while True:
+        trusted = get_trusted(node.index)
+        if trusted is not None:
+            if trusted.hash != node.hash or trusted.size != node.size:
+                raise VerificationError(
+                    f"block {block}: tree node {node.index} does not match the trusted node"
+                    f" (hash or size differs)")
+            anchored = True
+        else:
+            anchored = False
+            new.append(node)
+        if level == height or i == len(proof):
+            break
+        sib = _check_node(block, proof[i])
+        want = flat.sibling(node.index)
+        if sib.index != want:
+            break  # the siblings are over; only the other peaks may follow
+        i += 1
+        _add_unless_trusted(block, sib, get_trusted, new)
+        node = _parent(block, node, sib) if want > node.index else _parent(block, sib, node)
+        level += 1
+    rest = proof[i:]
+    if level < height:
+        if rest:
+            raise VerificationError(
+                f"block {block}: proof node {_check_node(block, rest[0]).index}"
+                f" is not the expected sibling {flat.sibling(node.index)}")
+        if not anchored:
+            raise VerificationError(
+                f"block {block}: proof ends at tree node {node.index}, which is not trusted")
+        return new
+    # At the peak.
+    if anchored and not rest:
+        return new
+    others = [p for p in flat.full_roots(length) if p != peak]
+    if len(rest) != len(others):
+        raise VerificationError(
+            f"block {block}: proof has {len(rest)} peaks, length {length} needs {len(others)}")
+    peaks = []
+    for want, got in zip(others, rest):
+        got = _check_node(block, got)
+        if got.index != want:
+            raise VerificationError(f"block {block}: proof node {got.index} is not the expected peak {want}")
+        peaks.append(got)
+    all_peaks = sorted(peaks + [node], key=lambda p: p.index)
+    if root_hash(all_peaks) != root:
+        raise VerificationError(f"block {block}: proof does not match the signed root of length {length}")
+    for p in peaks:
+        _add_unless_trusted(block, p, get_trusted, new)
+    return new
+
+
+def _add_unless_trusted(block: int, node: Node, get_trusted: GetNode, new: list[Node]) -> None:
+    """Append a proof node to `new` unless already trusted (then it must match)."""
+    trusted = get_trusted(node.index)
+    if trusted is None:
+        new.append(node)
+    elif trusted.hash != node.hash or trusted.size != node.size:
+        raise VerificationError(
+            f"block {block}: proof node {node.index} does not match the trusted node (hash or size differs)")
+
+
+def verify_stored(
+    block: int,
+    data: bytes,
+    length: int,
+    root: bytes,
+    get_node: GetNode,
+    verified: set[int],
+) -> None:
+    """Check a locally stored block against the stored tree; cheap when repeated.
+
+    `verified` holds node indices already checked in this process (the
+    caller keeps one set per open drive and passes it every time; this
+    function adds to it).  The leaf must be stored and match `data`; then
+    the path climbs with stored siblings and stored parents, checking each
+    parent against its children, until it meets a node in `verified`, or
+    the block's peak (then, if every peak of `length` is stored, the root
+    must equal `root`), or a level whose nodes are not stored (a cached
+    drive only holds the nodes of the proofs it received; what is stored
+    was verified when it arrived).  Raises VerificationError naming the
+    block if anything differs or the leaf is missing.
+    """
+    if not 0 <= block < length:
+        raise VerificationError(f"block {block} is past the drive's length {length}")
+    stored = get_node(2 * block)
+    if stored is None:
+        raise VerificationError(f"block {block}: its tree node {2 * block} is not stored; run p2pfs verify")
+    node = leaf_node(block, data)
+    if stored.hash != node.hash or stored.size != node.size:
+        raise VerificationError(f"block {block}: stored data does not match its tree node")
+    peak, height = _peak_path(block, length)
+    path = []
+    n = node.index
+    for _ in range(height):
+        if n in verified:
+            break
+        path.append(n)
+        sib = get_node(flat.sibling(n))
+        par = get_node(flat.parent(n))
+        if sib is None or par is None:
+            verified.update(path)
+            return
+        left, right = (node, sib) if sib.index > n else (sib, node)
+        computed = _parent(block, left, right)
+        if computed.hash != par.hash or computed.size != par.size:
+            raise VerificationError(
+                f"block {block}: stored tree node {par.index} does not match its children")
+        path.append(sib.index)
+        node = par
+        n = par.index
+    else:
+        if n not in verified:
+            path.append(n)
+            peaks = [get_node(p) for p in flat.full_roots(length)]
+            if all(p is not None for p in peaks) and root_hash(peaks) != root:
+                raise VerificationError(
+                    f"block {block}: stored tree peaks do not match the signed root of length {length}")
+    verified.update(path)
+
+
+def check_tree(
+    length: int,
+    root: bytes,
+    get_node: GetNode,
+    get_block: Callable[[int], "bytes | None"],
+    *,
+    complete: bool = False,
+) -> list[str]:
+    """Recheck a stored tree of a signed `length`; return the problems found.
+
+    Reads every node of the tree once with `get_node` (None = not stored)
+    and every block with `get_block` (None = not held).  Problems:
+
+    * a held block whose leaf is missing or does not match its data;
+    * a stored parent whose stored children do not hash to it;
+    * all peaks stored but their root differs from `root`;
+    * with ``complete=True`` (the caller holds every block: owner or seed),
+      any missing node.
+
+    A node missing below a block that is not held is not a problem.  Each
+    problem is one line naming the node and the blocks it covers.
+    """
+    problems: list[str] = []
+    # stack of (node or None); None = not stored and not computable.
+    stack: list[Node | None] = []
+    for block in range(length):
+        n = 2 * block
+        stored = get_node(n)
+        data = get_block(block)
+        cur: Node | None = stored
+        if data is not None:
+            leaf = leaf_node(block, data)
+            if stored is None:
+                problems.append(f"block {block}: held, but its tree node {n} is missing")
+                cur = leaf
+            elif stored.hash != leaf.hash or stored.size != leaf.size:
+                problems.append(f"block {block}: stored data does not match tree node {n}")
+        elif stored is None and complete:
+            problems.append(f"block {block}: not held")
+        merges = ((block + 1) & -(block + 1)).bit_length() - 1
+        for _ in range(merges):
+            left = stack.pop()
+            pidx = flat.parent(n)
+            par = get_node(pidx)
+            first, end = flat.span(pidx)
+            if left is not None and cur is not None:
+                try:
+                    computed = _parent(block, left, cur)
+                except VerificationError:
+                    computed = Node(pidx, b"", -1)  # sizes overflow: cannot match
+                if par is None:
+                    if complete:
+                        problems.append(f"tree node {pidx} (blocks {first}-{end - 1}) is missing")
+                    par = computed
+                elif par.hash != computed.hash or par.size != computed.size:
+                    problems.append(
+                        f"tree node {pidx} (blocks {first}-{end - 1}) does not match its children")
+            elif par is None and complete:
+                problems.append(f"tree node {pidx} (blocks {first}-{end - 1}) is missing")
+            cur = par
+            n = pidx
+        stack.append(cur)
+    if stack and all(p is not None for p in stack):
+        if root_hash(stack) != root:
+            problems.append(f"the tree's peaks do not match the signed root of length {length}")
+    elif not stack and root_hash([]) != root:
+        problems.append("the signed root of the empty log is wrong")
+    return problems
+
+
+# --- slow reference, for tests only ------------------------------------------
+# Written from the definitions, without flat.py, so the two can check each other.
+
+def _slow_hash_range(blocks: Sequence[bytes], first: int, count: int) -> tuple[bytes, int]:
+    if count == 1:
+        data = blocks[first]
+        return blake3(b"\x00" + len(data).to_bytes(8, "little") + data).digest(), len(data)
+    half = count // 2
+    lh, ls = _slow_hash_range(blocks, first, half)
+    rh, rs = _slow_hash_range(blocks, first + half, half)
+    return blake3(b"\x01" + (ls + rs).to_bytes(8, "little") + lh + rh).digest(), ls + rs
+
+
+def _slow_peaks(length: int) -> list[tuple[int, int]]:
+    """(first block, block count) of each peak, by repeated largest power of two."""
+    out, first = [], 0
+    while length:
+        count = 1
+        while count * 2 <= length:
+            count *= 2
+        out.append((first, count))
+        first += count
+        length -= count
+    return out
+
+
+def _slow_index(first: int, count: int) -> int:
+    return 2 * first + count - 1  # midpoint of leaf nodes 2*first .. 2*(first+count-1)
+
+
+def slow_node(blocks: Sequence[bytes], index: int) -> Node:
+    """The node `index` of the tree over `blocks`, by recursion (tests only)."""
+    count = 1
+    while index & count:
+        count <<= 1
+    # count = 2**depth; index = 2*first + count - 1
+    first = (index - count + 1) // 2
+    if first + count > len(blocks):
+        raise ValueError(f"node {index} is not in a tree of {len(blocks)} blocks")
+    h, s = _slow_hash_range(blocks, first, count)
+    return Node(index, h, s)
+
+
+def slow_root(blocks: Sequence[bytes]) -> bytes:
+    """The root of the tree over `blocks`, by recursion (tests only)."""
+    parts = [b"\x02"]
+    for first, count in _slow_peaks(len(blocks)):
+        h, s = _slow_hash_range(blocks, first, count)
+        parts.append(h + _slow_index(first, count).to_bytes(8, "little") + s.to_bytes(8, "little"))
+    return blake3(b"".join(parts)).digest()
+
+
+def slow_proof(blocks: Sequence[bytes], block: int, length: int, siblings: int, peaks: bool) -> list[Node]:
+    """`make_proof` computed from the blocks by recursion (tests only)."""
+    for first, count in _slow_peaks(length):
+        if first <= block < first + count:
+            break
+    else:
+        raise ValueError("block outside length")
+    proof = []
+    lo, size = first, count
+    # path from the peak down to the block, then reverse: siblings bottom-up
+    path = []
+    while size > 1:
+        half = size // 2
+        if block < lo + half:
+            path.append((lo + half, half))
+        else:
+            path.append((lo, half))
+            lo += half
+        size = half
+    sibs = list(reversed(path))[:siblings]
+    for f, c in sibs:
+        h, s = _slow_hash_range(blocks, f, c)
+        proof.append(Node(_slow_index(f, c), h, s))
+    if peaks:
+        for f, c in _slow_peaks(length):
+            if (f, c) != (first, count):
+                h, s = _slow_hash_range(blocks, f, c)
+                proof.append(Node(_slow_index(f, c), h, s))
+    return proof

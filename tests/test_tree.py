@@ -1,0 +1,396 @@
+"""Merkle tree: hashing formulas, builder, proofs and verification vs the slow reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from blake3 import blake3
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from p2pfs import flat, tree
+from p2pfs.errors import VerificationError
+from p2pfs.types import Node
+
+SIZES = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 70]
+
+
+def blocks_of(n: int, size: int = 3) -> list[bytes]:
+    return [bytes([i % 256, i // 256]) * size + b"x" * (i % 5) for i in range(n)]
+
+
+def build(blocks):
+    """(builder, {index: node}) for the whole log."""
+    b = tree.TreeBuilder()
+    nodes = {}
+    for data in blocks:
+        for node in b.append(data):
+            nodes[node.index] = node
+    return b, nodes
+
+
+def proof_nodes(nodes, length):
+    """The nodes a holder of the first `length` blocks has (those inside that tree)."""
+    return {i: n for i, n in nodes.items() if flat.in_tree(i, length)}
+
+
+# --- formulas, byte by byte ------------------------------------------------
+
+def test_leaf_formula():
+    data = b"hello"
+    assert tree.leaf_node(3, data) == Node(6, blake3(b"\x00" + (5).to_bytes(8, "little") + data).digest(), 5)
+    assert tree.leaf_node(0, b"") == Node(0, blake3(b"\x00" + bytes(8)).digest(), 0)
+
+
+def test_parent_formula():
+    a, b = tree.leaf_node(0, b"ab"), tree.leaf_node(1, b"cde")
+    p = tree.parent_node(a, b)
+    assert p == Node(1, blake3(b"\x01" + (5).to_bytes(8, "little") + a.hash + b.hash).digest(), 5)
+    with pytest.raises(ValueError):
+        tree.parent_node(b, a)
+    with pytest.raises(ValueError):
+        tree.parent_node(a, tree.leaf_node(2, b""))
+
+
+def test_root_formula():
+    peaks = [Node(3, b"a" * 32, 10), Node(8, b"b" * 32, 7)]
+    want = blake3(b"\x02" + b"a" * 32 + (3).to_bytes(8, "little") + (10).to_bytes(8, "little")
+                  + b"b" * 32 + (8).to_bytes(8, "little") + (7).to_bytes(8, "little")).digest()
+    assert tree.root_hash(peaks) == want
+    assert tree.root_hash([]) == blake3(b"\x02").digest() == tree.slow_root([])
+
+
+def test_domain_tags_separate_leaf_and_parent():
+    # A leaf whose data looks like a parent's input must not collide with that parent.
+    a, b = tree.leaf_node(0, b"x"), tree.leaf_node(1, b"y")
+    p = tree.parent_node(a, b)
+    fake = tree.leaf_node(0, (2).to_bytes(8, "little") + a.hash + b.hash)
+    assert fake.hash != p.hash
+
+
+# --- builder ---------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [0] + SIZES + [127, 128, 129])
+def test_builder_matches_slow_root_for_every_prefix(n):
+    blocks = blocks_of(n)
+    b = tree.TreeBuilder()
+    assert b.root() == tree.slow_root([])
+    for i, data in enumerate(blocks):
+        new = b.append(data)
+        assert new[0] == tree.leaf_node(i, data)
+        assert [x.index for x in new] == [2 * i] + [flat.parent(x.index) for x in new[:-1]]
+        for node in new:
+            assert node == tree.slow_node(blocks, node.index)
+        assert b.length == i + 1
+        assert [p.index for p in b.peaks] == flat.full_roots(i + 1)
+        assert b.root() == tree.slow_root(blocks[: i + 1])
+
+
+def test_builder_resumes_from_peaks():
+    blocks = blocks_of(13)
+    full, _ = build(blocks)
+    half, _ = build(blocks[:6])
+    resumed = tree.TreeBuilder(half.length, list(half.peaks))
+    for data in blocks[6:]:
+        resumed.append(data)
+    assert resumed.root() == full.root()
+    with pytest.raises(ValueError):
+        tree.TreeBuilder(5, half.peaks)
+
+
+def test_empty_and_zero_byte_blocks():
+    blocks = [b"", b"", b"a", b""]
+    b, nodes = build(blocks)
+    assert b.root() == tree.slow_root(blocks)
+    assert nodes[3].size == 1
+    proof = tree.make_proof(3, 4, 2, True, nodes.get)
+    assert tree.verify_block(3, b"", proof, 4, b.root(), lambda i: None)
+    with pytest.raises(VerificationError):
+        tree.verify_block(3, b"\x00", proof, 4, b.root(), lambda i: None)
+
+
+# --- proofs, exhaustively over small logs ----------------------------------
+
+def all_proofs(blocks, length, trusted):
+    """For every block < length: (block, proof, request) against the given trusted dict."""
+    _, nodes = build(blocks[:length])
+    for block in range(length):
+        siblings, peaks = tree.proof_request(block, length, trusted.__contains__)
+        yield block, tree.make_proof(block, length, siblings, peaks, nodes.get), (siblings, peaks)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_every_proof_verifies_and_matches_slow_reference(n):
+    blocks = blocks_of(n + 2)
+    for length in range(1, n + 1):
+        root = tree.slow_root(blocks[:length])
+        for block, proof, (siblings, peaks) in all_proofs(blocks, length, {}):
+            assert peaks
+            assert proof == tree.slow_proof(blocks, block, length, siblings, peaks)
+            new = tree.verify_block(block, blocks[block], proof, length, root, lambda i: None)
+            for node in new:
+                assert node == tree.slow_node(blocks, node.index)
+            # leaf, siblings, parents up to the peak, the other peaks
+            assert {x.index for x in new} >= {2 * block, flat.peak_of(block, length)} | set(
+                flat.full_roots(length))
+
+
+@pytest.mark.parametrize("n", [5, 16, 33])
+def test_trusted_nodes_make_proofs_shorter(n):
+    blocks = blocks_of(n)
+    root = tree.slow_root(blocks)
+    trusted: dict[int, Node] = {}
+    full = []
+    for block, proof, _ in all_proofs(blocks, n, {}):
+        full.append(len(proof))
+    _, nodes = build(blocks)
+    for block in range(n):
+        siblings, peaks = tree.proof_request(block, n, trusted.__contains__)
+        proof = tree.make_proof(block, n, siblings, peaks, nodes.get)
+        assert len(proof) <= full[block]
+        if block:
+            assert not peaks  # the peaks were verified with block 0
+        new = tree.verify_block(block, blocks[block], proof, n, root, trusted.get)
+        trusted.update((x.index, x) for x in new)
+    assert sum(len(tree.make_proof(b, n, *tree.proof_request(b, n, trusted.__contains__), nodes.get))
+               for b in range(n)) == 0
+
+
+def test_nodes_from_a_shorter_head_stay_trusted():
+    blocks = blocks_of(12)
+    trusted: dict[int, Node] = {}
+    _, nodes = build(blocks)
+    for block in range(4):  # verified against length 4
+        req = tree.proof_request(block, 4, trusted.__contains__)
+        proof = tree.make_proof(block, 4, *req, nodes.get)
+        trusted.update((x.index, x) for x in tree.verify_block(block, blocks[block], proof, 4,
+                                                               tree.slow_root(blocks[:4]), trusted.get))
+    root12 = tree.slow_root(blocks)
+    req = tree.proof_request(5, 12, trusted.__contains__)
+    assert req == (3, True)  # node 3 is a sibling, not an ancestor of block 5 - still needs peaks
+    req = tree.proof_request(2, 12, trusted.__contains__)
+    assert req == (0, False)
+    assert tree.verify_block(2, blocks[2], [], 12, root12, trusted.get) == []
+
+
+def test_extra_siblings_are_accepted_when_consistent():
+    blocks = blocks_of(8)
+    _, nodes = build(blocks)
+    root = tree.slow_root(blocks)
+    full = tree.make_proof(1, 8, 3, True, nodes.get)
+    trusted = {1: nodes[1]}
+    new = tree.verify_block(1, blocks[1], full, 8, root, trusted.get)
+    assert 1 not in {x.index for x in new}
+
+
+# --- tampering -------------------------------------------------------------
+
+def tamper_cases(proof):
+    """Every single-field change of every proof node, plus reorderings and truncations."""
+    for i, node in enumerate(proof):
+        yield f"hash {i}", proof[:i] + [node._replace(hash=bytes([node.hash[0] ^ 1]) + node.hash[1:])] + proof[i + 1:]
+        yield f"size {i}", proof[:i] + [node._replace(size=node.size + 1)] + proof[i + 1:]
+        if node.size:
+            yield f"size- {i}", proof[:i] + [node._replace(size=node.size - 1)] + proof[i + 1:]
+        for idx in {node.index + 1, node.index + 2, max(node.index - 2, 0), flat.parent(node.index)} - {node.index}:
+            yield f"index {i}->{idx}", proof[:i] + [node._replace(index=idx)] + proof[i + 1:]
+        yield f"drop {i}", proof[:i] + proof[i + 1:]
+    if len(proof) > 1:
+        yield "swap", [proof[1], proof[0]] + proof[2:]
+    yield "dup", proof + proof[-1:] if proof else [Node(0, bytes(32), 0)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 11])
+def test_any_change_fails(n):
+    blocks = blocks_of(n)
+    for length in range(1, n + 1):
+        root = tree.slow_root(blocks[:length])
+        for block, proof, _ in all_proofs(blocks, length, {}):
+            data = blocks[block]
+            tree.verify_block(block, data, proof, length, root, lambda i: None)
+            for what, bad in tamper_cases(proof):
+                with pytest.raises(VerificationError, match=f"block {block}"):
+                    tree.verify_block(block, data, bad, length, root, lambda i: None)
+            bad_data = [data + b"!", data[:-1], bytes([data[0] ^ 0x80]) + data[1:]]
+            for d in bad_data:
+                with pytest.raises(VerificationError, match=f"block {block}"):
+                    tree.verify_block(block, d, proof, length, root, lambda i: None)
+            with pytest.raises(VerificationError, match=f"block {block}"):
+                tree.verify_block(block, data, proof, length, bytes([root[0] ^ 1]) + root[1:], lambda i: None)
+            with pytest.raises(VerificationError, match=f"block {block}"):
+                tree.verify_block(block, data, proof, length, root[:31], lambda i: None)
+            # the same proof under another length (a different peak layout) must fail
+            if length + 1 <= n:
+                with pytest.raises(VerificationError, match=f"block {block}"):
+                    tree.verify_block(block, data, proof, length + 1,
+                                      tree.slow_root(blocks[:length + 1]), lambda i: None)
+        with pytest.raises(VerificationError, match=f"block {length}"):
+            tree.verify_block(length, b"", [], length, root, lambda i: None)
+        with pytest.raises(VerificationError, match="block -1"):
+            tree.verify_block(-1, b"", [], length, root, lambda i: None)
+
+
+def test_wrong_trusted_node_fails():
+    blocks = blocks_of(8)
+    _, nodes = build(blocks)
+    root = tree.slow_root(blocks)
+    proof = tree.make_proof(2, 8, 1, False, nodes.get)
+    good = {5: nodes[5]}
+    tree.verify_block(2, blocks[2], proof, 8, root, good.get)
+    for bad in (nodes[5]._replace(hash=bytes(32)), nodes[5]._replace(size=nodes[5].size + 1)):
+        with pytest.raises(VerificationError, match="block 2"):
+            tree.verify_block(2, blocks[2], proof, 8, root, {5: bad}.get)
+    with pytest.raises(VerificationError, match="block 2: proof ends"):
+        tree.verify_block(2, blocks[2], proof, 8, root, lambda i: None)
+
+
+def test_make_proof_lookup_errors():
+    blocks = blocks_of(6)
+    _, nodes = build(blocks)
+    with pytest.raises(LookupError):
+        tree.make_proof(6, 6, 0, False, nodes.get)
+    with pytest.raises(LookupError):
+        tree.make_proof(0, 6, -1, False, nodes.get)
+    missing = dict(nodes)
+    del missing[2]
+    with pytest.raises(LookupError):
+        tree.make_proof(0, 6, 1, False, missing.get)
+    # siblings are capped at the peak
+    assert tree.make_proof(0, 6, 99, False, nodes.get) == tree.make_proof(0, 6, 2, False, nodes.get)
+
+
+# --- hypothesis --------------------------------------------------------------
+
+block_data = st.one_of(st.just(b""), st.binary(min_size=1, max_size=3), st.binary(min_size=60, max_size=70))
+logs = st.lists(block_data, min_size=1, max_size=70)
+interesting_lengths = st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(logs, st.data())
+def test_random_logs_every_proof_verifies(blocks, data):
+    b, nodes = build(blocks)
+    assert b.root() == tree.slow_root(blocks)
+    length = data.draw(st.integers(1, len(blocks)), label="length")
+    root = tree.slow_root(blocks[:length])
+    held = proof_nodes(nodes, length)
+    # a random trusted set: nodes verified earlier (correct ones, from this tree or a shorter one)
+    trusted_ids = data.draw(st.sets(st.sampled_from(sorted(held))), label="trusted")
+    trusted = {i: held[i] for i in trusted_ids}
+    for block in range(length):
+        full = tree.make_proof(block, length, *tree.proof_request(block, length, lambda i: False), held.get)
+        siblings, peaks = tree.proof_request(block, length, trusted.__contains__)
+        proof = tree.make_proof(block, length, siblings, peaks, held.get)
+        assert proof == tree.slow_proof(blocks, block, length, siblings, peaks)
+        assert len(proof) <= len(full)
+        new = tree.verify_block(block, blocks[block], proof, length, root, trusted.get)
+        for node in new:
+            assert node == tree.slow_node(blocks, node.index)
+            assert node.index not in trusted
+        assert tree.verify_block(block, blocks[block], full, length, root, lambda i: None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(interesting_lengths, st.data())
+def test_boundary_lengths(length, data):
+    blocks = [bytes([i % 7]) * (i % 4) for i in range(length)]
+    b, nodes = build(blocks)
+    root = b.root()
+    assert root == tree.slow_root(blocks)
+    block = data.draw(st.integers(0, length - 1))
+    proof = tree.make_proof(block, length, *tree.proof_request(block, length, lambda i: False), nodes.get)
+    tree.verify_block(block, blocks[block], proof, length, root, lambda i: None)
+    for what, bad in tamper_cases(proof):
+        with pytest.raises(VerificationError):
+            tree.verify_block(block, blocks[block], bad, length, root, lambda i: None)
+
+
+def node_strategy(max_index=300):
+    return st.builds(
+        Node,
+        st.one_of(st.integers(0, max_index), st.integers(-5, 2**70), st.booleans(), st.none()),
+        st.one_of(st.binary(min_size=32, max_size=32), st.binary(max_size=40), st.text(max_size=3), st.none()),
+        st.one_of(st.integers(0, 300), st.integers(-5, 2**66), st.just(2**64 - 1), st.none(), st.floats()),
+    )
+
+
+fuzz_proofs = st.one_of(
+    st.lists(node_strategy(), max_size=12),
+    st.lists(st.one_of(node_strategy(), st.tuples(st.integers()), st.binary(), st.none(), st.integers()), max_size=6),
+    st.none(), st.binary(max_size=8), st.integers(), st.text(max_size=4),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 70), st.data())
+def test_fuzz_verify_block_only_raises_verification_error(length, data):
+    blocks = [bytes([i % 256]) for i in range(length)]
+    b, nodes = build(blocks)
+    block = data.draw(st.integers(-2, length + 2))
+    proof = data.draw(fuzz_proofs)
+    if data.draw(st.booleans()) and isinstance(proof, list) and 0 <= block < length:
+        # splice random nodes into a real proof
+        real = tree.make_proof(block, length, 99, True, nodes.get)
+        at = data.draw(st.integers(0, len(real)))
+        proof = real[:at] + proof + real[at + data.draw(st.integers(0, 2)):]
+    trusted = data.draw(st.sampled_from([{}, proof_nodes(nodes, length)]))
+    root = data.draw(st.sampled_from([b.root(), bytes(32), b"short"]))
+    d = blocks[block] if 0 <= block < length else b"z"
+    try:
+        tree.verify_block(block, d, proof, length, root, trusted.get)
+    except VerificationError as e:
+        assert f"block {block}" in str(e)
+
+
+# --- local checks ------------------------------------------------------------
+
+def test_verify_stored_and_check_tree():
+    n = 21
+    blocks = blocks_of(n)
+    b, nodes = build(blocks)
+    root = b.root()
+    verified: set[int] = set()
+    for block in range(n):
+        tree.verify_stored(block, blocks[block], n, root, nodes.get, verified)
+    assert verified >= set(flat.full_roots(n)) | {2 * i for i in range(n)}
+    assert tree.check_tree(n, root, nodes.get, lambda i: blocks[i], complete=True) == []
+    assert tree.check_tree(0, tree.slow_root([]), {}.get, lambda i: None, complete=True) == []
+
+    # a flipped byte in a block
+    bad_blocks = list(blocks)
+    bad_blocks[7] = b"X" + blocks[7][1:]
+    with pytest.raises(VerificationError, match="block 7"):
+        tree.verify_stored(7, bad_blocks[7], n, root, nodes.get, set())
+    problems = tree.check_tree(n, root, nodes.get, lambda i: bad_blocks[i], complete=True)
+    assert problems == ["block 7: stored data does not match tree node 14"]
+
+    # a flipped byte in an inner node: caught by its parent / children
+    for idx in (13, 3, 19, 40):
+        bad = dict(nodes)
+        bad[idx] = bad[idx]._replace(hash=bytes([bad[idx].hash[0] ^ 1]) + bad[idx].hash[1:])
+        problems = tree.check_tree(n, root, bad.get, lambda i: blocks[i], complete=True)
+        assert problems and all("not match" in p for p in problems), (idx, problems)
+        first, end = flat.span(idx)
+        with pytest.raises(VerificationError):
+            for block in range(first, end):
+                tree.verify_stored(block, blocks[block], n, root, bad.get, set())
+
+    # wrong root
+    assert tree.check_tree(n, bytes(32), nodes.get, lambda i: blocks[i]) == [
+        f"the tree's peaks do not match the signed root of length {n}"]
+
+    # a partial cache: only what verified proofs stored; missing nodes are fine
+    cache: dict[int, Node] = {}
+    held = {3, 4, 17}
+    for block in sorted(held):
+        req = tree.proof_request(block, n, cache.__contains__)
+        proof = tree.make_proof(block, n, *req, nodes.get)
+        cache.update((x.index, x) for x in tree.verify_block(block, blocks[block], proof, n, root, cache.get))
+    get = lambda i: blocks[i] if i in held else None  # noqa: E731
+    assert tree.check_tree(n, root, cache.get, get) == []
+    assert any("missing" in p for p in tree.check_tree(n, root, cache.get, get, complete=True))
+    verified = set()
+    for block in held:
+        tree.verify_stored(block, blocks[block], n, root, cache.get, verified)
+    del cache[2 * 4]
+    assert tree.check_tree(n, root, cache.get, get) == ["block 4: held, but its tree node 8 is missing"]
