@@ -1,8 +1,396 @@
-"""Command-line interface (placeholder until the drive-core work lands)."""
+"""The p2pfs command line.
 
+Each subcommand is a small function `cmd_<name>(args) -> int`; `main` is the
+only place that turns exceptions into exit codes: a `P2pfsError` prints
+``p2pfs: <message>`` on stderr and exits with its `exit_code`; ^C exits 130.
+
+Seams for later commands: `add_read_options(parser)` is called for every
+command that reads a drive (the network adds ``--peer``/``--timeout``
+there), `read_options(args)` turns them into `open_drive` keywords, and
+`COMMANDS` lists (name, setup function) pairs in help order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import stat as stat_mod
 import sys
+from typing import Callable
+
+import trio
+
+from . import __version__, crypto, drive as drive_mod
+from .errors import P2pfsError, UsageError
+from .index import KIND_DIR, KIND_FILE, KIND_SYMLINK, Entry
+from .node import DEFAULT_TIMEOUT, local_drive, open_drive, open_store, parse_drive_ref
+
+CAT_CHUNK = 4 << 20
 
 
-def main(argv=None) -> int:
-    print("p2pfs: not built yet", file=sys.stderr)
-    return 1
+# --- output helpers ------------------------------------------------------------
+
+def _out(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _mode_string(entry: Entry) -> str:
+    kind = {KIND_DIR: stat_mod.S_IFDIR, KIND_SYMLINK: stat_mod.S_IFLNK}.get(entry.kind, stat_mod.S_IFREG)
+    return stat_mod.filemode(kind | entry.mode)
+
+
+def _time(ns: int) -> str:
+    t = dt.datetime.fromtimestamp(ns // 1_000_000_000).astimezone()
+    return f"{t:%Y-%m-%d %H:%M:%S}.{ns % 1_000_000_000:09d} {t:%z}"
+
+
+def _entry_line(name: bytes, entry: Entry, long: bool) -> bytes:
+    if not long:
+        return name + b"\n"
+    line = f"{_mode_string(entry)} {entry.size:>12} {_time(entry.mtime_ns)} ".encode() + name
+    if entry.kind == KIND_SYMLINK:
+        line += b" -> " + entry.target
+    return line + b"\n"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class _Progress:
+    """A rich progress bar on a terminal; a few plain lines otherwise."""
+
+    def __init__(self, quiet: bool, what: str):
+        self.quiet = quiet
+        self.what = what
+        self.total = 0
+        self.done = 0
+        self.next_report = 0
+        self.bar = None
+        self.task = None
+
+    def start(self, total: int) -> None:
+        self.total = total
+        if self.quiet:
+            return
+        if sys.stderr.isatty():
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                       TimeRemainingColumn, TransferSpeedColumn)
+            self.bar = Progress(TextColumn(self.what), BarColumn(), DownloadColumn(),
+                                TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.what, total=total)
+        elif total >= (64 << 20):
+            _err(f"{self.what}: {_size(total)} to hash")
+            self.next_report = total // 4
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+        elif not self.quiet and self.total >= (64 << 20) and self.done >= self.next_report:
+            _err(f"{self.what}: {self.done * 100 // max(self.total, 1)}%")
+            self.next_report += self.total // 4
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+# --- seams -----------------------------------------------------------------------
+
+def add_read_options(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that reads a drive.  The network layer adds
+    --peer HOST:PORT and --timeout here."""
+
+
+def read_options(args: argparse.Namespace) -> dict:
+    """open_drive keywords from the read options."""
+    return {"peers": getattr(args, "peer", None) or (),
+            "timeout": getattr(args, "timeout", None) or DEFAULT_TIMEOUT}
+
+
+def _store(args):
+    return open_store(args.home)
+
+
+# --- commands ----------------------------------------------------------------------
+
+def cmd_create(args) -> int:
+    store = _store(args)
+    progress = _Progress(args.quiet, "create")
+    try:
+        result = drive_mod.create_drive(store, args.dir, message=args.message,
+                                        block_size=args.block_size, warn=_err,
+                                        progress=progress.advance, on_scan=progress.start)
+    finally:
+        progress.stop()
+    key = crypto.encode_key(result.key)
+    print(f"created version 1: {result.files} files, {_size(result.bytes)}, "
+          f"{result.new_content_blocks} content blocks, length {result.length}")
+    print(key)
+    return 0
+
+
+def cmd_import(args) -> int:
+    store = _store(args)
+    key, version = parse_drive_ref(args.key)
+    if version is not None:
+        raise UsageError("import writes a new version: give the key without @VERSION")
+    drive = local_drive(store, key)
+    progress = _Progress(args.quiet, "import")
+    try:
+        result = drive_mod.import_directory(drive, args.dir, message=args.message,
+                                            checksum=args.checksum, warn=_err,
+                                            progress=progress.advance, on_scan=progress.start)
+    finally:
+        progress.stop()
+    print(f"version {result.version}: {result.new_content_blocks} new content blocks, "
+          f"{result.reused_blocks} reused, {result.index_blocks} index blocks, "
+          f"length {result.length}")
+    return 0
+
+
+async def _ls(args) -> int:
+    store = _store(args)
+    async with open_drive(store, args.key, **read_options(args)) as drive:
+        path = args.path
+        entry = await drive.lookup(path)
+        if entry.kind != KIND_DIR:
+            _out(_entry_line(os.fsencode(path), entry, args.long))
+            return 0
+        from .index import normalize_path
+        pending = [normalize_path(path)]
+        first = True
+        while pending:
+            d = pending.pop(0)
+            children = await drive.listdir(d)
+            if args.recursive:
+                if not first:
+                    _out(b"\n")
+                _out(d + b":\n")
+            first = False
+            subdirs = []
+            for name, e in children:
+                _out(_entry_line(name, e, args.long))
+                if e.kind == KIND_DIR:
+                    subdirs.append((d.rstrip(b"/") + b"/" + name))
+            if args.recursive:
+                pending[:0] = subdirs
+    return 0
+
+
+def cmd_ls(args) -> int:
+    return trio.run(_ls, args)
+
+
+async def _cat(args) -> int:
+    store = _store(args)
+    async with open_drive(store, args.key, **read_options(args)) as drive:
+        entry = await drive.lookup(args.path)
+        if entry.kind == KIND_DIR:
+            raise UsageError(f"{args.path}: is a directory")
+        if entry.kind == KIND_SYMLINK:
+            raise UsageError(f"{args.path}: is a symbolic link to "
+                             f"{os.fsdecode(entry.target)}; cat the target instead")
+        out = sys.stdout.buffer
+        offset = 0
+        while offset < entry.size:
+            data = await drive.read(entry, offset, CAT_CHUNK)
+            if not data:
+                break
+            out.write(data)
+            offset += len(data)
+        out.flush()
+    return 0
+
+
+def cmd_cat(args) -> int:
+    try:
+        return trio.run(_cat, args)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # like a cat killed by SIGPIPE; nothing printed
+
+
+def cmd_log(args) -> int:
+    store = _store(args)
+    key, _ = parse_drive_ref(args.key)
+    drive = local_drive(store, key)
+    drive.open_local()
+    for length, c in drive.versions():
+        t = dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
+        line = (f"version {c.version:<5} length {length:<10} {t:%Y-%m-%d %H:%M:%S %z}  "
+                f"{c.files} files  {_size(c.bytes)}")
+        if c.message:
+            line += f"  {c.message}"
+        print(line)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    store = _store(args)
+    key, _ = parse_drive_ref(args.key)
+    drive = local_drive(store, key)
+    problems = drive_mod.verify_drive(drive, report=lambda m: _err(f"p2pfs: verify: {m}"))
+    if problems:
+        _err(f"p2pfs: verify: drive {drive.key_text}: {len(problems)} problem(s) found")
+        return 1
+    blocks, nbytes = store.held(key)
+    print(f"ok: drive {drive.key_text}, length {drive.head.length}, "
+          f"{blocks} blocks ({_size(nbytes)}) and every signed head verified")
+    return 0
+
+
+def _info(store, key: bytes) -> dict:
+    drive = local_drive(store, key)
+    blocks, nbytes = store.held(key)
+    info = {"key": drive.key_text, "version": 0, "length": drive.head.length,
+            "blocks_held": blocks, "bytes_held": nbytes, "writable": drive.writable,
+            "block_size": None, "files": None, "bytes": None,
+            "discovery_key": crypto.discovery_key(key).hex(),
+            "forks": len(store.forks(key))}
+    try:
+        drive.open_local()
+        info.update(version=drive.version, block_size=drive.block_size,
+                    files=drive.commit.files, bytes=drive.commit.bytes)
+    except P2pfsError:
+        pass  # a partial copy without the newest commit: version unknown
+    return info
+
+
+def cmd_info(args) -> int:
+    store = _store(args)
+    key, _ = parse_drive_ref(args.key)
+    info = _info(store, key)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:14} {v}")
+    return 0
+
+
+def cmd_drives(args) -> int:
+    store = _store(args)
+    for key, record in store.list_drives():
+        info = _info(store, key)
+        print(f"{info['key']}  v{info['version']:<4} {_size(info['bytes_held']):>10}  "
+              f"{'rw' if info['writable'] else 'ro'}")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------
+
+def _setup_create(sub):
+    p = sub.add_parser("create", help="new drive from DIR (version 1); prints its key last")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("-m", "--message", default="", help="version message")
+    p.add_argument("--block-size", type=int, default=drive_mod.DEFAULT_BLOCK_SIZE,
+                   help="content block size in bytes (power of two, default 65536)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_create)
+
+
+def _setup_import(sub):
+    p = sub.add_parser("import", help="new version of an owned drive, equal to DIR")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("-m", "--message", default="", help="version message")
+    p.add_argument("-c", "--checksum", action="store_true",
+                   help="hash every file instead of trusting size+mtime+mode")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_import)
+
+
+def _setup_ls(sub):
+    p = sub.add_parser("ls", help="list a directory of a drive")
+    p.add_argument("-l", dest="long", action="store_true", help="long listing")
+    p.add_argument("-R", dest="recursive", action="store_true", help="recursive")
+    p.add_argument("key", metavar="KEY[@VERSION]")
+    p.add_argument("path", metavar="PATH", nargs="?", default="/")
+    add_read_options(p)
+    p.set_defaults(func=cmd_ls)
+
+
+def _setup_cat(sub):
+    p = sub.add_parser("cat", help="write a file's bytes to stdout")
+    p.add_argument("key", metavar="KEY[@VERSION]")
+    p.add_argument("path", metavar="PATH")
+    add_read_options(p)
+    p.set_defaults(func=cmd_cat)
+
+
+def _setup_log(sub):
+    p = sub.add_parser("log", help="versions of a drive, newest first")
+    p.add_argument("key", metavar="KEY")
+    p.set_defaults(func=cmd_log)
+
+
+def _setup_verify(sub):
+    p = sub.add_parser("verify", help="re-check every held block, tree node and signature")
+    p.add_argument("key", metavar="KEY")
+    p.set_defaults(func=cmd_verify)
+
+
+def _setup_drives(sub):
+    p = sub.add_parser("drives", help="drives in this home")
+    p.set_defaults(func=cmd_drives)
+
+
+def _setup_info(sub):
+    p = sub.add_parser("info", help="a drive's version, length and what is held")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(func=cmd_info)
+
+
+COMMANDS: list[tuple[str, Callable]] = [
+    ("create", _setup_create), ("import", _setup_import), ("ls", _setup_ls),
+    ("cat", _setup_cat), ("log", _setup_log), ("verify", _setup_verify),
+    ("drives", _setup_drives), ("info", _setup_info),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other usage error
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="p2pfs", description="Mount a peer-to-peer drive as a folder.")
+    parser.add_argument("--home", metavar="DIR", default=None,
+                        help="node home (default $P2PFS_HOME or ~/.local/share/p2pfs)")
+    parser.add_argument("--version", action="version", version=f"p2pfs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for _name, setup in COMMANDS:
+        setup(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
+        return args.func(args)
+    except P2pfsError as exc:
+        _err(f"p2pfs: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("p2pfs: interrupted")
+        return 130

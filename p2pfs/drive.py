@@ -1,0 +1,922 @@
+"""One drive: open it at a version, read entries and verified bytes, write versions.
+
+Theory of operation
+-------------------
+*Trust.*  A drive's truth is its signed heads (`crypto.verify_head`).  A tree
+node is trusted once it is connected to a signed root: either it is a peak
+of a signed head whose stored peaks hash to that head's root, or its
+parent is trusted and `parent_node(node, sibling)` reproduces the stored
+parent.  Full subtrees never change in an append-only log, so a node trusted
+under one head is trusted under every later one.  `Drive._trusted` caches
+the nodes verified in this process (index -> Node); everything read from
+the local store is checked again, once per process, because the store is a
+file anyone could damage.
+
+*Reading a block.*  Blocks below the latest signed length are served only
+after their leaf hash equals the trusted leaf node `2*i`.  A block that is
+not held is fetched through the drive's `BlockSource` (the network), which
+verifies it with a proof (`accept_block`) and stores it; with no source the
+read fails with BlockUnavailableError.  The index (`p2pfs.index`) reads its
+blocks through the same check synchronously and raises `MissingBlock`;
+async readers catch it, fetch, and retry.
+
+*Views.*  A Drive shows one version (`version`, `length`: the Commit at
+block length-1).  A live view follows the newest head on `refresh()`; a
+fixed view (`KEY@N`) stays where it was opened.
+
+*Writing.*  Only the owner (who holds the secret seed) writes.  A version
+is appended in batches of unsigned blocks (content, then index nodes, then
+the Commit), and then the tree nodes and the signed head are written in one
+final transaction (`Store.commit_version`).  Until then the new blocks are
+garbage past the signed length: a crash leaves the previous version intact,
+and the next write first deletes the garbage.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as stat_mod
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Protocol
+
+from . import crypto, flat, index, tree
+from .errors import (
+    BlockUnavailableError, ForkError, KeyFileError, MissingBlock, NotFoundError,
+    ReadOnlyError, StoreError, UsageError, VerificationError,
+)
+from .index import Commit, Entry, Header, KIND_DIR, KIND_FILE, KIND_SYMLINK
+from .store import WRITE_BATCH_BYTES, DriveRecord, Store
+from .types import Head, Node
+
+DEFAULT_BLOCK_SIZE = 65536
+READ_BATCH_BLOCKS = 64  # blocks fetched from the store per read transaction
+
+
+class BlockSource(Protocol):
+    """Where missing blocks come from (implemented by `p2pfs.net`)."""
+
+    async def fetch(self, drive: "Drive", blocks: list[int]) -> None:
+        """Return once every listed block is stored (verified); else raise
+        BlockUnavailableError."""
+
+    async def fetch_path(self, drive: "Drive", path: bytes) -> None:
+        """Best effort: fetch every index block on the path in one round trip."""
+
+
+class _Reader:
+    """index.BlockReader over a drive's verified local blocks."""
+
+    __slots__ = ("drive",)
+
+    def __init__(self, drive: "Drive"):
+        self.drive = drive
+
+    def read_block(self, i: int) -> bytes:
+        data = self.drive.read_block_local(i)
+        if data is None:
+            raise MissingBlock(i)
+        return data
+
+
+class Drive:
+    """A view of one drive in a store.
+
+    Construct it, then `await open()` (or `open_local()` when every block is
+    held).  A drive whose head is not yet known (a remote drive seen for the
+    first time) can be constructed too: it has `head is None` until
+    `accept_head` adopts the first signed head.
+    """
+
+    def __init__(self, store: Store, key: bytes, source: BlockSource | None = None):
+        if len(key) != crypto.PUBLIC_KEY_BYTES:
+            raise ValueError("drive key must be 32 bytes")
+        self.store = store
+        self.key = key
+        self.key_text = crypto.encode_key(key)
+        self.source = source
+        self._seed = store.load_secret(self.key_text)  # KeyFileError if unsafe
+        if self._seed is not None and crypto.public_from_seed(self._seed) != key:
+            raise KeyFileError(f"secret key file {store.key_path(self.key_text)} "
+                               "does not belong to this drive")
+        self.writable = self._seed is not None
+        self._trusted: dict[int, Node] = {}
+        self._heads_checked: set[tuple[int, bytes]] = set()
+        self._subscribers: list[Callable[[Head], None]] = []
+        self.head: Head | None = None
+        head = store.latest_head(key)
+        if head is not None:
+            self._check_signature(head)
+            self.head = head
+        self.block_size = DEFAULT_BLOCK_SIZE
+        self.version = 0
+        self.length = 0
+        self.commit: Commit | None = None
+        self.live = True
+        self._index: index.Index | None = None
+        self._cache = index.NodeCache(1024)
+        self._reader = _Reader(self)
+
+    def __repr__(self) -> str:
+        return f"<Drive {self.key_text} v{self.version} length {self.length}>"
+
+    # --- trust ----------------------------------------------------------------
+
+    def _check_signature(self, head: Head) -> None:
+        ident = (head.length, head.root)
+        if ident not in self._heads_checked:
+            crypto.verify_head(self.key, head.length, head.root, head.signature)
+            self._heads_checked.add(ident)
+
+    def _node_name(self, n: int) -> str:
+        if n % 2 == 0:
+            return f"block {n // 2}"
+        a, b = flat.span(n)
+        return f"tree node {n} (blocks {a}-{b - 1})"
+
+    def _trust_peaks(self, head: Head) -> bool:
+        """Trust the stored peaks of `head` if they hash to its root.
+
+        False if a peak is not held; VerificationError if they do not match."""
+        self._check_signature(head)
+        peaks = flat.full_roots(head.length)
+        if all(p in self._trusted for p in peaks):
+            return True
+        nodes = self.store.get_nodes(self.key, peaks)
+        if any(n is None for n in nodes):
+            return False
+        if tree.root_hash(nodes) != head.root:
+            raise VerificationError(
+                f"drive {self.key_text}: the stored tree peaks of length {head.length} "
+                f"do not match its signed root ({', '.join(self._node_name(p) for p in peaks)}); "
+                "the store is damaged"
+            )
+        for n in nodes:
+            self._trusted[n.index] = n
+        return True
+
+    def trusted_node(self, n: int) -> Node:
+        """The stored node `n`, verified up to a signed root (cached).
+
+        Raises VerificationError if it, a sibling or a parent on its path does
+        not match, LookupError if a node needed to connect it is not held."""
+        got = self._trusted.get(n)
+        if got is not None:
+            return got
+        heads = [self.head] if self.head is not None else []
+        last_error: LookupError | None = None
+        for head in heads + [h for h in reversed(self.store.heads(self.key))
+                             if self.head is None or h.length < self.head.length]:
+            if not flat.in_tree(n, head.length):
+                continue
+            try:
+                return self._trusted_under(n, head)
+            except LookupError as exc:
+                last_error = exc
+        raise last_error or LookupError(f"{self._node_name(n)} is not in any signed version held")
+
+    def _trusted_under(self, n: int, head: Head) -> Node:
+        path = []
+        cur = n
+        peaks = set(flat.full_roots(head.length))
+        while cur not in self._trusted:
+            if cur in peaks:
+                if not self._trust_peaks(head):
+                    raise LookupError(f"a tree peak of length {head.length} is not held")
+                break
+            path.append(cur)
+            cur = flat.parent(cur)
+        for c in reversed(path):
+            s = flat.sibling(c)
+            mine, other = self.store.get_nodes(self.key, [c, s])
+            if mine is None or other is None:
+                raise LookupError(f"{self._node_name(c if mine is None else s)} is not held")
+            left, right = (mine, other) if c < s else (other, mine)
+            parent = self._trusted[flat.parent(c)]
+            made = tree.parent_node(left, right)
+            if made.hash != parent.hash or made.size != parent.size:
+                raise VerificationError(
+                    f"drive {self.key_text}: {self._node_name(c)} or {self._node_name(s)} "
+                    "in the local store does not match the signed tree; the store is damaged "
+                    f"(run 'p2pfs verify {self.key_text}')"
+                )
+            self._trusted[c] = mine
+            self._trusted[s] = other
+        return self._trusted[n]
+
+    def check_block(self, i: int, data: bytes) -> None:
+        """Raise VerificationError unless `data` is block i of the signed tree."""
+        try:
+            node = self.trusted_node(2 * i)
+        except LookupError:
+            raise VerificationError(
+                f"drive {self.key_text}: block {i} is held but its tree node is not; "
+                f"the store is damaged (run 'p2pfs verify {self.key_text}')"
+            ) from None
+        leaf = tree.leaf_node(i, data)
+        if leaf.hash != node.hash or leaf.size != node.size:
+            raise VerificationError(
+                f"drive {self.key_text}: block {i} in the local store does not match "
+                f"its signed hash; the store is damaged (run 'p2pfs verify {self.key_text}')"
+            )
+
+    def read_block_local(self, i: int) -> bytes | None:
+        """Verified block i, or None if not held (or past the signed length)."""
+        if self.head is None or i >= self.head.length:
+            return None
+        data = self.store.get_block(self.key, i)
+        if data is not None:
+            self.check_block(i, data)
+        return data
+
+    # --- serving peers ----------------------------------------------------------
+
+    def get_block(self, i: int) -> bytes | None:
+        """Raw stored block i below the signed length (the receiver verifies)."""
+        if self.head is None or i >= self.head.length:
+            return None
+        return self.store.get_block(self.key, i)
+
+    def make_proof(self, block: int, length: int, siblings: int, peaks: bool) -> list[Node]:
+        """Proof nodes for `block` against `length`; LookupError if one is not held."""
+        return tree.make_proof(block, length, siblings, peaks,
+                               lambda n: self.store.get_node(self.key, n))
+
+    def proof_request(self, block: int) -> tuple[int, bool]:
+        """(siblings, peaks) to ask a peer for, given the nodes held."""
+        assert self.head is not None
+        return tree.proof_request(block, self.head.length,
+                                  lambda n: self.store.get_node(self.key, n) is not None)
+
+    def held_ranges(self) -> list[tuple[int, int]]:
+        """Held blocks below the signed length as (start, end) ranges."""
+        if self.head is None:
+            return []
+        limit = self.head.length
+        return [(a, min(b, limit)) for a, b in self.store.held_ranges(self.key) if a < limit]
+
+    def has_block(self, i: int) -> bool:
+        return self.head is not None and i < self.head.length and self.store.has_block(self.key, i)
+
+    # --- receiving from peers ------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Head], None]) -> Callable[[], None]:
+        """Call `callback(head)` whenever the head moves forward; returns unsubscribe."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+        return unsubscribe
+
+    def _notify(self, head: Head) -> None:
+        for cb in list(self._subscribers):
+            cb(head)
+
+    def accept_head(self, head: Head) -> bool:
+        """Verify and store a signed head.  True if it moved the head forward.
+
+        Raises VerificationError for a bad signature and ForkError when it
+        conflicts with a head or tree nodes held (the evidence is kept)."""
+        crypto.verify_head(self.key, head.length, head.root, head.signature)
+        self._heads_checked.add((head.length, head.root))
+        held = self.store.get_head(self.key, head.length)
+        if held is not None:
+            if held.root == head.root:
+                return False
+            self.store.put_fork(self.key, head)
+            raise ForkError(f"drive {self.key_text} is forked: two different signed roots "
+                            f"for length {head.length}; the evidence is kept in the store")
+        peaks = self.store.get_nodes(self.key, flat.full_roots(head.length))
+        if peaks and all(p is not None for p in peaks) and tree.root_hash(peaks) != head.root:
+            self.store.put_fork(self.key, head)
+            raise ForkError(f"drive {self.key_text} is forked: a signed root for length "
+                            f"{head.length} contradicts the tree held; the evidence is kept")
+        if self.head is not None and head.length <= self.head.length:
+            return False  # an older head we never saw: heads never move backward
+        self.store.put_head(self.key, head)
+        self.head = head
+        self._notify(head)
+        return True
+
+    def accept_block(self, block: int, data: bytes, proof: list[Node]) -> None:
+        """Verify a block from a peer against the latest head and trusted nodes,
+        then store it with the nodes it proves, in one transaction.
+
+        Raises VerificationError (never stores anything then)."""
+        if self.head is None:
+            raise VerificationError(f"block {block} arrived before any signed head")
+        if block >= self.head.length:
+            raise VerificationError(f"block {block} is past the signed length {self.head.length}")
+        nodes = tree.verify_block(block, data, proof, self.head.length, self.head.root,
+                                  lambda n: self.store.get_node(self.key, n))
+        self.store.put_block_items(self.key, [(block, data)], nodes)
+        leaf = nodes[0] if nodes and nodes[0].index == 2 * block else None
+        if leaf is not None:
+            self._trusted.setdefault(leaf.index, leaf)
+
+    def adopt_own_head(self, head: Head) -> None:
+        """The owner just committed `head` through this process: move to it."""
+        self._heads_checked.add((head.length, head.root))
+        self.head = head
+        self._notify(head)
+
+    # --- opening a view ----------------------------------------------------------
+
+    async def _fetch(self, blocks: list[int], path: bytes | None = None) -> None:
+        if self.source is None:
+            raise BlockUnavailableError(
+                f"block {blocks[0]} of drive {self.key_text} is not held locally; "
+                "give --peer HOST:PORT to fetch it"
+            )
+        if path is not None:
+            await self.source.fetch_path(self, path)
+            if all(self.store.has_block(self.key, b) for b in blocks):
+                return
+        await self.source.fetch(self, blocks)
+
+    async def _sync(self, fn, path: bytes | None = None):
+        """Run synchronous index code, fetching blocks it misses, until done."""
+        tried_path = False
+        while True:
+            try:
+                return fn()
+            except MissingBlock as missing:
+                await self._fetch(missing.indices, None if tried_path else path)
+                tried_path = True
+
+    async def open(self, version: int | None = None) -> "Drive":
+        """Show `version` (None: the newest, following later heads on refresh)."""
+        if self.head is None or self.head.length == 0:
+            raise NotFoundError(f"no signed version of drive {self.key_text} is known yet")
+        self.live = version is None
+        length = await self._sync(lambda: self.version_length(version))
+        await self._load(length)
+        return self
+
+    def open_local(self, version: int | None = None) -> "Drive":
+        """Synchronous open for drives whose blocks are all held."""
+        if self.head is None or self.head.length == 0:
+            raise NotFoundError(f"unknown drive {self.key_text}")
+        self.live = version is None
+        length = self._local(lambda: self.version_length(version))
+        self._local(lambda: self._load_sync(length))
+        return self
+
+    def _local(self, fn):
+        try:
+            return fn()
+        except MissingBlock as missing:
+            raise BlockUnavailableError(
+                f"block {missing.indices[0]} of drive {self.key_text} is not held locally; "
+                "give --peer HOST:PORT to fetch it") from None
+
+    def _read_commit(self, length: int) -> Commit:
+        obj = index.decode_block(self._reader.read_block(length - 1))
+        if not isinstance(obj, Commit):
+            raise VerificationError(f"drive {self.key_text}: block {length - 1} "
+                                    "should be a commit record and is not")
+        return obj
+
+    def version_length(self, version: int | None) -> int:
+        """The log length of `version` (None: the newest).  May raise MissingBlock."""
+        assert self.head is not None
+        length = self.head.length
+        if version is None:
+            return length
+        commit = self._read_commit(length)
+        if version > commit.version or version < 1:
+            raise NotFoundError(f"drive {self.key_text} has no version {version}; "
+                                f"the newest is {commit.version}")
+        while commit.version > version:
+            if not 0 <= commit.prev < length - 1:
+                raise VerificationError(f"drive {self.key_text}: commit chain is broken "
+                                        f"at block {length - 1}")
+            length = commit.prev + 1
+            commit = self._read_commit(length)
+        if commit.version != version:
+            raise VerificationError(f"drive {self.key_text}: commit chain skips version {version}")
+        return length
+
+    def versions(self) -> list[tuple[int, Commit]]:
+        """(length, Commit) of every version, newest first (all blocks held)."""
+        assert self.head is not None
+        out = []
+        length = self.head.length
+        while length > 0:
+            commit = self._local(lambda: self._read_commit(length))
+            out.append((length, commit))
+            if commit.prev < 0:
+                break
+            if commit.prev >= length - 1:
+                raise VerificationError(f"drive {self.key_text}: commit chain is broken "
+                                        f"at block {length - 1}")
+            length = commit.prev + 1
+        return out
+
+    def _load_sync(self, length: int) -> None:
+        header = index.decode_block(self._reader.read_block(0))
+        if not isinstance(header, Header):
+            raise VerificationError(f"drive {self.key_text}: block 0 is not a drive header")
+        commit = self._read_commit(length)
+        self.block_size = header.block_size
+        self.commit = commit
+        self.version = commit.version
+        self.length = length
+        self._index = index.Index(self._reader, commit.root, self._cache)
+
+    async def _load(self, length: int) -> None:
+        await self._sync(lambda: self._load_sync(length))
+
+    async def refresh(self) -> bool:
+        """Move a live view to the newest head held.  True if it moved."""
+        if not self.live or self.head is None or self.head.length == self.length:
+            return False
+        await self._load(self.head.length)
+        return True
+
+    # --- reading -------------------------------------------------------------------
+
+    def _need_view(self) -> index.Index:
+        if self._index is None:
+            raise NotFoundError(f"drive {self.key_text} is not open")
+        return self._index
+
+    def _where(self) -> str:
+        return f"{self.key_text}@{self.version}"
+
+    async def lookup(self, path: bytes | str) -> Entry:
+        """The entry at `path`.  NotFoundError if there is none."""
+        idx = self._need_view()
+        p = index.normalize_path(path)
+        entry = await self._sync(lambda: idx.lookup(p), p)
+        if entry is None:
+            raise NotFoundError(f"{os.fsdecode(p)}: no such file or directory in {self._where()}")
+        return entry
+
+    async def listdir(self, path: bytes | str) -> list[tuple[bytes, Entry]]:
+        """(name, entry) of each child of a directory, sorted by name."""
+        idx = self._need_view()
+        p = index.normalize_path(path)
+        entry = await self.lookup(p)
+        if entry.kind != KIND_DIR:
+            raise UsageError(f"{os.fsdecode(p)}: not a directory in {self._where()}")
+        return await self._sync(lambda: list(idx.listdir(p)), p)
+
+    def walk_local(self) -> Iterator[tuple[bytes, Entry]]:
+        """(path, entry) of every entry of this version (every block held)."""
+        return self._local(lambda: list(self._need_view().walk()))
+
+    def _blocks_of(self, entry: Entry, first: int, last: int) -> list[int]:
+        """Log blocks holding file blocks first..last (inclusive)."""
+        out: list[int] = []
+        pos = 0
+        for start, count in entry.extents:
+            if pos + count > first and pos <= last:
+                a = max(first, pos) - pos
+                b = min(last, pos + count - 1) - pos
+                out.extend(range(start + a, start + b + 1))
+            pos += count
+            if pos > last:
+                break
+        if len(out) != last - first + 1:
+            raise VerificationError(f"drive {self.key_text}: a file's extents do not cover its size")
+        return out
+
+    async def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        """Up to `size` verified bytes of a file from `offset` (b"" at the end).
+
+        Raises BlockUnavailableError (not held, no peer had it) and
+        VerificationError (a damaged block: never returned)."""
+        if entry.kind != KIND_FILE:
+            raise UsageError("not a regular file")
+        end = min(entry.size, offset + size)
+        if offset >= end or offset < 0:
+            return b""
+        bs = self.block_size
+        first, last = offset // bs, (end - 1) // bs
+        blocks = self._blocks_of(entry, first, last)
+        datas = self._get_verified(blocks)
+        missing = [b for b, d in zip(blocks, datas) if d is None]
+        while missing:
+            await self._fetch(missing)
+            datas = self._get_verified(blocks)
+            still = [b for b, d in zip(blocks, datas) if d is None]
+            if still and still == missing:
+                raise BlockUnavailableError(f"block {still[0]} of drive {self.key_text} "
+                                            "could not be fetched")
+            missing = still
+        out = datas[0] if len(datas) == 1 else b"".join(datas)
+        lo = offset - first * bs
+        if lo or len(out) > end - offset:
+            out = out[lo:lo + end - offset]
+        return out
+
+    def _get_verified(self, blocks: list[int]) -> list[bytes | None]:
+        assert self.head is not None
+        limit = self.head.length
+        datas = self.store.get_blocks(self.key, blocks)
+        trusted = self._trusted
+        leaf_hash = tree.leaf_node
+        for i, (b, d) in enumerate(zip(blocks, datas)):
+            if d is None:
+                continue
+            if b >= limit:
+                datas[i] = None
+                continue
+            node = trusted.get(2 * b)
+            if node is None:
+                self.check_block(b, d)
+                continue
+            leaf = leaf_hash(b, d)
+            if leaf.hash != node.hash or leaf.size != node.size:
+                self.check_block(b, d)  # raises with the full message
+        return datas
+
+    # --- writing -------------------------------------------------------------------
+
+    def seed(self) -> bytes:
+        if self._seed is None:
+            raise ReadOnlyError(f"drive {self.key_text} is read-only here: its secret key "
+                                f"file {self.store.key_path(self.key_text)} is not on this node")
+        return self._seed
+
+
+# ======================================================================= writing
+
+@dataclass
+class WriteResult:
+    key: bytes
+    version: int
+    length: int
+    new_content_blocks: int = 0
+    reused_blocks: int = 0
+    index_blocks: int = 0
+    files: int = 0
+    bytes: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Item:
+    path: bytes
+    kind: int
+    mode: int
+    mtime_ns: int
+    size: int
+    source: bytes  # absolute local path
+    target: bytes = b""
+
+
+def scan_directory(root: str | os.PathLike, warn: Callable[[str], None] | None = None,
+                   ) -> list[_Item]:
+    """Every file, directory and symlink under `root` (not following links).
+
+    Sockets, fifos and devices are skipped with a warning.  Raises
+    NotFoundError/UsageError for a missing or unreadable directory."""
+    root_b = os.fsencode(os.path.abspath(root))
+    try:
+        st = os.stat(root_b)
+    except FileNotFoundError:
+        raise NotFoundError(f"{os.fsdecode(root_b)}: no such directory") from None
+    except OSError as exc:
+        raise UsageError(f"{os.fsdecode(root_b)}: {exc.strerror}") from None
+    if not stat_mod.S_ISDIR(st.st_mode):
+        raise UsageError(f"{os.fsdecode(root_b)}: not a directory")
+    items = [_Item(b"/", KIND_DIR, stat_mod.S_IMODE(st.st_mode), st.st_mtime_ns, 0, root_b)]
+    stack = [(root_b, b"")]
+    while stack:
+        local, rel = stack.pop()
+        try:
+            with os.scandir(local) as it:
+                children = list(it)
+        except OSError as exc:
+            raise UsageError(f"{os.fsdecode(local)}: cannot read directory: {exc.strerror}") from None
+        for de in children:
+            path = rel + b"/" + de.name
+            try:
+                st = de.stat(follow_symlinks=False)
+            except OSError as exc:
+                raise UsageError(f"{os.fsdecode(de.path)}: {exc.strerror}") from None
+            mode = stat_mod.S_IMODE(st.st_mode)
+            if stat_mod.S_ISDIR(st.st_mode):
+                items.append(_Item(path, KIND_DIR, mode, st.st_mtime_ns, 0, de.path))
+                stack.append((de.path, path))
+            elif stat_mod.S_ISREG(st.st_mode):
+                if not os.access(de.path, os.R_OK):
+                    raise UsageError(f"{os.fsdecode(de.path)}: permission denied")
+                items.append(_Item(path, KIND_FILE, mode, st.st_mtime_ns, st.st_size, de.path))
+            elif stat_mod.S_ISLNK(st.st_mode):
+                try:
+                    target = os.readlink(de.path)
+                except OSError as exc:
+                    raise UsageError(f"{os.fsdecode(de.path)}: {exc.strerror}") from None
+                items.append(_Item(path, KIND_SYMLINK, mode, st.st_mtime_ns, len(target),
+                                   de.path, target))
+            elif warn is not None:
+                warn(f"skipping {os.fsdecode(de.path)}: not a regular file, directory or symlink")
+    for it in items:
+        index.normalize_path(it.path)  # over-long names -> UsageError before writing
+    items.sort(key=lambda it: index.path_key(it.path))
+    return items
+
+
+def _extents(blocks: list[int]) -> tuple[tuple[int, int], ...]:
+    out: list[list[int]] = []
+    for b in blocks:
+        if out and out[-1][0] + out[-1][1] == b:
+            out[-1][1] += 1
+        else:
+            out.append([b, 1])
+    return tuple((a, n) for a, n in out)
+
+
+class _Appender:
+    """Appends unsigned blocks in batches and grows the tree as it goes."""
+
+    def __init__(self, store: Store, key: bytes, length: int, peaks: list[Node],
+                 progress: Callable[[int], None] | None):
+        self.store = store
+        self.key = key
+        self.builder = tree.TreeBuilder(length, peaks)
+        self.nodes: list[Node] = []
+        self.batch: list[tuple[int, bytes]] = []
+        self.batch_bytes = 0
+        self.progress = progress
+        self.content_blocks = 0
+
+    @property
+    def length(self) -> int:
+        return self.builder.length
+
+    def append(self, data: bytes) -> int:
+        i = self.builder.length
+        self.nodes.extend(self.builder.append(data))
+        self.batch.append((i, data))
+        self.batch_bytes += len(data)
+        if self.batch_bytes >= WRITE_BATCH_BYTES:
+            self.flush()
+        return i
+
+    def flush(self) -> None:
+        if self.batch:
+            self.store.put_block_items(self.key, self.batch)
+            if self.progress is not None:
+                self.progress(self.batch_bytes)
+            self.batch = []
+            self.batch_bytes = 0
+
+    def sign_and_commit(self, seed: bytes, record: DriveRecord | None) -> Head:
+        length = self.builder.length
+        root = self.builder.root()
+        head = Head(length, root, crypto.sign_head(seed, self.key, length, root))
+        self.store.commit_version(self.key, head, self.nodes, record, self.batch)
+        if self.progress is not None:
+            self.progress(self.batch_bytes)
+        self.batch = []
+        return head
+
+
+def _read_file(item: _Item, block_size: int) -> Iterator[bytes]:
+    try:
+        f = open(item.source, "rb", buffering=0)
+    except OSError as exc:
+        raise UsageError(f"{os.fsdecode(item.source)}: cannot read: {exc.strerror}") from None
+    with f:
+        while True:
+            try:
+                data = f.read(block_size)
+            except OSError as exc:
+                raise UsageError(f"{os.fsdecode(item.source)}: read error: {exc.strerror}") from None
+            if not data:
+                return
+            # a short read that is not the end: fill the block
+            while len(data) < block_size:
+                more = f.read(block_size - len(data))
+                if not more:
+                    break
+                data += more
+            yield data
+
+
+def _entry(item: _Item, size: int = 0, extents=()) -> Entry:
+    if item.kind == KIND_FILE:
+        return Entry(KIND_FILE, item.mode, item.mtime_ns, size, tuple(extents))
+    if item.kind == KIND_SYMLINK:
+        return Entry(KIND_SYMLINK, item.mode, item.mtime_ns, len(item.target), (), item.target)
+    return Entry(KIND_DIR, item.mode, item.mtime_ns)
+
+
+def create_drive(store: Store, directory: str | os.PathLike, *, message: str = "",
+                 block_size: int = DEFAULT_BLOCK_SIZE,
+                 warn: Callable[[str], None] | None = None,
+                 progress: Callable[[int], None] | None = None,
+                 on_scan: Callable[[int], None] | None = None) -> WriteResult:
+    """Create a new drive equal to `directory` as version 1 and keep its secret key.
+
+    The key file is written first; the drive exists only once its signed head
+    is committed, so an interrupted create leaves no drive."""
+    if not 4096 <= block_size <= index.MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        raise UsageError("block size must be a power of two between 4096 and 16777216")
+    items = scan_directory(directory, warn)
+    total = sum(it.size for it in items if it.kind == KIND_FILE)
+    if on_scan is not None:
+        on_scan(total)
+    key, seed = crypto.generate_keypair()
+    key_text = crypto.encode_key(key)
+    store.save_secret(key_text, seed)
+    now = time.time_ns()
+    app = _Appender(store, key, 0, [], progress)
+    app.append(index.encode_block(Header(1, block_size, now)))
+    entries: list[tuple[bytes, Entry]] = []
+    files = nbytes = 0
+    for item in items:
+        if item.kind == KIND_FILE:
+            blocks = []
+            size = 0
+            for data in _read_file(item, block_size):
+                blocks.append(app.append(data))
+                size += len(data)
+            app.content_blocks += len(blocks)
+            entries.append((item.path, _entry(item, size, _extents(blocks))))
+            files += 1
+            nbytes += size
+        else:
+            entries.append((item.path, _entry(item)))
+    idx_blocks, root = index.build(entries, app.length, block_size)
+    for b in idx_blocks:
+        app.append(b)
+    app.append(index.encode_block(Commit(1, root, -1, now, message, files, nbytes)))
+    head = app.sign_and_commit(seed, DriveRecord(created_ns=now, owned=True, pinned=True))
+    return WriteResult(key, 1, head.length, app.content_blocks, 0, len(idx_blocks), files, nbytes)
+
+
+def import_directory(drive: Drive, directory: str | os.PathLike, *, message: str = "",
+                     checksum: bool = False,
+                     warn: Callable[[str], None] | None = None,
+                     progress: Callable[[int], None] | None = None,
+                     on_scan: Callable[[int], None] | None = None) -> WriteResult:
+    """Write a new version of an owned drive equal to `directory`.
+
+    Unchanged files (same size, mtime and mode, unless `checksum`) keep their
+    entries; a changed file reuses every old block whose hash is unchanged at
+    the same position; a file that appears where one of the same size
+    vanished is compared with it block by block (renames reuse blocks)."""
+    seed = drive.seed()
+    store, key = drive.store, drive.key
+    items = scan_directory(directory, warn)
+    if drive.head is None:
+        raise NotFoundError(f"unknown drive {drive.key_text}")
+    drive.open_local()  # the newest version, verified
+    store.discard_blocks_from(key, drive.head.length)  # an interrupted write's garbage
+    old = dict(drive.walk_local())
+    bs = drive.block_size
+    new_paths = {it.path for it in items}
+    total = sum(it.size for it in items if it.kind == KIND_FILE
+                if checksum or not _unchanged(old.get(it.path), it))
+    if on_scan is not None:
+        on_scan(total)
+
+    length = drive.head.length
+    peaks = [drive.trusted_node(p) for p in flat.full_roots(length)]
+    app = _Appender(store, key, length, peaks, progress)
+    writer = index.IndexWriter(drive._reader, drive.commit.root, drive._cache)
+
+    # files that vanished, by size: candidates for renames
+    vanished: dict[int, list[bytes]] = {}
+    for path, e in old.items():
+        if e.kind == KIND_FILE and path not in new_paths and e.size > 0:
+            vanished.setdefault(e.size, []).append(path)
+
+    for path in sorted(old):
+        if path not in new_paths:
+            writer.delete(path)  # False when a deleted directory took it already
+
+    reused = 0
+    files = nbytes = 0
+    for item in items:
+        prev = old.get(item.path)
+        if item.kind != KIND_FILE:
+            entry = _entry(item)
+            if prev != entry:
+                if prev is not None and prev.kind != item.kind:
+                    writer.delete(item.path)
+                writer.put(item.path, entry)
+            continue
+        files += 1
+        if not checksum and _unchanged(prev, item):
+            nbytes += prev.size
+            continue
+        ref = prev if prev is not None and prev.kind == KIND_FILE else None
+        if ref is None:
+            for cand in vanished.get(item.size, []):
+                ref = old[cand]
+                break
+        entry, n_new, n_reused = _write_file(drive, app, item, ref, bs)
+        reused += n_reused
+        nbytes += entry.size
+        if prev != entry:
+            if prev is not None and prev.kind != KIND_FILE:
+                writer.delete(item.path)
+            writer.put(item.path, entry)
+
+    idx_blocks, root = writer.finish(app.length, bs)
+    for b in idx_blocks:
+        app.append(b)
+    version = drive.version + 1
+    app.append(index.encode_block(Commit(version, root, length - 1, time.time_ns(),
+                                         message, files, nbytes)))
+    head = app.sign_and_commit(seed, None)
+    drive.adopt_own_head(head)
+    return WriteResult(key, version, head.length, app.content_blocks, reused,
+                       len(idx_blocks), files, nbytes)
+
+
+def _unchanged(prev: Entry | None, item: _Item) -> bool:
+    return (prev is not None and prev.kind == KIND_FILE and prev.size == item.size
+            and prev.mtime_ns == item.mtime_ns and prev.mode == item.mode)
+
+
+def _write_file(drive: Drive, app: _Appender, item: _Item, ref: Entry | None,
+                bs: int) -> tuple[Entry, int, int]:
+    """Append a file's changed blocks; reuse `ref`'s blocks where the hash matches."""
+    ref_blocks: list[int] = []
+    if ref is not None:
+        for start, count in ref.extents:
+            ref_blocks.extend(range(start, start + count))
+    ref_nodes = drive.store.get_nodes(drive.key, [2 * b for b in ref_blocks]) if ref_blocks else []
+    blocks: list[int] = []
+    size = new = reused = 0
+    for j, data in enumerate(_read_file(item, bs)):
+        size += len(data)
+        if j < len(ref_nodes) and ref_nodes[j] is not None:
+            leaf = tree.leaf_node(ref_blocks[j], data)
+            old = ref_nodes[j]
+            if leaf.hash == old.hash and leaf.size == old.size:
+                blocks.append(ref_blocks[j])
+                reused += 1
+                if app.progress is not None:
+                    app.progress(len(data))
+                continue
+        blocks.append(app.append(data))
+        new += 1
+    app.content_blocks += new
+    return _entry(item, size, _extents(blocks)), new, reused
+
+
+def verify_drive(drive: Drive, report: Callable[[str], None] | None = None) -> list[str]:
+    """Check every signed head, held block and stored tree node.  Returns the problems."""
+    problems: list[str] = []
+
+    def bad(msg: str) -> None:
+        problems.append(msg)
+        if report is not None:
+            report(msg)
+
+    store, key = drive.store, drive.key
+    heads = store.heads(key)
+    good_heads = []
+    for h in heads:
+        try:
+            crypto.verify_head(key, h.length, h.root, h.signature)
+            good_heads.append(h)
+        except VerificationError:
+            bad(f"signed head of length {h.length} has a bad signature")
+    if not good_heads:
+        bad("no valid signed head")
+        return problems
+    for f in store.forks(key):
+        bad(f"fork evidence: a second signed root for length {f.length}")
+    drive.head = good_heads[-1]
+    drive._trusted.clear()
+    limit = drive.head.length
+    # every head: its peaks (where held) hash to its root
+    for h in good_heads:
+        try:
+            drive._trust_peaks(h)
+        except VerificationError as exc:
+            bad(str(exc))
+    for i, data in store.iter_blocks(key):
+        if i >= limit:
+            continue  # an interrupted write's garbage, never read
+        try:
+            drive.check_block(i, data)
+        except VerificationError as exc:
+            bad(str(exc))
+    for n in store.iter_nodes(key):
+        if not flat.in_tree(n.index, limit) or n.index in drive._trusted:
+            continue
+        try:
+            drive.trusted_node(n.index)
+        except VerificationError as exc:
+            bad(str(exc))
+        except LookupError:
+            pass  # a node of a partial copy not yet connected: harmless
+    if not problems and drive.writable:
+        # an owned drive holds everything: every version's commit must decode
+        try:
+            drive.versions()
+        except (VerificationError, BlockUnavailableError) as exc:
+            bad(str(exc))
+    return problems

@@ -1,0 +1,66 @@
+"""Wiring: open a node's store and drives for the CLI (and, later, the swarm).
+
+`open_drive` is the one place that decides where a drive's blocks come
+from.  Today: the local store only.  The network layer extends it: with
+peers given it starts a swarm, passes it to the Drive as its BlockSource,
+and waits for the first signed head of a drive not yet held.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator, Sequence
+
+from . import crypto
+from .drive import Drive
+from .errors import NotFoundError, UsageError
+from .store import Store, default_home
+
+DEFAULT_TIMEOUT = 30.0
+
+
+def open_store(home: str | os.PathLike | None = None) -> Store:
+    """The store of `home` (default: $P2PFS_HOME or the XDG data dir)."""
+    return Store(Path(home) if home is not None else default_home())
+
+
+def parse_drive_ref(text: str) -> tuple[bytes, int | None]:
+    """'KEY' or 'KEY@VERSION' -> (key, version or None).  UsageError if malformed."""
+    key_text, sep, version_text = text.rpartition("@") if "@" in text else (text, "", "")
+    version = None
+    if sep:
+        if not version_text.isdigit() or int(version_text) < 1:
+            raise UsageError(f"{version_text!r} is not a version number: "
+                             "give KEY@N with N >= 1 (see 'p2pfs log KEY')")
+        version = int(version_text)
+    return crypto.decode_key(key_text), version
+
+
+def local_drive(store: Store, key: bytes) -> Drive:
+    """A drive held in this store (NotFoundError if not), not yet opened at a version."""
+    drive = Drive(store, key)
+    if drive.head is None:
+        raise NotFoundError(f"unknown drive {drive.key_text}; "
+                            "give --peer HOST:PORT to fetch it")
+    return drive
+
+
+@asynccontextmanager
+async def open_drive(store: Store, key: bytes | str, version: int | None = None,
+                     peers: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT,
+                     ) -> AsyncIterator[Drive]:
+    """Yield a Drive opened at `version` (None: newest, live).
+
+    `key` is 32 bytes or key text (``KEY`` or ``KEY@N``; an explicit
+    `version` wins).  Raises UsageError for a bad key, NotFoundError for an
+    unknown drive or version."""
+    if isinstance(key, str):
+        key, text_version = parse_drive_ref(key)
+        version = version if version is not None else text_version
+    if peers:
+        raise UsageError("fetching from peers is not available in this build")
+    drive = local_drive(store, key)
+    await drive.open(version)
+    yield drive

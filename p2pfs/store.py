@@ -1,0 +1,451 @@
+"""The local store: one LMDB environment per node home.  The only lmdb importer.
+
+Theory of operation
+-------------------
+A home directory holds::
+
+    store/data.mdb, store/lock.mdb   the LMDB environment (sparse, map 1 TiB)
+    keys/<zbase32 key>.key           a drive's secret seed, mode 0600
+
+Sub-databases (all keys begin with the 32-byte drive key, integers are u64
+big-endian so that one drive's records are one sorted range):
+
+    blocks   key || block        -> block bytes
+    nodes    key || node         -> hash (32) || u64le size     tree nodes
+    heads    key || length       -> root (32) || signature (64) signed heads
+    forks    key || length || root -> signature                 fork evidence
+    drives   key                 -> DriveRecord (msgpack)
+    held     key                 -> u64le blocks || u64le bytes accounting
+
+Every public method is one transaction.  Several processes may share the
+environment (LMDB's lock file); write transactions are kept short by
+callers writing content in batches of at most `WRITE_BATCH_BYTES`.
+
+The crash-safety rule: blocks may be written before they are signed (a
+version in progress), but tree nodes, the signed head and the drive record
+of a version are written together in one final transaction
+(`commit_version`).  A reader only believes blocks below a signed head's
+length, so a process killed at any moment leaves either no drive (create)
+or the last complete version (import); blocks at or past the signed length
+are garbage that the next write deletes (`discard_blocks_from`).
+
+Batch transactions are not fsynced one by one (that would make writing a
+version disk-latency-bound); `commit_version` flushes the environment to
+disk before returning, so a version reported as written is durable.
+
+The `held` counters are updated in the same transaction as the blocks they
+count, so `blocks_held`/`bytes_held` are exact and cost one read.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import lmdb
+import msgspec
+
+from .errors import KeyFileError, StoreError
+from .types import Head, Node
+
+MAP_SIZE = 1 << 40  # 1 TiB; the file is sparse and grows as it is used
+MAX_READERS = 512
+WRITE_BATCH_BYTES = 8 << 20  # callers keep write transactions below this
+KEY_BYTES = 32
+HASH_BYTES = 32
+SIGNATURE_BYTES = 64
+
+_U64 = struct.Struct(">Q")
+_NODE = struct.Struct("<Q")
+_HELD = struct.Struct("<QQ")
+
+
+class DriveRecord(msgspec.Struct, array_like=True, frozen=True):
+    """What the store remembers about a drive besides its log."""
+
+    created_ns: int = 0
+    owned: bool = False  # created on this node (a secret key file is expected)
+    pinned: bool = True  # never evicted (owned or seeded)
+
+
+_record_encoder = msgspec.msgpack.Encoder()
+_record_decoder = msgspec.msgpack.Decoder(DriveRecord)
+
+
+def default_home() -> Path:
+    """$P2PFS_HOME, else $XDG_DATA_HOME/p2pfs, else ~/.local/share/p2pfs."""
+    env = os.environ.get("P2PFS_HOME")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "p2pfs"
+
+
+def _bk(key: bytes, n: int) -> bytes:
+    return key + _U64.pack(n)
+
+
+def _check_key(key: bytes) -> None:
+    if len(key) != KEY_BYTES:
+        raise ValueError("drive key must be 32 bytes")
+
+
+class Store:
+    """A node's LMDB environment plus its key directory.
+
+    Raises StoreError when the home cannot be opened or written.
+    """
+
+    def __init__(self, home: str | os.PathLike, *, readonly: bool = False):
+        self.home = Path(home)
+        self.keys_dir = self.home / "keys"
+        path = self.home / "store"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self.env = lmdb.open(
+                str(path),
+                map_size=MAP_SIZE,
+                max_dbs=16,
+                max_readers=MAX_READERS,
+                lock=True,
+                sync=False,  # commit_version syncs; see the module docstring
+                metasync=False,
+                readahead=False,
+                subdir=True,
+            )
+        except (OSError, lmdb.Error) as exc:
+            raise StoreError(f"cannot open the store in {path}: {exc}") from None
+        try:
+            self._blocks = self.env.open_db(b"blocks")
+            self._nodes = self.env.open_db(b"nodes")
+            self._heads = self.env.open_db(b"heads")
+            self._forks = self.env.open_db(b"forks")
+            self._drives = self.env.open_db(b"drives")
+            self._held = self.env.open_db(b"held")
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open the store in {path}: {exc}") from None
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _write(self):
+        try:
+            return self.env.begin(write=True)
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot write the store in {self.home}: {exc}") from None
+
+    def sync(self) -> None:
+        """Flush every committed transaction to disk."""
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot flush the store in {self.home}: {exc}") from None
+
+    # --- drives -------------------------------------------------------------
+
+    def get_drive(self, key: bytes) -> DriveRecord | None:
+        with self.env.begin(db=self._drives) as txn:
+            raw = txn.get(key)
+        return None if raw is None else _record_decoder.decode(raw)
+
+    def put_drive(self, key: bytes, record: DriveRecord) -> None:
+        _check_key(key)
+        with self._write() as txn:
+            txn.put(key, _record_encoder.encode(record), db=self._drives)
+
+    def list_drives(self) -> list[tuple[bytes, DriveRecord]]:
+        with self.env.begin(db=self._drives) as txn:
+            return [(bytes(k), _record_decoder.decode(v)) for k, v in txn.cursor()]
+
+    # --- blocks -------------------------------------------------------------
+
+    def get_block(self, key: bytes, index: int) -> bytes | None:
+        with self.env.begin(db=self._blocks) as txn:
+            return txn.get(_bk(key, index))
+
+    def get_blocks(self, key: bytes, indices: Iterable[int]) -> list[bytes | None]:
+        """Several blocks in one read transaction (None where not held)."""
+        with self.env.begin(db=self._blocks) as txn:
+            get = txn.get
+            return [get(key + _U64.pack(i)) for i in indices]
+
+    def has_block(self, key: bytes, index: int) -> bool:
+        with self.env.begin(db=self._blocks, buffers=True) as txn:
+            return txn.get(_bk(key, index)) is not None
+
+    def put_blocks(self, key: bytes, first: int, blocks: Iterable[bytes]) -> None:
+        """Store blocks first, first+1, ... (unsigned until commit_version)."""
+        _check_key(key)
+        with self._write() as txn:
+            self._put_blocks(txn, key, enumerate(blocks, first))
+
+    def put_block_items(self, key: bytes, items: Iterable[tuple[int, bytes]],
+                        nodes: Iterable[Node] = ()) -> None:
+        """Store (index, data) blocks and verified tree nodes in one transaction."""
+        _check_key(key)
+        with self._write() as txn:
+            self._put_blocks(txn, key, items)
+            self._put_nodes(txn, key, nodes)
+
+    def _put_blocks(self, txn, key: bytes, items: Iterable[tuple[int, bytes]]) -> None:
+        count = nbytes = 0
+        replace = txn.replace
+        db = self._blocks
+        for index, data in items:
+            old = replace(key + _U64.pack(index), data, db=db)
+            if old is None:
+                count += 1
+                nbytes += len(data)
+            else:
+                nbytes += len(data) - len(old)
+        if count or nbytes:
+            self._add_held(txn, key, count, nbytes)
+
+    def _add_held(self, txn, key: bytes, count: int, nbytes: int) -> None:
+        raw = txn.get(key, db=self._held)
+        blocks, size = _HELD.unpack(raw) if raw is not None else (0, 0)
+        txn.put(key, _HELD.pack(blocks + count, size + nbytes), db=self._held)
+
+    def held(self, key: bytes) -> tuple[int, int]:
+        """(blocks held, bytes held) for a drive: one read."""
+        with self.env.begin(db=self._held) as txn:
+            raw = txn.get(key)
+        return _HELD.unpack(raw) if raw is not None else (0, 0)
+
+    def block_indices(self, key: bytes, start: int = 0) -> Iterator[int]:
+        """Indices of held blocks >= start, ascending (one read transaction)."""
+        with self.env.begin(db=self._blocks, buffers=True) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(_bk(key, start)):
+                return
+            for k in cur.iternext(keys=True, values=False):
+                k = bytes(k)
+                if k[:KEY_BYTES] != key:
+                    return
+                yield _U64.unpack_from(k, KEY_BYTES)[0]
+
+    def held_ranges(self, key: bytes) -> list[tuple[int, int]]:
+        """Held blocks as sorted (start, end) ranges, end exclusive."""
+        ranges: list[list[int]] = []
+        for i in self.block_indices(key):
+            if ranges and ranges[-1][1] == i:
+                ranges[-1][1] = i + 1
+            else:
+                ranges.append([i, i + 1])
+        return [(a, b) for a, b in ranges]
+
+    def iter_blocks(self, key: bytes, start: int = 0, end: int | None = None,
+                    ) -> Iterator[tuple[int, memoryview]]:
+        """(index, data) for held blocks in [start, end); zero-copy buffers
+        valid until the next iteration step.  One read transaction."""
+        with self.env.begin(db=self._blocks, buffers=True) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(_bk(key, start)):
+                return
+            for k, v in cur:
+                if bytes(k[:KEY_BYTES]) != key:
+                    return
+                i = _U64.unpack_from(k, KEY_BYTES)[0]
+                if end is not None and i >= end:
+                    return
+                yield i, v
+
+    def discard_blocks_from(self, key: bytes, length: int) -> int:
+        """Delete blocks >= length (an interrupted write's garbage).  Returns how many."""
+        doomed = list(self.block_indices(key, length))
+        if not doomed:
+            return 0
+        with self._write() as txn:
+            count = nbytes = 0
+            for i in doomed:
+                old = txn.pop(_bk(key, i), db=self._blocks)
+                if old is not None:
+                    count += 1
+                    nbytes += len(old)
+            self._add_held(txn, key, -count, -nbytes)
+        return count
+
+    # --- tree nodes ---------------------------------------------------------
+
+    def get_node(self, key: bytes, index: int) -> Node | None:
+        with self.env.begin(db=self._nodes) as txn:
+            raw = txn.get(_bk(key, index))
+        if raw is None:
+            return None
+        return Node(index, raw[:HASH_BYTES], _NODE.unpack_from(raw, HASH_BYTES)[0])
+
+    def get_nodes(self, key: bytes, indices: Iterable[int]) -> list[Node | None]:
+        out: list[Node | None] = []
+        with self.env.begin(db=self._nodes) as txn:
+            get = txn.get
+            for i in indices:
+                raw = get(key + _U64.pack(i))
+                out.append(None if raw is None else
+                           Node(i, raw[:HASH_BYTES], _NODE.unpack_from(raw, HASH_BYTES)[0]))
+        return out
+
+    def iter_nodes(self, key: bytes) -> Iterator[Node]:
+        with self.env.begin(db=self._nodes) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(key):
+                return
+            for k, raw in cur:
+                if k[:KEY_BYTES] != key:
+                    return
+                yield Node(_U64.unpack_from(k, KEY_BYTES)[0], raw[:HASH_BYTES],
+                           _NODE.unpack_from(raw, HASH_BYTES)[0])
+
+    def put_nodes(self, key: bytes, nodes: Iterable[Node]) -> None:
+        with self._write() as txn:
+            self._put_nodes(txn, key, nodes)
+
+    def _put_nodes(self, txn, key: bytes, nodes: Iterable[Node]) -> None:
+        db = self._nodes
+        for n in nodes:
+            txn.put(key + _U64.pack(n.index), n.hash + _NODE.pack(n.size), db=db)
+
+    # --- heads and forks ----------------------------------------------------
+
+    def latest_head(self, key: bytes) -> Head | None:
+        with self.env.begin(db=self._heads) as txn:
+            cur = txn.cursor()
+            # the last record with this prefix: position after it, step back
+            if cur.set_range(key + b"\xff" * 8):
+                if cur.key()[:KEY_BYTES] == key:
+                    return self._head(cur.key(), cur.value())
+                if not cur.prev():
+                    return None
+            elif not cur.last():
+                return None
+            if cur.key()[:KEY_BYTES] != key:
+                return None
+            return self._head(cur.key(), cur.value())
+
+    @staticmethod
+    def _head(k: bytes, v: bytes) -> Head:
+        return Head(_U64.unpack_from(k, KEY_BYTES)[0], v[:HASH_BYTES], v[HASH_BYTES:])
+
+    def get_head(self, key: bytes, length: int) -> Head | None:
+        with self.env.begin(db=self._heads) as txn:
+            raw = txn.get(_bk(key, length))
+        return None if raw is None else Head(length, raw[:HASH_BYTES], raw[HASH_BYTES:])
+
+    def heads(self, key: bytes) -> list[Head]:
+        """Every signed head held, by length ascending."""
+        out = []
+        with self.env.begin(db=self._heads) as txn:
+            cur = txn.cursor()
+            if cur.set_range(key):
+                for k, v in cur:
+                    if k[:KEY_BYTES] != key:
+                        break
+                    out.append(self._head(k, v))
+        return out
+
+    def put_head(self, key: bytes, head: Head, nodes: Iterable[Node] = ()) -> None:
+        """Store a verified signed head (and nodes it makes trusted) in one transaction."""
+        _check_key(key)
+        with self._write() as txn:
+            self._put_nodes(txn, key, nodes)
+            txn.put(_bk(key, head.length), head.root + head.signature, db=self._heads)
+            if txn.get(key, db=self._drives) is None:
+                txn.put(key, _record_encoder.encode(DriveRecord(pinned=False)), db=self._drives)
+
+    def put_fork(self, key: bytes, head: Head) -> None:
+        """Keep a conflicting signed head as evidence."""
+        with self._write() as txn:
+            txn.put(_bk(key, head.length) + head.root, head.signature, db=self._forks)
+
+    def forks(self, key: bytes) -> list[Head]:
+        out = []
+        with self.env.begin(db=self._forks) as txn:
+            cur = txn.cursor()
+            if cur.set_range(key):
+                for k, v in cur:
+                    if k[:KEY_BYTES] != key:
+                        break
+                    out.append(Head(_U64.unpack_from(k, KEY_BYTES)[0], k[KEY_BYTES + 8:], v))
+        return out
+
+    # --- the final transaction of a version ----------------------------------
+
+    def commit_version(self, key: bytes, head: Head, nodes: Iterable[Node],
+                       record: DriveRecord | None = None,
+                       blocks: Iterable[tuple[int, bytes]] = ()) -> None:
+        """Write the last blocks, tree nodes, signed head and drive record of a
+        version in one transaction, then flush to disk.  Before this returns
+        the version does not exist; after, it is durable."""
+        _check_key(key)
+        with self._write() as txn:
+            self._put_blocks(txn, key, blocks)
+            self._put_nodes(txn, key, nodes)
+            txn.put(_bk(key, head.length), head.root + head.signature, db=self._heads)
+            if record is not None or txn.get(key, db=self._drives) is None:
+                txn.put(key, _record_encoder.encode(record or DriveRecord()), db=self._drives)
+        self.sync()
+
+    # --- secret keys ----------------------------------------------------------
+
+    def key_path(self, key_text: str) -> Path:
+        return self.keys_dir / f"{key_text}.key"
+
+    def save_secret(self, key_text: str, seed: bytes) -> Path:
+        """Write a drive's secret seed to keys/<key>.key, mode 0600, durably."""
+        if len(seed) != 32:
+            raise ValueError("secret seed must be 32 bytes")
+        try:
+            self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = self.key_path(key_text)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, seed.hex().encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise StoreError(f"cannot write the secret key file in {self.keys_dir}: "
+                             f"{exc.strerror}") from None
+        return path
+
+    def load_secret(self, key_text: str) -> bytes | None:
+        """The secret seed of a drive, or None if this node does not hold it.
+
+        Raises KeyFileError if the file is readable by group or others, or malformed.
+        """
+        path = self.key_path(key_text)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise KeyFileError(f"cannot read secret key file {path}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_mode & 0o077:
+                raise KeyFileError(
+                    f"secret key file {path} is accessible by others "
+                    f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod 600 {path}"
+                )
+            raw = os.read(fd, 200)
+        finally:
+            os.close(fd)
+        try:
+            seed = bytes.fromhex(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            seed = b""
+        if len(seed) != 32:
+            raise KeyFileError(f"secret key file {path} is malformed (expected 64 hex digits)")
+        return seed
