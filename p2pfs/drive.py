@@ -429,8 +429,22 @@ class Drive:
     async def _load(self, length: int) -> None:
         await self._sync(lambda: self._load_sync(length))
 
+    def reload_head(self) -> bool:
+        """Adopt a newer signed head that another process (an owner's `import`
+        into the same home) stored.  True if the head moved; subscribers hear of it."""
+        head = self.store.latest_head(self.key)
+        if head is None or (self.head is not None and head.length <= self.head.length):
+            return False
+        self._check_signature(head)
+        self.head = head
+        self._notify(head)
+        return True
+
     async def refresh(self) -> bool:
-        """Move a live view to the newest head held.  True if it moved."""
+        """Move a live view to the newest head held (in memory or in the store).
+        True if it moved."""
+        if self.live:
+            self.reload_head()
         if not self.live or self.head is None or self.head.length == self.length:
             return False
         await self._load(self.head.length)
@@ -512,6 +526,33 @@ class Drive:
         if lo or len(out) > end - offset:
             out = out[lo:lo + end - offset]
         return out
+
+    def blocks_held(self, entry: Entry) -> int:
+        """How many of a file's content blocks are held locally (a key scan, no data read)."""
+        held = 0
+        for start, count in entry.extents:
+            indices = self.store.block_indices(self.key, start)
+            try:
+                for i in indices:
+                    if i >= start + count:
+                        break
+                    held += 1
+            finally:
+                indices.close()
+        return held
+
+    async def prefetch(self, entry: Entry, offset: int, size: int) -> None:
+        """Fetch the blocks of a file's byte range that are not held (read-ahead).
+
+        Does nothing without a block source; raises like `read`."""
+        end = min(entry.size, offset + size)
+        if self.source is None or entry.kind != KIND_FILE or offset >= end or offset < 0:
+            return
+        bs = self.block_size
+        blocks = self._blocks_of(entry, offset // bs, (end - 1) // bs)
+        missing = [b for b in blocks if not self.store.has_block(self.key, b)]
+        if missing:
+            await self._fetch(missing)
 
     def _get_verified(self, blocks: list[int]) -> list[bytes | None]:
         assert self.head is not None
