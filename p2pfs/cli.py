@@ -357,10 +357,42 @@ def _setup_info(sub):
     p.set_defaults(func=cmd_info)
 
 
+def cmd_mount(args) -> int:
+    from . import mount  # pyfuse3 is loaded only by the commands that mount
+    return mount.mount_command(home=args.home, ref=args.key, mountpoint=args.mountpoint,
+                               daemon=args.daemon, allow_other=args.allow_other,
+                               argv=args.argv, **read_options(args))
+
+
+def cmd_umount(args) -> int:
+    from . import mount
+    return mount.umount_command(args.mountpoint)
+
+
+def _setup_mount(sub):
+    p = sub.add_parser("mount", help="mount a drive as a folder (live; KEY@N: that version, fixed)")
+    p.add_argument("key", metavar="KEY[@VERSION]")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--daemon", action="store_true",
+                   help="run in the background; return once the mount is ready")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users read the mount (needs user_allow_other in "
+                        "/etc/fuse.conf unless root)")
+    add_read_options(p)
+    p.set_defaults(func=cmd_mount)
+
+
+def _setup_umount(sub):
+    p = sub.add_parser("umount", help="unmount a p2pfs mount (lazily if files are open)")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=cmd_umount)
+
+
 COMMANDS: list[tuple[str, Callable]] = [
     ("create", _setup_create), ("import", _setup_import), ("ls", _setup_ls),
     ("cat", _setup_cat), ("log", _setup_log), ("verify", _setup_verify),
     ("drives", _setup_drives), ("info", _setup_info),
+    ("mount", _setup_mount), ("umount", _setup_umount),
 ]
 
 
@@ -384,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        args.argv = list(argv) if argv is not None else sys.argv[1:]  # mount --daemon re-runs it
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2

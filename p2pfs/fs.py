@@ -1,0 +1,623 @@
+"""pyfuse3 Operations over one drive: a read-only, lazy, verified, live folder.
+
+Theory of operation
+-------------------
+Inodes.  An inode number is derived from (kind, path) by hashing, so the same
+path keeps its number across versions and across remounts without a table
+that grows with every path ever seen.  The process keeps `ino -> path` only
+for inodes the kernel knows, i.e. whose lookup count is positive: `lookup`
+and every `readdir` entry the kernel accepted add one, `forget` subtracts,
+and at zero the inode is dropped.  The root is `pyfuse3.ROOT_INODE` and is
+never dropped.  A hash collision with a live inode of another path is
+resolved by probing (rehash with a counter), so numbers are unique among
+live inodes.  Including the kind means a path that turns from a file into a
+directory gets a new inode, which the kernel requires.
+
+Entries.  For every live inode we keep the `Entry` last reported to the
+kernel (`_entries`).  `getattr` answers from it; it is kept current by the
+version switch below, so it is never stale for longer than a switch takes.
+
+Versions.  A live mount follows the drive's newest signed version; a fixed
+mount (`KEY@N`) never moves.  The follower task wakes when the drive reports
+a new head (`drive.subscribe`) and, as a backstop for writers in other
+processes sharing the store, every `poll_interval` seconds; it calls
+`drive.refresh()`.  If the version moved, it looks up every live path in the
+new version (grouped by directory: one `listdir` for a directory with many
+live children, single lookups otherwise), then in one synchronous step
+replaces the changed entries and the entries of open files, bumps
+`_generation`, and finally, in a worker thread (the kernel may block a
+notification until a request in flight completes, and that request needs
+this thread), tells the kernel: `invalidate_inode` for changed inodes (data
+and attributes, so the page cache is dropped) and `invalidate_entry` for
+paths that vanished or changed kind.  Unchanged files keep their page cache
+(an unchanged `Entry` names the same immutable log blocks).
+
+A handler that awaited the drive across a switch could otherwise store an
+entry of the old version; handlers compare `_generation` before and after
+and retry, so `_entries` only ever receives entries of the current version.
+
+Reads.  An open file reads through `drive.read(entry, offset, size)`, which
+maps the range onto blocks, fetches missing ones from the block source and
+verifies everything.  The handle follows the version like a file edited in
+place: after a switch it reads the new entry (a path deleted in the new
+version keeps its last entry, like an unlinked open file).  Sequential reads
+grow a per-handle read-ahead window (doubling, capped) that prefetches the
+next blocks in the background when the drive fetches from peers; a read
+that is not at the previous end resets the window, so random readers fetch
+only what they touch.
+
+Errors.  Handlers raise only `FUSEError`: missing path -> ENOENT, a block no
+peer supplied in time or that failed verification -> EIO, any attempt to
+write -> EROFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import stat
+from collections import defaultdict
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from p2pfs.crypto import encode_key
+from p2pfs.errors import (
+    BlockUnavailableError,
+    NotFoundError,
+    P2pfsError,
+    VerificationError,
+)
+from p2pfs.index import KIND_DIR, KIND_FILE, KIND_SYMLINK, Entry
+
+__all__ = ["DriveFS", "XATTR_KEY", "XATTR_VERSION", "XATTR_BLOCKS_HELD"]
+
+log = logging.getLogger(__name__)
+
+XATTR_KEY = b"user.p2pfs.key"
+XATTR_VERSION = b"user.p2pfs.version"
+XATTR_BLOCKS_HELD = b"user.p2pfs.blocks_held"
+
+ROOT = pyfuse3.ROOT_INODE
+_INO_MASK = (1 << 63) - 1
+_TYPE = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK}
+_MANY_LIVE = 8  # live children of one directory above which a switch lists it whole
+
+READAHEAD_FIRST = 4  # blocks prefetched after the second sequential read
+READAHEAD_MAX = 64  # window cap in blocks (4 MiB of 64 KiB blocks)
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return b"/" + name if parent == b"/" else parent + b"/" + name
+
+
+def _split(path: bytes) -> tuple[bytes, bytes]:
+    head, _, name = path.rpartition(b"/")
+    return (head or b"/"), name
+
+
+class _File:
+    """An open file: its inode, the entry it reads, and read-ahead state."""
+
+    __slots__ = ("ino", "path", "entry", "expected", "window", "ahead_until", "ahead_target",
+                 "ahead_running", "cancel")
+
+    def __init__(self, ino: int, path: bytes, entry: Entry):
+        self.ino = ino
+        self.path = path
+        self.entry = entry
+        self.expected = 0  # offset a sequential reader asks for next
+        self.window = 0  # read-ahead window in blocks; 0 = not sequential
+        self.ahead_until = 0  # bytes [.., ahead_until) are fetched or being fetched
+        self.ahead_target = 0  # the prefetcher works until ahead_until reaches this
+        self.ahead_running = False
+        self.cancel = trio.CancelScope()
+
+
+class DriveFS(pyfuse3.Operations):
+    """The FUSE face of one `Drive`.  Run `run()` in a nursery beside `pyfuse3.main()`.
+
+    `live`: follow new versions (False for a `KEY@N` mount).  `prefetch`:
+    whether sequential reads prefetch ahead (worth it only when blocks come
+    from peers).  Timeouts are the kernel's entry/attribute cache lifetimes;
+    correctness across versions comes from explicit invalidation, not from
+    them expiring.
+    """
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, drive, *, live: bool = True, prefetch: bool = False,
+                 poll_interval: float = 0.25, cache_timeout: float | None = None,
+                 uid: int | None = None, gid: int | None = None):
+        super().__init__()
+        self.drive = drive
+        self.live = live
+        self.prefetch = prefetch
+        self.poll_interval = poll_interval
+        self.timeout = cache_timeout if cache_timeout is not None else (60.0 if live else 3600.0)
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self._paths: dict[int, bytes] = {ROOT: b"/"}
+        self._inos: dict[bytes, int] = {}  # (kind byte + path) -> ino, live inodes only
+        self._entries: dict[int, Entry] = {}
+        self._nlookup: dict[int, int] = defaultdict(int)
+        self._files: dict[int, _File] = {}
+        self._dirs: dict[int, tuple[bytes, int, list[tuple[bytes, int, Entry]]]] = {}
+        self._recheck: set[int] = set()  # inodes given entries of an older version
+        self._next_fh = 1
+        self._generation = 0
+        self._wakeup = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.switches = 0  # versions followed (for tests and `info`)
+
+    # ---------------------------------------------------------------- inodes
+
+    def _ino_for(self, path: bytes, kind: int) -> int:
+        if path == b"/":
+            return ROOT
+        tag = bytes([kind]) + path
+        ino = self._inos.get(tag)
+        if ino is not None:
+            return ino
+        probe = 0
+        while True:
+            digest = hashlib.blake2b(tag + (probe.to_bytes(4, "little") if probe else b""),
+                                     digest_size=8).digest()
+            ino = int.from_bytes(digest, "little") & _INO_MASK
+            if ino > ROOT and ino not in self._paths:
+                return ino
+            probe += 1
+
+    def _remember(self, ino: int, path: bytes, entry: Entry) -> None:
+        """Record a live inode (the caller then adds to its lookup count)."""
+        if ino != ROOT:
+            self._paths[ino] = path
+            self._inos[bytes([entry.kind]) + path] = ino
+        self._entries[ino] = entry
+
+    def _drop(self, ino: int) -> None:
+        path = self._paths.pop(ino, None)
+        entry = self._entries.pop(ino, None)
+        self._nlookup.pop(ino, None)
+        if path is not None and entry is not None:
+            tag = bytes([entry.kind]) + path
+            if self._inos.get(tag) == ino:
+                del self._inos[tag]
+
+    def _path(self, ino: int) -> bytes:
+        try:
+            return self._paths[ino]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _attr(self, ino: int, entry: Entry) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.generation = 0
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
+        a.st_mode = _TYPE[entry.kind] | (entry.mode & 0o7777)
+        a.st_nlink = 2 if entry.kind == KIND_DIR else 1
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_rdev = 0
+        size = len(entry.target) if entry.kind == KIND_SYMLINK else entry.size
+        a.st_size = size
+        a.st_blksize = self.drive.block_size
+        a.st_blocks = (size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = entry.mtime_ns
+        return a
+
+    # ---------------------------------------------------------- drive calls
+
+    async def _lookup(self, path: bytes) -> Entry:
+        """The current version's entry for `path`; FUSEError on failure."""
+        while True:
+            generation = self._generation
+            try:
+                entry = await self.drive.lookup(path)
+            except NotFoundError:
+                if generation == self._generation:
+                    raise pyfuse3.FUSEError(errno.ENOENT) from None
+                continue
+            except P2pfsError as exc:
+                raise _fuse_error(exc, path) from None
+            if generation == self._generation:
+                return entry
+
+    async def _listdir(self, path: bytes) -> list[tuple[bytes, Entry]]:
+        while True:
+            generation = self._generation
+            try:
+                items = await self.drive.listdir(path)
+            except NotFoundError:
+                if generation == self._generation:
+                    raise pyfuse3.FUSEError(errno.ENOENT) from None
+                continue
+            except P2pfsError as exc:
+                raise _fuse_error(exc, path) from None
+            if generation == self._generation:
+                return items
+
+    # -------------------------------------------------------------- handlers
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._path(parent_inode)
+        if name == b".":
+            path = parent
+        elif name == b"..":
+            path = _split(parent)[0] if parent != b"/" else b"/"
+        else:
+            path = _join(parent, name)
+        entry = await self._lookup(path)
+        ino = self._ino_for(path, entry.kind)
+        self._remember(ino, path, entry)
+        self._nlookup[ino] += 1
+        return self._attr(ino, entry)
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            if ino == ROOT:
+                continue
+            left = self._nlookup.get(ino, 0) - n
+            if left > 0:
+                self._nlookup[ino] = left
+            else:
+                self._drop(ino)
+
+    async def getattr(self, inode, ctx=None):
+        entry = self._entries.get(inode)
+        if entry is None:
+            if inode != ROOT:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            entry = await self._lookup(b"/")
+            self._entries[ROOT] = entry
+        return self._attr(inode, entry)
+
+    async def readlink(self, inode, ctx=None):
+        entry = self._entries.get(inode)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if entry.kind != KIND_SYMLINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return entry.target
+
+    async def opendir(self, inode, ctx=None):
+        path = self._path(inode)
+        entry = self._entries.get(inode)
+        if entry is None and inode == ROOT:
+            entry = self._entries[ROOT] = await self._lookup(b"/")
+        if entry is not None and entry.kind != KIND_DIR:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        items = await self._listdir(path)
+        # A snapshot, so that offsets stay valid for the whole listing.  "."
+        # and ".." come first; the kernel keeps no lookup count for them.
+        listing: list[tuple[bytes, int, Entry]] = []
+        if entry is not None:
+            listing.append((b".", inode, entry))
+            parent_ino = ROOT if path == b"/" else self._inos.get(bytes([KIND_DIR]) + _split(path)[0], ROOT)
+            listing.append((b"..", parent_ino, self._entries.get(parent_ino, entry)))
+        for name, e in items:
+            listing.append((name, self._ino_for(_join(path, name), e.kind), e))
+        fh = self._new_fh()
+        self._dirs[fh] = (path, self._generation, listing)
+        return fh
+
+    async def readdir(self, fh, start_id, token):
+        try:
+            path, generation, listing = self._dirs[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+        for i in range(start_id, len(listing)):
+            name, ino, entry = listing[i]
+            if not pyfuse3.readdir_reply(token, name, self._attr(ino, entry), i + 1):
+                return
+            if name == b"." or name == b"..":
+                continue
+            # The kernel now holds this inode (readdirplus counts as a lookup).
+            # An entry listed before a version switch may be stale; the kernel
+            # still gets the count, and the current entry is looked up anew.
+            child = _join(path, name)
+            if generation == self._generation:
+                self._remember(ino, child, entry)
+            elif ino not in self._entries:
+                self._remember(ino, child, entry)
+                self._recheck.add(ino)
+                self._wakeup.set()
+            self._nlookup[ino] += 1
+
+    async def releasedir(self, fh):
+        self._dirs.pop(fh, None)
+
+    async def open(self, inode, flags, ctx=None):
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        entry = self._entries.get(inode)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if entry.kind == KIND_DIR:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if entry.kind != KIND_FILE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        fh = self._new_fh()
+        self._files[fh] = _File(inode, self._paths[inode], entry)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        f = self._files.get(fh)
+        if f is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        entry = f.entry
+        if off >= entry.size or size <= 0:
+            return b""
+        size = min(size, entry.size - off)
+        self._note_read(f, off, size)
+        try:
+            return await self.drive.read(entry, off, size)
+        except P2pfsError as exc:
+            raise _fuse_error(exc, f.path) from None
+
+    async def release(self, fh):
+        f = self._files.pop(fh, None)
+        if f is not None:
+            f.cancel.cancel()
+
+    async def statfs(self, ctx=None):
+        s = pyfuse3.StatvfsData()
+        bs = self.drive.block_size
+        s.f_bsize = bs
+        s.f_frsize = bs
+        commit = self.drive.commit
+        total_bytes, files = (commit.bytes, commit.files) if commit is not None else (0, 0)
+        s.f_blocks = (total_bytes + bs - 1) // bs
+        s.f_bfree = 0
+        s.f_bavail = 0
+        s.f_files = files
+        s.f_ffree = 0
+        s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def access(self, inode, mode, ctx=None):
+        if inode not in self._entries and inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    async def getxattr(self, inode, name, ctx=None):
+        entry = self._entries.get(inode)
+        if entry is None and inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if name == XATTR_KEY:
+            return encode_key(self.drive.key).encode()
+        if name == XATTR_VERSION:
+            return str(self.drive.version).encode()
+        if name == XATTR_BLOCKS_HELD and entry is not None and entry.kind == KIND_FILE:
+            try:
+                return str(self.drive.blocks_held(entry)).encode()
+            except P2pfsError as exc:
+                raise _fuse_error(exc, self._paths.get(inode, b"?")) from None
+        for key, value in (entry.xattrs if entry is not None else ()):
+            if key == name:
+                return value
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode, ctx=None):
+        entry = self._entries.get(inode)
+        if entry is None and inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        names = [XATTR_KEY, XATTR_VERSION]
+        if entry is not None and entry.kind == KIND_FILE:
+            names.append(XATTR_BLOCKS_HELD)
+        names.extend(k for k, _ in (entry.xattrs if entry is not None else ()))
+        return names
+
+    # Every way of changing the tree is refused: the drive is read-only here.
+    async def _readonly(self, *args, **kwargs):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _readonly
+    write = create = setxattr = removexattr = _readonly
+
+    async def flush(self, fh):
+        return None
+
+    async def fsync(self, fh, datasync):
+        return None
+
+    async def fsyncdir(self, fh, datasync):
+        return None
+
+    # ------------------------------------------------------------ read-ahead
+
+    def _note_read(self, f: _File, off: int, size: int) -> None:
+        """Track sequential reads; grow the window and kick the prefetcher."""
+        if off == f.expected and off > 0:
+            f.window = min(READAHEAD_MAX, f.window * 2 if f.window else READAHEAD_FIRST)
+        else:
+            f.window = 0
+            f.ahead_until = 0
+        f.expected = off + size
+        if not self.prefetch or f.window == 0 or self._nursery is None:
+            return
+        bs = self.drive.block_size
+        end = min(f.entry.size, (f.expected // bs + f.window) * bs)
+        f.ahead_until = max(f.ahead_until, f.expected)
+        if end <= f.ahead_until:
+            return
+        f.ahead_target = max(f.ahead_target, end)
+        if not f.ahead_running:
+            f.ahead_running = True
+            self._nursery.start_soon(self._prefetcher, f)
+
+    async def _prefetcher(self, f: _File) -> None:
+        """Fetch [ahead_until, ahead_target) of `f` one window piece at a time."""
+        bs = self.drive.block_size
+        try:
+            with f.cancel:
+                while f.ahead_until < f.ahead_target:
+                    start = f.ahead_until
+                    stop = min(f.ahead_target, start + READAHEAD_MAX * bs)
+                    f.ahead_until = stop
+                    await self.drive.prefetch(f.entry, start, stop - start)
+        except P2pfsError as exc:
+            # The reader's own read will hit the same block and report EIO.
+            log.debug("read-ahead of %r stopped: %s", f.path, exc)
+            f.ahead_until = f.expected
+        finally:
+            f.ahead_running = False
+
+    # ------------------------------------------------------ following versions
+
+    def _head_moved(self, head=None) -> None:
+        self._wakeup.set()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own the background work (follower, read-ahead); runs until cancelled."""
+        unsubscribe: Callable[[], None] | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.live:
+                    unsubscribe = self.drive.subscribe(self._head_moved)
+                task_status.started()
+                while True:
+                    with trio.move_on_after(self.poll_interval if self.live else float("inf")):
+                        await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                    await self.sync()
+        finally:
+            self._nursery = None
+            if unsubscribe is not None:
+                unsubscribe()
+
+    async def sync(self) -> bool:
+        """Move a live view to the newest version and fix the kernel's caches.
+
+        Returns True if the version moved.  Also re-checks inodes that a
+        directory listing taken before the last switch handed to the kernel.
+        """
+        moved = False
+        if self.live:
+            before = self.drive.version
+            try:
+                await self.drive.refresh()
+            except P2pfsError as exc:
+                log.warning("cannot follow the drive: %s", exc)
+                return False
+            moved = self.drive.version != before
+        if moved:
+            self._generation += 1
+            check = set(self._entries)
+            self._recheck.clear()
+        else:
+            check, self._recheck = self._recheck, set()
+            if not check:
+                return False
+        generation = self._generation
+        try:
+            current = await self._current_entries(check)
+        except P2pfsError as exc:
+            # The new version's index is not reachable: drop every cache so
+            # that the kernel asks again (and gets an honest error if need be).
+            log.warning("cannot read the new version's index: %s", exc)
+            current = None
+        if generation != self._generation:
+            return moved  # another switch started meanwhile; it rechecks all
+        changed: list[int] = []
+        gone: list[tuple[int, bytes, int]] = []
+        for ino in check:
+            if ino not in self._entries:
+                continue  # forgotten meanwhile
+            old = self._entries[ino]
+            path = self._paths.get(ino, b"/")
+            new = None if current is None else current.get(ino)
+            if new is None or new.kind != old.kind:
+                if ino != ROOT:
+                    parent, name = _split(path)
+                    parent_ino = ROOT if parent == b"/" else self._inos.get(bytes([KIND_DIR]) + parent, 0)
+                    gone.append((parent_ino, name, ino))
+                changed.append(ino)
+            elif new != old:
+                self._entries[ino] = new
+                changed.append(ino)
+        for f in self._files.values():
+            new = None if current is None else current.get(f.ino)
+            if new is not None and new.kind == KIND_FILE:
+                f.entry = new
+        if moved:
+            self.switches += 1
+        if changed or gone:
+            await trio.to_thread.run_sync(_invalidate, changed, gone, abandon_on_cancel=True)
+        return moved
+
+    async def _current_entries(self, inos: set[int]) -> dict[int, Entry]:
+        """ino -> entry in the current version for those of `inos` that still exist."""
+        by_dir: dict[bytes, list[tuple[int, bytes]]] = defaultdict(list)
+        result: dict[int, Entry] = {}
+        for ino in inos:
+            path = self._paths.get(ino)
+            if path is None:
+                continue
+            if path == b"/":
+                result[ino] = await self.drive.lookup(b"/")
+                continue
+            parent, name = _split(path)
+            by_dir[parent].append((ino, name))
+        for parent, children in by_dir.items():
+            if len(children) >= _MANY_LIVE:
+                try:
+                    listing = dict(await self.drive.listdir(parent))
+                except NotFoundError:
+                    continue
+                for ino, name in children:
+                    if name in listing:
+                        result[ino] = listing[name]
+            else:
+                for ino, name in children:
+                    try:
+                        result[ino] = await self.drive.lookup(_join(parent, name))
+                    except NotFoundError:
+                        pass
+        # An inode keeps its number only while its kind is unchanged.
+        return {ino: e for ino, e in result.items() if ino == ROOT or self._entries.get(ino) is None
+                or self._entries[ino].kind == e.kind}
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+
+def _invalidate(changed: list[int], gone: list[tuple[int, bytes, int]]) -> None:
+    """Tell the kernel (from a worker thread: these calls may block)."""
+    for parent_ino, name, ino in gone:
+        if not parent_ino:
+            continue
+        try:
+            pyfuse3.invalidate_entry(parent_ino, name, deleted=ino)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                log.warning("invalidate_entry(%d, %r): %s", parent_ino, name, exc)
+    for ino in changed:
+        try:
+            pyfuse3.invalidate_inode(ino)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("invalidate_inode(%d): %s", ino, exc)
+
+
+def _fuse_error(exc: P2pfsError, path: bytes) -> pyfuse3.FUSEError:
+    """The boundary: a domain error becomes an errno (and a log line for EIO)."""
+    if isinstance(exc, NotFoundError):
+        return pyfuse3.FUSEError(errno.ENOENT)
+    if isinstance(exc, (BlockUnavailableError, VerificationError)):
+        log.warning("%s: %s", path.decode(errors="replace"), exc)
+        return pyfuse3.FUSEError(errno.EIO)
+    log.warning("%s: %s", path.decode(errors="replace"), exc)
+    return pyfuse3.FUSEError(errno.EIO)

@@ -1,0 +1,349 @@
+"""The mount process: `p2pfs mount` and `p2pfs umount`.
+
+Theory of operation
+-------------------
+A mount is one process running trio: it opens the drive through
+`node.open_drive` (so `--peer` and `--timeout` mean what they mean
+elsewhere), mounts a `fs.DriveFS` with `pyfuse3.init`, and runs
+`pyfuse3.main()` beside the drive follower until one of:
+
+* the file system is unmounted from outside (`p2pfs umount`, `fusermount3 -u`):
+  `pyfuse3.main()` returns;
+* SIGINT or SIGTERM: `pyfuse3.terminate()` ends the main loop.
+
+Whatever ends it, `pyfuse3.close(unmount=True)` runs in a `finally`, which
+unmounts lazily (MNT_DETACH), so it works even while files are open.  The
+mount option `auto_unmount` is the backstop for a process killed with
+SIGKILL: fusermount3 stays behind as a watchdog and unmounts when our
+`/dev/fuse` descriptor closes.
+
+A mount left behind anyway (a watchdog killed too, a crash of an older
+build) answers `Transport endpoint is not connected`.  Mounting over it
+would stack a second mount, so `prepare_mountpoint` first clears every
+stale layer with `fusermount3 -uz`.  A mount point that is live (another
+p2pfs mount answering) is refused with a message saying to unmount it.
+
+Readiness: the mount is ready once a `stat` of the mount point, which the
+kernel passes to our own main loop, has returned.  `--daemon` re-executes
+the same command line in a new session with `P2PFS_MOUNT_READY_FD` naming
+the write end of a pipe; the child writes one byte there when ready (after
+pointing its stdout and stderr at /dev/null), and the parent returns 0.  If
+the pipe closes without that byte, the parent prints what the child wrote
+on stderr and returns its exit status.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+
+import pyfuse3
+import trio
+
+from p2pfs import node
+from p2pfs.crypto import encode_key
+from p2pfs.errors import P2pfsError, UsageError
+from p2pfs.fs import DriveFS
+
+__all__ = [
+    "mount_command", "umount_command", "prepare_mountpoint", "clear_stale",
+    "find_mount", "unmount", "READY_ENV", "READ_AHEAD_KB",
+]
+
+READY_ENV = "P2PFS_MOUNT_READY_FD"
+READ_AHEAD_KB = 1024  # kernel read-ahead for the mount: 1 MiB reads (the FUSE maximum)
+FUSERMOUNT = "fusermount3"
+_MAX_STALE_LAYERS = 16
+
+
+class MountError(P2pfsError):
+    """The kernel refused a mount or an unmount."""
+
+
+# ------------------------------------------------------------------ mountinfo
+
+def _unescape(field: str) -> str:
+    """Undo /proc/self/mountinfo's octal escapes (\\040 for a space, ...)."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    # mountinfo escapes bytes; undo the str-per-byte split for non-ASCII names
+    return "".join(out).encode("latin-1", "surrogateescape").decode("utf-8", "surrogateescape")
+
+
+def find_mount(path: str) -> tuple[str, str] | None:
+    """(fstype, source) of the topmost mount at `path`, or None if it is not a mount point."""
+    path = os.path.abspath(path)
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for raw in f:
+            line = raw.decode("latin-1")
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rest = right.split()
+            if len(fields) < 5 or len(rest) < 2:
+                continue
+            if _unescape(fields[4]) == path:
+                found = (rest[0], _unescape(rest[1]))
+    return found
+
+
+def _is_p2pfs(mount: tuple[str, str] | None) -> bool:
+    return mount is not None and (mount[0] == "fuse.p2pfs" or mount[1].startswith("p2pfs://"))
+
+
+# ------------------------------------------------------- stale mounts, umount
+
+def _fusermount(*args: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([FUSERMOUNT, *args], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise MountError(f"{FUSERMOUNT} is not installed; install the fuse3 package") from None
+
+
+def clear_stale(path: str) -> int:
+    """Lazily unmount every dead FUSE mount stacked at `path`; how many were cleared."""
+    cleared = 0
+    while cleared < _MAX_STALE_LAYERS:
+        try:
+            os.stat(path)
+            return cleared
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                return cleared
+        done = _fusermount("-u", "-z", "-q", path)
+        if done.returncode != 0:
+            raise MountError(f"{path}: cannot clear a stale mount ({done.stderr.strip()}); "
+                             f"try '{FUSERMOUNT} -uz {path}' as its owner")
+        cleared += 1
+    raise MountError(f"{path}: more than {_MAX_STALE_LAYERS} stale mounts are stacked here")
+
+
+def prepare_mountpoint(path: str) -> str:
+    """Absolute mount point, checked and cleared of stale mounts.  UsageError if unusable."""
+    path = os.path.abspath(path)
+    if clear_stale(path):
+        print(f"p2pfs: cleared a stale mount at {path}", file=sys.stderr)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such directory; create it first (mkdir -p {path})") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{path} is not a directory")
+    mount = find_mount(path)
+    if mount is not None and mount[0].startswith("fuse"):
+        raise UsageError(f"{path} is already mounted ({mount[1]}); "
+                         f"run 'p2pfs umount {path}' first")
+    return path
+
+
+def unmount(path: str) -> str:
+    """Unmount a p2pfs mount; returns "unmounted" or "lazily unmounted" (files were open)."""
+    path = os.path.abspath(path)
+    mount = find_mount(path)
+    if mount is None:
+        raise UsageError(f"{path} is not mounted")
+    if not _is_p2pfs(mount):
+        raise UsageError(f"{path} is not a p2pfs mount (it is {mount[0]} from {mount[1]})")
+    done = _fusermount("-u", "-q", path)
+    if done.returncode == 0:
+        return "unmounted"
+    # Busy (files open, a shell's working directory) or dead: detach it now;
+    # the kernel finishes the unmount when the last user lets go.
+    lazy = _fusermount("-u", "-z", "-q", path)
+    if lazy.returncode != 0:
+        raise MountError(f"{path}: cannot unmount ({(lazy.stderr or done.stderr).strip()})")
+    return "lazily unmounted"
+
+
+def umount_command(mountpoint: str) -> int:
+    how = unmount(mountpoint)
+    if how != "unmounted":
+        print(f"p2pfs: {os.path.abspath(mountpoint)} {how}: files were still open there",
+              file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------ mounting
+
+def mount_options(key: bytes, allow_other: bool) -> set[str]:
+    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    opts |= {"ro", f"fsname=p2pfs://{encode_key(key)}", "subtype=p2pfs", "auto_unmount"}
+    if allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def _fuse_init(ops: DriveFS, mountpoint: str, options: set[str]) -> None:
+    """pyfuse3.init, with fusermount3's stderr captured for the error message.
+
+    The auto_unmount watchdog inherits the stderr it is started with and
+    would later print "not mounted" into ours; it gets a temporary file."""
+    with tempfile.TemporaryFile() as err:
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            pyfuse3.init(ops, mountpoint, options)
+        except RuntimeError:
+            os.dup2(saved, 2)
+            err.seek(0)
+            detail = err.read().decode(errors="replace").strip().splitlines()
+            why = detail[-1] if detail else "see dmesg"
+            hint = ""
+            if "allow_other" in why or "user_allow_other" in why:
+                hint = "; add user_allow_other to /etc/fuse.conf or drop --allow-other"
+            raise MountError(f"cannot mount at {mountpoint}: {why}{hint}") from None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _tune_read_ahead(mountpoint: str) -> None:
+    """Ask the kernel for 1 MiB reads (default 128 KiB): far fewer round trips."""
+    dev = os.stat(mountpoint).st_dev
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(READ_AHEAD_KB))
+    except OSError:
+        pass  # not root: the kernel's default works, only slower
+
+
+async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
+                peers: Sequence[str] = (), timeout: float = node.DEFAULT_TIMEOUT,
+                ready: Callable[[DriveFS], None] | None = None) -> None:
+    """Mount `ref` (KEY or KEY@N) at `mountpoint` and serve until unmounted or signalled.
+
+    SIGINT/SIGTERM before the mount is up abandon the opening; after, they
+    end the FUSE main loop, and the mount is undone in a `finally`."""
+    mountpoint = prepare_mountpoint(mountpoint)
+    mounted = False
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as outer:
+
+            async def stop_on_signal():
+                async for _ in signals:
+                    if mounted:
+                        pyfuse3.terminate()
+                    else:
+                        outer.cancel_scope.cancel()
+                    return
+
+            outer.start_soon(stop_on_signal)
+            async with node.open_drive(store, ref, peers=peers, timeout=timeout) as drive:
+                ops = DriveFS(drive, live=drive.live, prefetch=drive.source is not None)
+                mountpoint = prepare_mountpoint(mountpoint)
+                _fuse_init(ops, mountpoint, mount_options(drive.key, allow_other))
+                mounted = True
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(ops.run)
+
+                        async def announce():
+                            await trio.to_thread.run_sync(_tune_read_ahead, mountpoint)
+                            if ready is not None:
+                                ready(ops)
+
+                        nursery.start_soon(announce)
+                        await pyfuse3.main()
+                        nursery.cancel_scope.cancel()
+                finally:
+                    mounted = False
+                    pyfuse3.close(unmount=True)
+            outer.cancel_scope.cancel()
+
+
+def _ready_message(ops: DriveFS, mountpoint: str) -> str:
+    drive = ops.drive
+    how = "live" if ops.live else "fixed"
+    return (f"p2pfs: mounted {encode_key(drive.key)}@{drive.version} ({how}) at "
+            f"{os.path.abspath(mountpoint)}")
+
+
+def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
+                  allow_other: bool = False, peers: Sequence[str] = (),
+                  timeout: float = node.DEFAULT_TIMEOUT, argv: Sequence[str] | None = None) -> int:
+    """`p2pfs mount`: foreground by default; `daemon` re-runs `argv` detached."""
+    ready_fd = os.environ.pop(READY_ENV, None)
+    if daemon and ready_fd is None:
+        if argv is None:
+            raise ValueError("daemon mode needs the command line to re-run")
+        return _spawn_daemon(list(argv), mountpoint)
+
+    def ready(ops: DriveFS) -> None:
+        message = _ready_message(ops, mountpoint)
+        if ready_fd is None:
+            print(message + "; Ctrl-C or 'p2pfs umount' to unmount", file=sys.stderr, flush=True)
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        fd = int(ready_fd)
+        os.write(fd, message.encode() + b"\n")
+        os.close(fd)
+
+    store = node.open_store(home)
+    try:
+        trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other, peers=peers,
+                               timeout=timeout, ready=ready))
+    finally:
+        store.close()
+    return 0
+
+
+def _spawn_daemon(argv: list[str], mountpoint: str) -> int:
+    """Re-run this command in a new session and wait until it is mounted (or failed)."""
+    r, w = os.pipe()
+    env = dict(os.environ)
+    env[READY_ENV] = str(w)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "p2pfs", *argv],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        pass_fds=(w,), start_new_session=True, env=env,
+    )
+    os.close(w)
+    message = b""
+    errors = b""
+    open_fds = {r: "ready", child.stderr.fileno(): "stderr"}
+    while "ready" in open_fds.values() and not message:
+        readable, _, _ = select.select(list(open_fds), [], [])
+        for fd in readable:
+            chunk = os.read(fd, 65536)
+            if open_fds[fd] == "ready":
+                message += chunk
+            else:
+                errors += chunk
+            if not chunk:
+                del open_fds[fd]
+    os.close(r)
+    if message:
+        child.stderr.close()
+        sys.stderr.write(message.decode(errors="replace").rstrip("\n") + f" (pid {child.pid})\n")
+        return 0
+    errors += child.stderr.read()
+    child.stderr.close()
+    code = child.wait()
+    sys.stderr.write(errors.decode(errors="replace"))
+    if code == 0:
+        print(f"p2pfs: the mount process for {mountpoint} exited before it was ready",
+              file=sys.stderr)
+        return 1
+    return code
