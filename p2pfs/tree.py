@@ -84,6 +84,7 @@ __all__ = [
 
 HASH_BYTES = 32
 MAX_SIZE = (1 << 64) - 1  # sizes are written as u64le
+MAX_LENGTH = 1 << 62  # so every node index (< 2 * length) fits in a u64le
 LEAF_TAG = b"\x00"
 PARENT_TAG = b"\x01"
 ROOT_TAG = b"\x02"
@@ -230,7 +231,7 @@ def make_proof(block: int, length: int, siblings: int, peaks: bool, get_node: Ge
 
 def _check_node(block: int, node: object) -> Node:
     """`node` as a well-formed Node, or VerificationError (peer input)."""
-    if not (isinstance(node, tuple) and len(node) == 3):
+    if not (isinstance(node, (tuple, list)) and len(node) == 3):
         raise VerificationError(f"block {block}: malformed proof node {type(node).__name__}")
     index, digest, size = node
     if type(index) is not int or index < 0:
@@ -272,7 +273,11 @@ def verify_block(
     VerificationError naming the block on any mismatch or malformed input;
     nothing else, whatever the peer sent.
     """
-    if type(block) is not int or type(length) is not int or not 0 <= block < length:
+    if type(length) is not int or not 0 <= length <= MAX_LENGTH:
+        raise VerificationError(f"block {block}: length {length} is out of range")
+    if type(block) is not int or block < 0:
+        raise VerificationError(f"block {block}: not a valid block number")
+    if block >= length:
         raise VerificationError(f"block {block} is past the drive's length {length}")
     if not isinstance(proof, (list, tuple)):
         raise VerificationError(f"block {block}: malformed proof")

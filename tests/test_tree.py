@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 from blake3 import blake3
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from p2pfs import flat, tree
 from p2pfs.errors import VerificationError
@@ -266,7 +264,7 @@ logs = st.lists(block_data, min_size=1, max_size=70)
 interesting_lengths = st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(logs, st.data())
 def test_random_logs_every_proof_verifies(blocks, data):
     b, nodes = build(blocks)
@@ -394,3 +392,90 @@ def test_verify_stored_and_check_tree():
         tree.verify_stored(block, blocks[block], n, root, cache.get, verified)
     del cache[2 * 4]
     assert tree.check_tree(n, root, cache.get, get) == ["block 4: held, but its tree node 8 is missing"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(logs, st.data())
+def test_tampering_fails_with_partial_trusted_sets(blocks, data):
+    _, nodes = build(blocks)
+    length = data.draw(st.integers(1, len(blocks)), label="length")
+    root = tree.slow_root(blocks[:length])
+    held = proof_nodes(nodes, length)
+    trusted = {i: held[i] for i in data.draw(st.sets(st.sampled_from(sorted(held))), label="trusted")}
+    block = data.draw(st.integers(0, length - 1), label="block")
+    siblings, peaks = tree.proof_request(block, length, trusted.__contains__)
+    proof = tree.make_proof(block, length, siblings, peaks, held.get)
+    tree.verify_block(block, blocks[block], proof, length, root, trusted.get)
+    for what, bad in tamper_cases(proof):
+        with pytest.raises(VerificationError, match=f"block {block}"):
+            tree.verify_block(block, blocks[block], bad, length, root, trusted.get)
+    if 2 * block not in trusted:
+        with pytest.raises(VerificationError, match=f"block {block}"):
+            tree.verify_block(block, blocks[block] + b"!", proof, length, root, trusted.get)
+    if peaks:
+        with pytest.raises(VerificationError, match=f"block {block}"):
+            tree.verify_block(block, blocks[block], proof, length, bytes(32), trusted.get)
+
+
+def test_dangling_node_after_trusted_leaf_fails():
+    blocks = blocks_of(4)
+    _, nodes = build(blocks)
+    root = tree.slow_root(blocks)
+    trusted = {2: nodes[2]}
+    assert tree.verify_block(1, blocks[1], [], 4, root, trusted.get) == []
+    with pytest.raises(VerificationError, match="block 1"):
+        tree.verify_block(1, blocks[1], [nodes[9 if 9 in nodes else 5]], 4, root, trusted.get)
+
+
+def test_malformed_arguments_are_verification_errors():
+    blocks = blocks_of(5)
+    b, nodes = build(blocks)
+    root = b.root()
+    proof = tree.make_proof(4, 5, 0, True, nodes.get)
+    assert tree.verify_block(4, memoryview(blocks[4]), proof, 5, root, lambda i: None)
+    as_lists = [list(x) for x in proof]
+    assert tree.verify_block(4, blocks[4], as_lists, 5, root, lambda i: None)
+    for args in [
+        (4, blocks[4], proof, 2**63, root),
+        (4, blocks[4], proof, -1, root),
+        (True, blocks[4], proof, 5, root),
+        (4, "text", proof, 5, root),
+        (4, blocks[4], {"a": 1}, 5, root),
+        (4, blocks[4], proof, 5, None),
+        (4, blocks[4], [[3, "h", 1]], 5, root),
+    ]:
+        with pytest.raises(VerificationError):
+            tree.verify_block(*args, lambda i: None)
+
+
+def test_verify_stored_reads_few_nodes_once_warm():
+    n = 1000
+    blocks = [i.to_bytes(4, "little") for i in range(n)]
+    b, nodes = build(blocks)
+    reads = []
+
+    def get(i):
+        reads.append(i)
+        return nodes.get(i)
+
+    verified: set[int] = set()
+    for block in range(n):
+        tree.verify_stored(block, blocks[block], n, b.root(), get, verified)
+    # each node read about once (leaf + sibling + parent per level), not log n per block
+    assert len(reads) < 4 * n
+
+
+def test_pure_core_imports():
+    import ast
+    import pathlib
+
+    for mod in ("flat", "tree"):
+        src = pathlib.Path(tree.__file__).with_name(f"{mod}.py").read_text()
+        names = set()
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                names.add("." * node.level + (node.module or ""))
+        allowed = {"__future__", "typing", "blake3", ".", ".errors", ".types"}
+        assert names <= allowed, (mod, names - allowed)
