@@ -420,23 +420,35 @@ def check_tree(
     get_block: Callable[[int], "bytes | None"],
     *,
     complete: bool = False,
+    max_problems: int = 100,
 ) -> list[str]:
     """Recheck a stored tree of a signed `length`; return the problems found.
 
     Reads every node of the tree once with `get_node` (None = not stored)
-    and every block with `get_block` (None = not held).  Problems:
+    and every block once, in order, with `get_block` (None = not held).
+    Problems, one line each, naming the node and the blocks it covers:
 
     * a held block whose leaf is missing or does not match its data;
-    * a stored parent whose stored children do not hash to it;
-    * all peaks stored but their root differs from `root`;
-    * with ``complete=True`` (the caller holds every block: owner or seed),
-      any missing node.
+    * a stored parent that does not match its children (stored, or
+      recomputed from held blocks when not stored);
+    * every peak known but their root differs from `root`;
+    * with ``complete=True`` (the caller should hold every block: owner or
+      seed), any missing block or node.
 
-    A node missing below a block that is not held is not a problem.  Each
-    problem is one line naming the node and the blocks it covers.
+    Without `complete`, nodes and blocks that are not stored are not
+    problems: a cached drive holds only what its proofs brought.  Stops
+    after `max_problems` problems (the last line says so).
     """
     problems: list[str] = []
-    # stack of (node or None); None = not stored and not computable.
+
+    def problem(text: str) -> bool:
+        problems.append(text)
+        if len(problems) >= max_problems:
+            problems.append(f"(stopped after {max_problems} problems)")
+            return True
+        return False
+
+    # Like TreeBuilder: a stack of the subtrees finished so far; None = unknown.
     stack: list[Node | None] = []
     for block in range(length):
         n = 2 * block
@@ -446,40 +458,41 @@ def check_tree(
         if data is not None:
             leaf = leaf_node(block, data)
             if stored is None:
-                problems.append(f"block {block}: held, but its tree node {n} is missing")
                 cur = leaf
+                if problem(f"block {block}: held, but its tree node {n} is missing"):
+                    return problems
             elif stored.hash != leaf.hash or stored.size != leaf.size:
-                problems.append(f"block {block}: stored data does not match tree node {n}")
-        elif stored is None and complete:
-            problems.append(f"block {block}: not held")
+                if problem(f"block {block}: stored data does not match its tree node {n}"):
+                    return problems
+        elif complete:
+            if problem(f"block {block}: missing from the store"):
+                return problems
         merges = ((block + 1) & -(block + 1)).bit_length() - 1
         for _ in range(merges):
             left = stack.pop()
             pidx = flat.parent(n)
             par = get_node(pidx)
             first, end = flat.span(pidx)
+            where = f"tree node {pidx} (blocks {first}-{end - 1})"
+            computed = None
             if left is not None and cur is not None:
                 try:
                     computed = _parent(block, left, cur)
                 except VerificationError:
-                    computed = Node(pidx, b"", -1)  # sizes overflow: cannot match
-                if par is None:
-                    if complete:
-                        problems.append(f"tree node {pidx} (blocks {first}-{end - 1}) is missing")
-                    par = computed
-                elif par.hash != computed.hash or par.size != computed.size:
-                    problems.append(
-                        f"tree node {pidx} (blocks {first}-{end - 1}) does not match its children")
-            elif par is None and complete:
-                problems.append(f"tree node {pidx} (blocks {first}-{end - 1}) is missing")
+                    if problem(f"{where}: its children's sizes overflow"):
+                        return problems
+            if par is None:
+                if complete and problem(f"{where} is missing"):
+                    return problems
+                par = computed
+            elif computed is not None and (par.hash != computed.hash or par.size != computed.size):
+                if problem(f"{where} does not match its children"):
+                    return problems
             cur = par
             n = pidx
         stack.append(cur)
-    if stack and all(p is not None for p in stack):
-        if root_hash(stack) != root:
-            problems.append(f"the tree's peaks do not match the signed root of length {length}")
-    elif not stack and root_hash([]) != root:
-        problems.append("the signed root of the empty log is wrong")
+    if all(p is not None for p in stack) and root_hash(stack) != root:
+        problem(f"the tree's peaks do not match the signed root of length {length}")
     return problems
 
 

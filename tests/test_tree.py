@@ -360,7 +360,7 @@ def test_verify_stored_and_check_tree():
     with pytest.raises(VerificationError, match="block 7"):
         tree.verify_stored(7, bad_blocks[7], n, root, nodes.get, set())
     problems = tree.check_tree(n, root, nodes.get, lambda i: bad_blocks[i], complete=True)
-    assert problems == ["block 7: stored data does not match tree node 14"]
+    assert problems == ["block 7: stored data does not match its tree node 14"]
 
     # a flipped byte in an inner node: caught by its parent / children
     for idx in (13, 3, 19, 40):
@@ -479,3 +479,26 @@ def test_pure_core_imports():
                 names.add("." * node.level + (node.module or ""))
         allowed = {"__future__", "typing", "blake3", ".", ".errors", ".types"}
         assert names <= allowed, (mod, names - allowed)
+
+
+def test_check_tree_complete_and_limits():
+    n = 9
+    blocks = blocks_of(n)
+    b, nodes = build(blocks)
+    root = b.root()
+    missing = dict(nodes)
+    del missing[5]
+    assert tree.check_tree(n, root, missing.get, lambda i: blocks[i]) == []
+    assert tree.check_tree(n, root, missing.get, lambda i: blocks[i], complete=True) == [
+        "tree node 5 (blocks 2-3) is missing"]
+    get = lambda i: None if i == 4 else blocks[i]  # noqa: E731
+    assert tree.check_tree(n, root, nodes.get, get) == []
+    assert tree.check_tree(n, root, nodes.get, get, complete=True) == ["block 4: missing from the store"]
+    # a lying size that overflows u64 when summed
+    huge = dict(nodes)
+    huge[0] = huge[0]._replace(size=2**64 - 1)
+    problems = tree.check_tree(n, root, huge.get, lambda i: None)
+    assert problems and all(isinstance(p, str) for p in problems)
+    everything_wrong = {i: x._replace(hash=bytes(32)) for i, x in nodes.items()}
+    problems = tree.check_tree(n, root, everything_wrong.get, lambda i: blocks[i], max_problems=5)
+    assert len(problems) == 6 and problems[-1] == "(stopped after 5 problems)"
