@@ -1,0 +1,625 @@
+"""A network lab on one machine: namespaces, veth links, rate limits, loss,
+a delay proxy and a raw TCP baseline, for the benchmarks and their tests.
+
+Theory of operation
+-------------------
+* Nothing leaves this machine.  Every namespace the lab creates starts with
+  only `lo`; a link is a veth pair whose two ends both live in lab
+  namespaces; no namespace gets a default route or any device of the root
+  namespace.  Link N's ends are 10.77.N.1/24 (the `a` side) and 10.77.N.2/24
+  (the `b` side); those addresses exist only inside the lab.
+* The root namespace has no route to lab addresses (and must never get one),
+  so every client runs inside a lab namespace too: `Lab.run`, `Lab.spawn`,
+  `Lab.service` all take the namespace to run in.
+* Teardown is total.  `Lab.close()` (run on leaving `with`, also on Ctrl-C,
+  and on SIGTERM inside `sigterm_raises()`) kills every process inside each
+  lab namespace (`ip netns pids`), then deletes the namespaces, which takes
+  their veths, qdiscs and nft tables with them.  Namespaces are named
+  `p2l<pid>x<tag>-<role>`; close() deletes every namespace with its lab's
+  prefix, also one whose set-up was interrupted, and a new Lab first removes
+  namespaces left by labs whose process is dead (kill -9).
+* Rate: `tc tbf` on the egress of one end of a link.  Loss: an nft output
+  rule dropping `numgen random mod 100 < N`.  Delay: this kernel has no
+  netem, so `delay_proxy` is a trio TCP proxy that holds every chunk for half
+  the RTT in each direction, and holds the first bytes as long as a TCP
+  handshake would (1.5 RTT upstream, 2 RTT back), so connecting costs its
+  round trip too.  It pipelines: the delay costs latency, not bandwidth.
+* The raw TCP baseline is two processes, a sink and a source, moving bytes
+  with trio in 64 KiB writes: the ceiling p2pfs transfers are compared to.
+  The sink times from its first byte to EOF on the system-wide monotonic
+  clock, so several sinks can be summed into one aggregate.
+
+Entry points for the processes the lab places in namespaces:
+`python -m bench.netlab proxy|sink|source ...` (see `_cli`).  A process
+that serves prints `listening on HOST:PORT` on stdout, as `p2pfs seed` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+REPO = Path(__file__).resolve().parents[1]
+WRITE_SIZE = 64 * 1024
+_LISTENING = re.compile(rb"listening on (\S+):(\d+)")
+_LAB_NAME = re.compile(r"^p2l(\d+)x[0-9a-f]+-")
+
+
+class LabError(Exception):
+    """The lab could not be set up or a lab process failed; the message says why."""
+
+
+# --------------------------------------------------------------------------
+# addresses
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """'HOST:PORT' -> (host, port); raises ValueError."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def format_addr(addr: tuple[str, int]) -> str:
+    return f"{addr[0]}:{addr[1]}"
+
+
+# --------------------------------------------------------------------------
+# the delay proxy (in-process, trio)
+
+
+async def _forward(
+    src: trio.SocketStream,
+    dst: trio.SocketStream,
+    delay: float,
+    not_before: float,
+    bound: int,
+) -> None:
+    """Copy src to dst, each chunk (and EOF) delivered `delay` s after it was read."""
+    send, recv = trio.open_memory_channel[tuple[float, bytes]](bound)
+
+    async def read() -> None:
+        async with send:
+            while True:
+                data = await src.receive_some(WRITE_SIZE)
+                await send.send((trio.current_time() + delay, data))
+                if not data:
+                    return
+
+    async def write() -> None:
+        async with recv:
+            async for due, data in recv:
+                await trio.sleep_until(max(due, not_before))
+                if not data:
+                    await dst.send_eof()
+                    return
+                await dst.send_all(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        nursery.start_soon(write)
+
+
+async def delay_proxy(
+    listen: tuple[str, int],
+    target: tuple[str, int],
+    rtt: float,
+    *,
+    handshake: bool = True,
+    bound: int = 256,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve TCP on `listen`, forwarding each connection to `target` with `rtt`
+    seconds of added round-trip time (half each way).  With `handshake`, the
+    first bytes also wait as long as a TCP handshake over that RTT would make
+    them.  At most `bound` chunks of 64 KiB are held per direction (backpressure
+    beyond).  `task_status.started((host, port))` gives the bound address.
+    Runs until cancelled; a failing connection closes only itself."""
+    if rtt < 0:
+        raise ValueError("rtt must be >= 0")
+    one_way = rtt / 2
+
+    async def handle(client: trio.SocketStream) -> None:
+        t0 = trio.current_time()
+        try:
+            upstream = await trio.open_tcp_stream(*target)
+        except OSError:
+            await client.aclose()
+            return
+        up_not_before = t0 + 1.5 * rtt if handshake else 0.0
+        down_not_before = t0 + 2 * rtt if handshake else 0.0
+        async with client, upstream:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_forward, client, upstream, one_way, up_not_before, bound)
+                    nursery.start_soon(_forward, upstream, client, one_way, down_not_before, bound)
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # one side reset: the other is closed on leaving `async with`
+
+    listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
+    host, port = listeners[0].socket.getsockname()[:2]
+    task_status.started((host, port))
+    await trio.serve_listeners(handle, listeners)
+
+
+# --------------------------------------------------------------------------
+# raw TCP baseline (in-process halves; the lab runs them as two processes)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Bytes moved and the seconds they took; `rate` in bytes per second."""
+
+    nbytes: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.nbytes / self.seconds if self.seconds > 0 else math.inf
+
+
+async def tcp_sink(stream: trio.abc.ReceiveStream) -> tuple[int, float, float]:
+    """Read to EOF; return (bytes, monotonic time of the first byte, of EOF)."""
+    nbytes, start = 0, None
+    while data := await stream.receive_some(WRITE_SIZE):
+        if start is None:
+            start = time.monotonic()
+        nbytes += len(data)
+    end = time.monotonic()
+    return nbytes, (end if start is None else start), end
+
+
+async def tcp_source(stream: trio.SocketStream, nbytes: int, write_size: int = WRITE_SIZE) -> None:
+    """Write `nbytes` in `write_size` writes, then half-close and wait for the
+    peer to close (so the data has been read, not just queued)."""
+    chunk = os.urandom(write_size)
+    whole, rest = divmod(nbytes, write_size)
+    for _ in range(whole):
+        await stream.send_all(chunk)
+    if rest:
+        await stream.send_all(chunk[:rest])
+    await stream.send_eof()
+    while await stream.receive_some(WRITE_SIZE):
+        pass
+
+
+# --------------------------------------------------------------------------
+# the lab
+
+
+@dataclass(frozen=True)
+class Netns:
+    """A network namespace made by a Lab."""
+
+    name: str
+
+    def argv(self, *cmd: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+
+@dataclass(frozen=True)
+class Link:
+    """A veth pair: `a_dev`/`a_ip` in `a`, `b_dev`/`b_ip` in `b`."""
+
+    a: Netns
+    b: Netns
+    a_dev: str
+    b_dev: str
+    a_ip: str
+    b_ip: str
+
+
+@dataclass
+class Service:
+    """A process in a namespace that printed `listening on HOST:PORT`."""
+
+    proc: subprocess.Popen
+    addr: tuple[str, int]
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return format_addr(self.addr)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Signal the process and wait for it (SIGKILL after `timeout`); returns its code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _sh(*argv: str, input: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run a set-up command; raise LabError with its stderr if it fails."""
+    done = subprocess.run(argv, input=input, capture_output=True)
+    if done.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed: {done.stderr.decode(errors='replace').strip()}")
+    return done
+
+
+def require_tools() -> None:
+    """Check that we are root and that ip/tc/nft exist (installing iproute2 and
+    nftables with apt-get when they are missing); raises LabError."""
+    if os.geteuid() != 0:
+        raise LabError("the network lab creates namespaces: run it as root")
+    missing = [t for t in ("ip", "tc", "nft") if shutil.which(t) is None]
+    if missing:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "iproute2", "nftables"]):
+            if subprocess.run(argv, env=env, capture_output=True).returncode != 0:
+                raise LabError(f"missing {', '.join(missing)} and `{' '.join(argv)}` failed")
+        still = [t for t in ("ip", "tc", "nft") if shutil.which(t) is None]
+        if still:
+            raise LabError(f"missing {', '.join(still)} after installing iproute2 and nftables")
+
+
+def list_netns() -> list[str]:
+    done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    return [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
+
+
+def _netns_pids(name: str) -> list[int]:
+    done = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+    return [int(p) for p in done.stdout.split() if p.isdigit()]
+
+
+def _destroy_netns(name: str, grace: float = 5.0) -> None:
+    """Kill every process in the namespace (TERM, then KILL), then delete it."""
+    pids = _netns_pids(name)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.02)
+        pids = _netns_pids(name)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace
+    while _netns_pids(name) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_labs() -> list[str]:
+    """Delete namespaces left by labs whose process is gone; returns their names."""
+    stale = []
+    for name in list_netns():
+        m = _LAB_NAME.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            _destroy_netns(name)
+            stale.append(name)
+    return stale
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside this block SIGTERM raises SystemExit(143), so `finally` clauses
+    (and Lab teardown) run as they do on Ctrl-C.  Main thread only."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class Lab:
+    """Owns namespaces, links and processes; `with Lab() as lab:` tears it all down."""
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(3)
+        self.prefix = f"p2l{os.getpid()}x{tag}-"
+        self._dev_tag = tag
+        self._links = 0
+        self._namespaces: list[Netns] = []
+        self._procs: list[subprocess.Popen] = []
+        self._tmp: Path | None = None
+        self._closed = False
+
+    # set-up -----------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        require_tools()
+        sweep_stale_labs()
+        self._tmp = Path(tempfile.mkdtemp(prefix="p2pfs-lab-"))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def tmp(self) -> Path:
+        if self._tmp is None:
+            raise LabError("use the Lab in a `with` block")
+        return self._tmp
+
+    def namespace(self, role: str) -> Netns:
+        """A new namespace with only `lo`, up."""
+        if not re.fullmatch(r"[a-z0-9]{1,12}", role):
+            raise ValueError(f"role must be 1-12 of [a-z0-9], got {role!r}")
+        ns = Netns(self.prefix + role)
+        self._namespaces.append(ns)  # before creating: close() must find it
+        _sh("ip", "netns", "add", ns.name)
+        _sh("ip", "-n", ns.name, "link", "set", "lo", "up")
+        return ns
+
+    def link(self, a: Netns, b: Netns, mtu: int | None = None) -> Link:
+        """Join two lab namespaces with a veth pair; link N gets 10.77.N.1 (a), .2 (b)."""
+        if self._links >= 254:
+            raise LabError("a lab holds at most 254 links")
+        self._links += 1
+        n = self._links
+        link = Link(a, b, f"v{self._dev_tag}{n}a", f"v{self._dev_tag}{n}b", f"10.77.{n}.1", f"10.77.{n}.2")
+        _sh("ip", "link", "add", link.a_dev, "netns", a.name, "type", "veth",
+            "peer", "name", link.b_dev, "netns", b.name)
+        for ns, dev, ip in ((a, link.a_dev, link.a_ip), (b, link.b_dev, link.b_ip)):
+            _sh("ip", "-n", ns.name, "addr", "add", f"{ip}/24", "dev", dev)
+            if mtu:
+                _sh("ip", "-n", ns.name, "link", "set", dev, "mtu", str(mtu))
+            _sh("ip", "-n", ns.name, "link", "set", dev, "up")
+        return link
+
+    def rate_limit(self, ns: Netns, dev: str, rate: str, burst: str = "64kb", latency: str = "20ms") -> None:
+        """Limit what `dev` in `ns` sends to `rate` (tc syntax, e.g. '200mbit') with tbf."""
+        _sh("tc", "-n", ns.name, "qdisc", "replace", "dev", dev, "root", "tbf",
+            "rate", rate, "burst", burst, "latency", latency)
+
+    def loss(self, ns: Netns, percent: int) -> None:
+        """Drop `percent` % of the packets `ns` sends (all devices), at random;
+        replaces the previous loss rule of `ns`."""
+        if not 0 <= percent <= 100:
+            raise ValueError("percent must be 0..100")
+        if percent == 0:
+            rule = ""
+        elif percent == 100:
+            rule = "  counter drop\n"
+        else:
+            rule = f"  numgen random mod 100 < {percent} counter drop\n"
+        rules = (
+            "table inet p2lab\n"
+            "delete table inet p2lab\n"
+            "table inet p2lab {\n"
+            " chain out {\n"
+            "  type filter hook output priority 0; policy accept;\n"
+            f"{rule}"
+            " }\n"
+            "}\n"
+        )
+        _sh("ip", "netns", "exec", ns.name, "nft", "-f", "-", input=rules.encode())
+
+    # processes --------------------------------------------------------------
+
+    def run(self, ns: Netns, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
+        """subprocess.run(argv) inside `ns` (cwd = the repository unless given)."""
+        kw.setdefault("cwd", REPO)
+        return subprocess.run(ns.argv(*argv), **kw)
+
+    def timed(self, ns: Netns, argv: Sequence[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
+        """Run argv in `ns`; return (wall seconds, result)."""
+        started = time.perf_counter()
+        done = self.run(ns, argv, **kw)
+        return time.perf_counter() - started, done
+
+    def spawn(self, ns: Netns, argv: Sequence[str], **kw) -> subprocess.Popen:
+        """Start argv in `ns`; the lab kills it on close."""
+        kw.setdefault("cwd", REPO)
+        proc = subprocess.Popen(ns.argv(*argv), **kw)
+        self._procs.append(proc)
+        return proc
+
+    def service(self, ns: Netns, argv: Sequence[str], name: str, timeout: float = 30.0,
+                env: dict[str, str] | None = None) -> Service:
+        """Start a server in `ns` and wait (polling, up to `timeout` s) for it to
+        print `listening on HOST:PORT`; its stdout and stderr go to a log file."""
+        log = self.tmp / f"{name}.{len(self._procs)}.log"
+        with open(log, "wb") as out:
+            proc = self.spawn(ns, argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        service = Service(proc, ("", 0), log)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = _LISTENING.search(log.read_bytes())
+            if m:
+                service.addr = (m.group(1).decode(), int(m.group(2)))
+                return service
+            if proc.poll() is not None:
+                raise LabError(f"{name} exited with code {proc.returncode} before listening:\n{service.log_tail()}")
+            if time.monotonic() > deadline:
+                service.stop()
+                raise LabError(f"{name} did not print 'listening on' within {timeout:g} s:\n{service.log_tail()}")
+            time.sleep(0.02)
+
+    def python(self, *args: str) -> list[str]:
+        return [sys.executable, *args]
+
+    def delay_proxy(self, ns: Netns, target: tuple[str, int], rtt: float,
+                    listen: tuple[str, int] = ("127.0.0.1", 0), handshake: bool = True) -> Service:
+        """Run `delay_proxy` as a process in `ns`; returns the Service (its .addr)."""
+        argv = self.python("-m", "bench.netlab", "proxy", "--listen", format_addr(listen),
+                           "--target", format_addr(target), "--rtt", repr(rtt))
+        if not handshake:
+            argv.append("--no-handshake")
+        return self.service(ns, argv, "proxy", timeout=15.0)
+
+    def raw_tcp(self, sink_ns: Netns, source_ns: Netns, host: str = "127.0.0.1",
+                nbytes: int = 1 << 30, write_size: int = WRITE_SIZE) -> Transfer:
+        """Raw trio TCP between two processes: a sink listening on `host` in
+        `sink_ns`, a source in `source_ns` writing `nbytes` in `write_size` writes."""
+        return self.raw_tcp_parallel([(sink_ns, host, source_ns)], nbytes, write_size)
+
+    def sink(self, ns: Netns, host: str = "127.0.0.1") -> Service:
+        """Start a raw TCP sink process listening on `host` in `ns`."""
+        return self.service(ns, self.python("-m", "bench.netlab", "sink", "--listen", f"{host}:0"), "sink", timeout=15.0)
+
+    def source(self, ns: Netns, addr: tuple[str, int], nbytes: int, write_size: int = WRITE_SIZE) -> subprocess.Popen:
+        """Start a raw TCP source process in `ns` writing `nbytes` to `addr`."""
+        return self.spawn(ns, self.python("-m", "bench.netlab", "source", "--connect", format_addr(addr),
+                                          "--bytes", str(nbytes), "--write-size", str(write_size)),
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    @staticmethod
+    def sink_result(sink: Service, timeout: float = 60.0) -> dict:
+        """Wait for a sink to finish; returns {"bytes", "start", "end"} (monotonic seconds)."""
+        try:
+            sink.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise LabError(f"raw TCP sink did not finish within {timeout:g} s") from None
+        lines = [ln for ln in sink.log.read_text().splitlines() if ln.startswith("{")]
+        if sink.proc.returncode != 0 or not lines:
+            raise LabError(f"raw TCP sink failed:\n{sink.log_tail()}")
+        return json.loads(lines[-1])
+
+    def raw_tcp_parallel(self, pairs: Sequence[tuple[Netns, str, Netns]], nbytes: int,
+                         write_size: int = WRITE_SIZE, timeout: float = 300.0) -> Transfer:
+        """Several raw TCP transfers at once, one (sink ns, sink host, source ns)
+        each, `nbytes` apiece; returns the aggregate (all bytes over the span
+        from the first sink's first byte to the last sink's EOF)."""
+        sinks = [self.sink(ns, host) for ns, host, _ in pairs]
+        sources = [self.source(src_ns, sink.addr, nbytes, write_size) for sink, (_, _, src_ns) in zip(sinks, pairs)]
+        deadline = time.monotonic() + timeout
+        for source in sources:
+            try:
+                _, err = source.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise LabError(f"raw TCP source did not finish within {timeout:g} s") from None
+            if source.returncode != 0:
+                raise LabError(f"raw TCP source failed: {err.decode(errors='replace').strip()}")
+        results = [self.sink_result(sink, max(0.0, deadline - time.monotonic())) for sink in sinks]
+        total = sum(r["bytes"] for r in results)
+        if total != nbytes * len(pairs):
+            raise LabError(f"raw TCP moved {total} bytes, expected {nbytes * len(pairs)}")
+        span = max(r["end"] for r in results) - min(r["start"] for r in results)
+        return Transfer(total, span)
+
+    # teardown ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Kill every lab process, delete every lab namespace and the temp dir.
+        Safe to call twice; survives a second Ctrl-C by finishing the job first."""
+        if self._closed:
+            return
+        self._closed = True
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for proc in self._procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in self._procs:
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            names = {ns.name for ns in self._namespaces}
+            names.update(n for n in list_netns() if n.startswith(self.prefix))
+            for name in sorted(names):
+                _destroy_netns(name)
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+
+# --------------------------------------------------------------------------
+# processes the lab starts: python -m bench.netlab proxy|sink|source
+
+
+async def _until_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
+
+
+async def _proxy_main(listen: tuple[str, int], target: tuple[str, int], rtt: float, handshake: bool) -> None:
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(lambda task_status: delay_proxy(
+            listen, target, rtt, handshake=handshake, task_status=task_status))
+        print(f"listening on {host}:{port}", flush=True)
+        await _until_signal()
+        nursery.cancel_scope.cancel()
+
+
+async def _sink_main(listen: tuple[str, int]) -> None:
+    listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
+    host, port = listeners[0].socket.getsockname()[:2]
+    print(f"listening on {host}:{port}", flush=True)
+    stream = await listeners[0].accept()
+    for listener in listeners:
+        await listener.aclose()
+    async with stream:
+        nbytes, start, end = await tcp_sink(stream)
+    print(json.dumps({"bytes": nbytes, "start": start, "end": end}), flush=True)
+
+
+async def _source_main(connect: tuple[str, int], nbytes: int, write_size: int) -> None:
+    async with await trio.open_tcp_stream(*connect) as stream:
+        await tcp_source(stream, nbytes, write_size)
+
+
+def _cli(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.netlab")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("proxy", help="TCP proxy adding delay")
+    p.add_argument("--listen", type=parse_addr, required=True)
+    p.add_argument("--target", type=parse_addr, required=True)
+    p.add_argument("--rtt", type=float, required=True, help="added round-trip time, seconds")
+    p.add_argument("--no-handshake", action="store_true", help="do not delay the first bytes for a TCP handshake")
+    s = sub.add_parser("sink", help="accept one connection, read to EOF, print a JSON line")
+    s.add_argument("--listen", type=parse_addr, required=True)
+    c = sub.add_parser("source", help="connect and write N bytes")
+    c.add_argument("--connect", type=parse_addr, required=True)
+    c.add_argument("--bytes", type=int, required=True)
+    c.add_argument("--write-size", type=int, default=WRITE_SIZE)
+    args = parser.parse_args(argv)
+    if args.cmd == "proxy":
+        trio.run(_proxy_main, args.listen, args.target, args.rtt, not args.no_handshake)
+    elif args.cmd == "sink":
+        trio.run(_sink_main, args.listen)
+    else:
+        trio.run(_source_main, args.connect, args.bytes, args.write_size)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli())
