@@ -502,3 +502,17 @@ def test_check_tree_complete_and_limits():
     everything_wrong = {i: x._replace(hash=bytes(32)) for i, x in nodes.items()}
     problems = tree.check_tree(n, root, everything_wrong.get, lambda i: blocks[i], max_problems=5)
     assert len(problems) == 6 and problems[-1] == "(stopped after 5 problems)"
+
+
+@settings(max_examples=100, deadline=None)
+@given(logs)
+def test_builder_matches_slow_reference_for_random_logs(blocks):
+    b = tree.TreeBuilder()
+    seen = {}
+    for i, data in enumerate(blocks):
+        for node in b.append(data):
+            assert node.index not in seen
+            seen[node.index] = node
+        assert b.root() == tree.slow_root(blocks[: i + 1])
+    assert all(node == tree.slow_node(blocks, i) for i, node in seen.items())
+    assert set(seen) == {i for i in range(2 * len(blocks)) if flat.in_tree(i, len(blocks))}
