@@ -96,11 +96,8 @@ class Drive:
         self.key = key
         self.key_text = crypto.encode_key(key)
         self.source = source
-        self._seed = store.load_secret(self.key_text)  # KeyFileError if unsafe
-        if self._seed is not None and crypto.public_from_seed(self._seed) != key:
-            raise KeyFileError(f"secret key file {store.key_path(self.key_text)} "
-                               "does not belong to this drive")
-        self.writable = self._seed is not None
+        # the secret is read (and its file's mode checked) only to write
+        self.writable = store.key_path(self.key_text).exists()
         self._trusted: dict[int, Node] = {}
         self._heads_checked: set[tuple[int, bytes]] = set()
         self._subscribers: list[Callable[[Head], None]] = []
@@ -578,10 +575,16 @@ class Drive:
     # --- writing -------------------------------------------------------------------
 
     def seed(self) -> bytes:
-        if self._seed is None:
+        """The drive's secret seed.  ReadOnlyError if not held here; KeyFileError
+        if its file is readable by others, malformed, or of another drive."""
+        seed = self.store.load_secret(self.key_text)
+        if seed is None:
             raise ReadOnlyError(f"drive {self.key_text} is read-only here: its secret key "
                                 f"file {self.store.key_path(self.key_text)} is not on this node")
-        return self._seed
+        if crypto.public_from_seed(seed) != self.key:
+            raise KeyFileError(f"secret key file {self.store.key_path(self.key_text)} "
+                               "does not belong to this drive")
+        return seed
 
 
 # ======================================================================= writing

@@ -1,0 +1,37 @@
+"""Fixtures: node homes and sample trees under tmp_path."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import make_tree
+
+
+@pytest.fixture
+def home(tmp_path):
+    """A fresh node home."""
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def home2(tmp_path):
+    """A second node's home."""
+    path = tmp_path / "home2"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def sample(tmp_path):
+    """A small sample tree (no big file)."""
+    return make_tree(tmp_path / "sample", files=40)
+
+
+@pytest.fixture
+def store(home):
+    from p2pfs.store import Store
+    s = Store(home)
+    yield s
+    s.close()
