@@ -68,7 +68,7 @@ _Block = Annotated[int, msgspec.Meta(ge=0)]
 _Key = Annotated[bytes, msgspec.Meta(max_length=MAX_KEY)]
 
 
-class Entry(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+class Entry(msgspec.Struct, frozen=True, array_like=True):
     """One path's metadata.  extents: ((first_block, block_count), ...) in file order."""
 
     kind: Annotated[int, msgspec.Meta(ge=0, le=2)]
@@ -377,12 +377,16 @@ def _int_size(v: int) -> int:
     return 1 if v < 128 else 2 if v < 256 else 3 if v < 65536 else 5 if v < 1 << 32 else 9
 
 
-def _cuts(sizes: list[int], limit: int) -> list[int]:
-    """End indices of consecutive chunks of `sizes`, each summing to <= limit, evenly filled."""
+def _cuts(sizes: list[int], limit: int, even: bool) -> list[int]:
+    """End indices of consecutive chunks of `sizes`, each summing to <= limit.
+
+    even: chunks of about equal size (room to grow on both sides of a split);
+    else greedy, as few chunks as possible (bulk loads).
+    """
     total = sum(sizes)
     if total <= limit:
         return [len(sizes)]
-    target = total / -(-total // limit)
+    target = total / -(-total // limit) if even else limit
     ends = []
     acc = 0
     start = 0
@@ -399,12 +403,13 @@ def _cuts(sizes: list[int], limit: int) -> list[int]:
 class _Emitter:
     """Collects encoded blocks of one finish/build, assigning block indices."""
 
-    def __init__(self, first_block: int, block_size: int):
+    def __init__(self, first_block: int, block_size: int, even: bool):
         if block_size < 512 or block_size > MAX_BLOCK_SIZE:
             raise ValueError(f"block_size {block_size} out of range")
         self.first_block = first_block
         self.block_size = block_size
         self.limit = block_size - _NODE_OVERHEAD
+        self.even = even
         self.blocks: list[bytes] = []
 
     def emit(self, node: Leaf | Internal) -> int:
@@ -429,7 +434,7 @@ class _Emitter:
                     f"block of {self.block_size} bytes holds; remove some extended attributes")
         out = []
         start = 0
-        for end in _cuts(sizes, self.limit):
+        for end in _cuts(sizes, self.limit, self.even):
             out.append((lo if start == 0 else keys[start], self.emit(Leaf(keys[start:end], entries[start:end]))))
             start = end
         return out
@@ -442,7 +447,7 @@ class _Emitter:
                 raise UsageError(f"{key_path(k)!r}: path too long for index blocks of {self.block_size} bytes")
         out = []
         start = 0
-        for end in _cuts(sizes, self.limit):
+        for end in _cuts(sizes, self.limit, self.even):
             chunk = pieces[start:end]
             node = Internal([k for k, _ in chunk[1:]], [c for _, c in chunk])
             out.append((lo if start == 0 else chunk[0][0], self.emit(node)))
@@ -472,7 +477,7 @@ def build(items: Iterable[tuple[bytes, Entry]], first_block: int, block_size: in
     for a, b in zip(keys, keys[1:]):
         if a == b:
             raise UsageError(f"{key_path(a)!r} given twice")
-    em = _Emitter(first_block, block_size)
+    em = _Emitter(first_block, block_size, even=False)
     root = em.root(em.leaves(keys, entries, b""))
     return em.blocks, root
 
@@ -611,11 +616,11 @@ class IndexWriter(_Tree):
         new = normalize_path(new)
         if old == b"/" or new == b"/":
             raise UsageError("the root directory cannot be moved or replaced")
-        if new.startswith(old + b"/"):
-            raise UsageError(f"cannot move {old!r} into itself ({new!r})")
         entry = self.get(old)
         if entry is None:
             raise NotFoundError(f"{old!r} does not exist in the drive")
+        if new.startswith(old + b"/"):
+            raise UsageError(f"cannot move {old!r} into itself ({new!r})")
         if new == old:
             return
         below = [(key_path(k), e) for lo, hi in subtree_ranges(old) for k, e in self._range(lo, hi)]
@@ -636,7 +641,7 @@ class IndexWriter(_Tree):
         """
         if self._root is not None and isinstance(self._root, int):
             return [], self._root
-        em = _Emitter(first_block, block_size)
+        em = _Emitter(first_block, block_size, even=True)
         if self._root is None:
             root = em.root([])
         else:
