@@ -516,3 +516,13 @@ def test_builder_matches_slow_reference_for_random_logs(blocks):
         assert b.root() == tree.slow_root(blocks[: i + 1])
     assert all(node == tree.slow_node(blocks, i) for i, node in seen.items())
     assert set(seen) == {i for i in range(2 * len(blocks)) if flat.in_tree(i, len(blocks))}
+
+
+def test_wrong_sibling_that_we_already_trust_is_named():
+    blocks = blocks_of(8)
+    _, nodes = build(blocks)
+    root = tree.slow_root(blocks)
+    proof = tree.make_proof(1, 8, 3, True, nodes.get)
+    bad = [proof[0]._replace(hash=bytes(32))] + proof[1:]
+    with pytest.raises(VerificationError, match="block 1: proof node 0 does not match the trusted node"):
+        tree.verify_block(1, blocks[1], bad, 8, root, {0: nodes[0]}.get)
