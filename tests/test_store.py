@@ -1,0 +1,112 @@
+"""The LMDB store: records, accounting, the crash rule, key files, sharing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from p2pfs.errors import KeyFileError
+from p2pfs.store import MAP_SIZE, DriveRecord, Store, default_home
+from p2pfs.types import Head, Node
+
+from helpers import REPO, cli_env
+
+K1 = bytes(range(32))
+K2 = bytes(range(1, 33))
+
+
+def test_default_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("P2PFS_HOME", str(tmp_path / "h"))
+    assert default_home() == tmp_path / "h"
+    monkeypatch.delenv("P2PFS_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_home() == tmp_path / "xdg" / "p2pfs"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "u"))
+    assert default_home() == tmp_path / "u" / ".local" / "share" / "p2pfs"
+
+
+def test_map_is_large_and_sparse(store, home):
+    assert store.env.info()["map_size"] == MAP_SIZE
+    store.put_blocks(K1, 0, [b"x" * 1000])
+    assert os.stat(home / "store" / "data.mdb").st_blocks * 512 < 64 << 20
+
+
+def test_blocks_and_accounting(store):
+    assert store.held(K1) == (0, 0)
+    store.put_blocks(K1, 0, [b"a" * 10, b"b" * 20, b"c" * 30])
+    store.put_blocks(K2, 5, [b"z"])
+    assert store.held(K1) == (3, 60) and store.held(K2) == (1, 1)
+    store.put_blocks(K1, 1, [b"B" * 5])  # overwrite: count same, bytes adjusted
+    assert store.held(K1) == (3, 45)
+    assert store.get_blocks(K1, [0, 1, 2, 3]) == [b"a" * 10, b"B" * 5, b"c" * 30, None]
+    assert list(store.block_indices(K1)) == [0, 1, 2]
+    store.put_blocks(K1, 7, [b"q", b"r"])
+    assert store.held_ranges(K1) == [(0, 3), (7, 9)]
+    assert store.discard_blocks_from(K1, 2) == 3
+    assert store.held(K1) == (2, 15) and store.held_ranges(K1) == [(0, 2)]
+    assert store.held_ranges(K2) == [(5, 6)]  # the other drive untouched
+    assert [(i, bytes(v)) for i, v in store.iter_blocks(K1)] == [(0, b"a" * 10), (1, b"B" * 5)]
+
+
+def test_nodes_heads_forks(store):
+    nodes = [Node(0, b"h" * 32, 10), Node(1, b"p" * 32, 20), Node(2, b"i" * 32, 10)]
+    store.put_nodes(K1, nodes)
+    assert store.get_node(K1, 1) == nodes[1]
+    assert store.get_nodes(K1, [0, 5, 2]) == [nodes[0], None, nodes[2]]
+    assert list(store.iter_nodes(K1)) == nodes and list(store.iter_nodes(K2)) == []
+    assert store.latest_head(K1) is None
+    h2, h10 = Head(2, b"r" * 32, b"s" * 64), Head(10, b"R" * 32, b"S" * 64)
+    store.put_head(K1, h10)
+    store.put_head(K1, h2)
+    store.put_head(K2, Head(300, b"x" * 32, b"y" * 64))
+    assert store.latest_head(K1) == h10 and store.get_head(K1, 2) == h2
+    assert store.heads(K1) == [h2, h10]
+    assert store.latest_head(K2).length == 300
+    assert store.get_drive(K1) == DriveRecord(pinned=False)  # a head makes the drive known
+    fork = Head(10, b"F" * 32, b"G" * 64)
+    store.put_fork(K1, fork)
+    assert store.forks(K1) == [fork] and store.forks(K2) == []
+
+
+def test_commit_version_is_one_transaction(store):
+    head = Head(2, b"r" * 32, b"s" * 64)
+    store.put_blocks(K1, 0, [b"one"])
+    assert store.latest_head(K1) is None and store.get_drive(K1) is None
+    store.commit_version(K1, head, [Node(0, b"n" * 32, 3)], DriveRecord(5, True, True),
+                         blocks=[(1, b"two")])
+    assert store.latest_head(K1) == head
+    assert store.get_drive(K1) == DriveRecord(5, True, True)
+    assert store.held(K1) == (2, 6)
+    assert [k for k, _ in store.list_drives()] == [K1]
+
+
+def test_secret_files(store, home):
+    assert store.load_secret("abc") is None
+    path = store.save_secret("abc", b"\x07" * 32)
+    assert path == home / "keys" / "abc.key"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert store.load_secret("abc") == b"\x07" * 32
+    path.chmod(0o640)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        store.load_secret("abc")
+    path.chmod(0o600)
+    path.write_text("garbage")
+    with pytest.raises(KeyFileError, match="malformed"):
+        store.load_secret("abc")
+
+
+def test_two_processes_share_the_store(home):
+    """Another process writes while this one holds the environment open."""
+    with Store(home) as mine:
+        mine.put_blocks(K1, 0, [b"mine"])
+        code = (f"from p2pfs.store import Store\n"
+                f"s = Store({str(home)!r})\n"
+                f"assert s.get_block({K1!r}, 0) == b'mine'\n"
+                f"s.put_blocks({K2!r}, 0, [b'theirs' * 1000] * 50)\n")
+        subprocess.run([sys.executable, "-c", code], check=True, env=cli_env(), cwd=REPO)
+        assert mine.get_block(K2, 49) == b"theirs" * 1000
+        assert mine.held(K2) == (50, 300_000)
