@@ -86,6 +86,7 @@ _INO_MASK = (1 << 63) - 1
 _TYPE = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK}
 _MANY_LIVE = 8  # live children of one directory above which a switch lists it whole
 
+DIR_SIZE = 4096  # what ext4 and most disk file systems report for a small directory
 READAHEAD_FIRST = 4  # blocks prefetched after the second sequential read
 READAHEAD_MAX = 64  # window cap in blocks (4 MiB of 64 KiB blocks)
 
@@ -205,7 +206,12 @@ class DriveFS(pyfuse3.Operations):
         a.st_uid = self.uid
         a.st_gid = self.gid
         a.st_rdev = 0
-        size = len(entry.target) if entry.kind == KIND_SYMLINK else entry.size
+        if entry.kind == KIND_FILE:
+            size = entry.size
+        elif entry.kind == KIND_SYMLINK:
+            size = len(entry.target)
+        else:
+            size = DIR_SIZE
         a.st_size = size
         a.st_blksize = self.drive.block_size
         a.st_blocks = (size + 511) // 512

@@ -117,8 +117,10 @@ def clear_stale(path: str) -> int:
     """Lazily unmount every dead FUSE mount stacked at `path`; how many were cleared."""
     cleared = 0
     while cleared < _MAX_STALE_LAYERS:
+        # statfs always reaches the server (stat may be answered from the
+        # kernel's attribute cache even when the server is long dead).
         try:
-            os.stat(path)
+            os.statvfs(path)
             return cleared
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:

@@ -1,0 +1,426 @@
+"""Real FUSE mounts of local drives made with the real CLI (issue 4).
+
+Every mount runs in its own process and is always unmounted in a `finally`
+(`fusermount3 -uz`, then the process is killed if it is still there).  Waits
+poll with a deadline; nothing sleeps to wait for something.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from helpers import (REPO, cli_command, cli_env, create, file_digest, find_once, flip_byte,
+                     make_tree, run_cli, write_random)
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+                                reason="needs /dev/fuse and fusermount3 (apt-get install fuse3)")
+
+DEADLINE = 20.0  # generous: the machine is shared; polls return as soon as things are true
+
+
+# ------------------------------------------------------------------- helpers
+
+def wait_until(predicate, timeout: float = DEADLINE, what: str = "condition", interval: float = 0.01):
+    """Poll `predicate` until true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def mount_layers(mnt) -> list[str]:
+    """fstype of every mount stacked at `mnt` (from /proc/self/mountinfo)."""
+    from p2pfs.mount import _unescape
+    path = os.path.abspath(mnt)
+    layers = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for raw in f:
+            left, _, right = raw.decode("latin-1").partition(" - ")
+            if _unescape(left.split()[4]) == path:
+                layers.append(right.split()[0])
+    return layers
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def force_unmount(mnt) -> None:
+    for _ in range(8):
+        if not mount_layers(mnt):
+            return
+        subprocess.run(["fusermount3", "-u", "-z", "-q", str(mnt)], capture_output=True)
+
+
+def stop(pid: int) -> None:
+    if not alive(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not alive(pid), 10, f"mount process {pid} to exit")
+    except (ProcessLookupError, AssertionError):
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def daemon_pid(stderr: str) -> int:
+    m = re.search(r"\(pid (\d+)\)", stderr)
+    assert m, f"no pid in the daemon's message: {stderr!r}"
+    return int(m.group(1))
+
+
+@contextmanager
+def mounted(home, ref: str, mnt: Path, *extra):
+    """`p2pfs mount --daemon`; yields the mount process id; always unmounts."""
+    mnt.mkdir(exist_ok=True)
+    pid = None
+    try:
+        res = run_cli(home, "mount", ref, mnt, "--daemon", *extra, timeout=120)
+        pid = daemon_pid(res.stderr)
+        yield pid
+    finally:
+        force_unmount(mnt)
+        if pid is not None:
+            stop(pid)
+
+
+@contextmanager
+def foreground(home, ref: str, mnt: Path, *extra):
+    """`p2pfs mount` in the foreground (a child process); yields the Popen once mounted."""
+    mnt.mkdir(exist_ok=True)
+    log = open(mnt.parent / f"{mnt.name}.log", "w+")
+    proc = subprocess.Popen(cli_command(home, "mount", ref, mnt, *extra), env=cli_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=log,
+                            # a background job of a non-interactive shell ignores SIGINT
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        def ready():
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"mount exited {proc.returncode}: {log.read()}")
+            log.seek(0)
+            return "mounted" in log.read()
+        wait_until(ready, what="the foreground mount")
+        yield proc
+    finally:
+        force_unmount(mnt)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log.close()
+
+
+def listing(root) -> list[str]:
+    """`find -printf '%p %s %m %l'` run from `root`, sorted."""
+    out = subprocess.run(["find", ".", "-printf", r"%p %s %m %l\n"], cwd=root, check=True,
+                         capture_output=True).stdout
+    return sorted(out.decode("utf-8", "surrogateescape").splitlines())
+
+
+def mtimes(root) -> dict[str, int]:
+    root = os.path.abspath(root)
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames + ["."]:
+            full = os.path.join(dirpath, name)
+            out[os.path.relpath(full, root)] = os.lstat(full).st_mtime_ns
+    return out
+
+
+def same_tree(src, mnt) -> None:
+    diff = subprocess.run(["diff", "-r", "--no-dereference", str(src), str(mnt)],
+                          capture_output=True, text=True)
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+    assert listing(mnt) == listing(src)
+    assert mtimes(mnt) == mtimes(src)
+
+
+def import_dir(home, key, src) -> None:
+    run_cli(home, "import", key, src, "-q")
+
+
+# ------------------------------------------------------------------- tests
+
+def test_tree_round_trip(tmp_path, home):
+    """Acceptance 1 (small): nested dirs, symlinks, exec bits, empty files, unicode names."""
+    src = make_tree(tmp_path / "src", files=120)
+    (src / "exec-only").write_bytes(b"x")
+    (src / "exec-only").chmod(0o711)
+    key = create(home, src)
+    with mounted(home, key, tmp_path / "mnt"):
+        same_tree(src, tmp_path / "mnt")
+        st = os.stat(tmp_path / "mnt" / "run.sh")
+        assert st.st_mode & 0o777 == 0o755 and os.access(tmp_path / "mnt" / "run.sh", os.X_OK)
+        assert os.readlink(tmp_path / "mnt" / "link-dangling") == "does/not/exist"
+        assert sorted(os.listdir(tmp_path / "mnt")) == sorted(os.listdir(src))
+
+
+@pytest.mark.slow
+def test_tree_round_trip_1gib(tmp_path, home):
+    """Acceptance 1 with the 1 GiB file: diff -r, find -printf and mtimes match."""
+    src = make_tree(tmp_path / "src", files=60, big=1 << 30)
+    key = create(home, src)
+    with mounted(home, key, tmp_path / "mnt"):
+        same_tree(src, tmp_path / "mnt")
+        assert file_digest(tmp_path / "mnt" / "big.bin") == file_digest(src / "big.bin")
+
+
+def test_live_update_within_a_second(tmp_path, home):
+    """Acceptance 3: a new version shows within one second, also for a file whose
+    pages are already cached, and for a file descriptor opened before the update."""
+    src = make_tree(tmp_path / "src", files=20)
+    write_random(src / "data.bin", 300_000, seed=5)
+    (src / "note.txt").write_bytes(b"version one\n")
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt):
+        assert (mnt / "note.txt").read_bytes() == b"version one\n"
+        assert (mnt / "data.bin").read_bytes() == (src / "data.bin").read_bytes()  # cached now
+        ino = os.stat(mnt / "note.txt").st_ino
+        held_open = open(mnt / "note.txt", "rb")
+        held_open.read()
+        # Same sizes: only invalidation, not a size change, can reveal the new bytes.
+        (src / "note.txt").write_bytes(b"version two\n")
+        write_random(src / "data.bin", 300_000, seed=6)
+        (src / "added.txt").write_bytes(b"new file\n")
+        os.remove(src / "empty")
+        import_dir(home, key, src)
+        start = time.monotonic()
+        wait_until(lambda: (mnt / "added.txt").exists()
+                   and (mnt / "note.txt").read_bytes() == b"version two\n"
+                   and file_digest(mnt / "data.bin") == file_digest(src / "data.bin"),
+                   timeout=1.0, what="the new version in the mount", interval=0.02)
+        took = time.monotonic() - start
+        assert not (mnt / "empty").exists()
+        held_open.seek(0)
+        assert held_open.read() == b"version two\n"  # an open file follows the version
+        held_open.close()
+        assert os.stat(mnt / "note.txt").st_ino == ino  # inode numbers are stable
+        assert os.getxattr(mnt, "user.p2pfs.version") == b"2"
+        same_tree(src, mnt)
+        print(f"new version visible after {took:.3f} s")
+
+
+def test_fixed_version_does_not_move(tmp_path, home):
+    src = make_tree(tmp_path / "src", files=10)
+    (src / "note.txt").write_bytes(b"one\n")
+    key = create(home, src)
+    (src / "note.txt").write_bytes(b"two\n")
+    import_dir(home, key, src)  # version 2
+    with mounted(home, f"{key}@1", tmp_path / "v1"), mounted(home, key, tmp_path / "live"):
+        assert (tmp_path / "v1" / "note.txt").read_bytes() == b"one\n"
+        assert (tmp_path / "live" / "note.txt").read_bytes() == b"two\n"
+        (src / "note.txt").write_bytes(b"three\n")
+        import_dir(home, key, src)  # version 3
+        wait_until(lambda: (tmp_path / "live" / "note.txt").read_bytes() == b"three\n",
+                   what="the live mount to show version 3")
+        assert (tmp_path / "v1" / "note.txt").read_bytes() == b"one\n"
+        assert os.getxattr(tmp_path / "v1", "user.p2pfs.version") == b"1"
+        assert os.getxattr(tmp_path / "live", "user.p2pfs.version") == b"3"
+
+
+def test_writes_are_refused_with_erofs(tmp_path, home):
+    src = make_tree(tmp_path / "src", files=5)
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt):
+        attempts = [
+            lambda: open(mnt / "run.sh", "r+b"),
+            lambda: open(mnt / "run.sh", "wb"),
+            lambda: open(mnt / "run.sh", "ab"),
+            lambda: open(mnt / "new.txt", "wb"),
+            lambda: os.open(mnt / "run.sh", os.O_RDONLY | os.O_TRUNC),
+            lambda: os.mkdir(mnt / "newdir"),
+            lambda: os.remove(mnt / "run.sh"),
+            lambda: os.rmdir(mnt / "d0-0"),
+            lambda: os.rename(mnt / "run.sh", mnt / "moved.sh"),
+            lambda: os.symlink("x", mnt / "newlink"),
+            lambda: os.link(mnt / "run.sh", mnt / "hard"),
+            lambda: os.chmod(mnt / "run.sh", 0o600),
+            lambda: os.utime(mnt / "run.sh", (0, 0)),
+            lambda: os.truncate(mnt / "run.sh", 0),
+            lambda: os.setxattr(mnt / "run.sh", "user.x", b"1"),
+        ]
+        for attempt in attempts:
+            with pytest.raises(OSError) as info:
+                attempt()
+            assert info.value.errno == errno.EROFS, (attempt, info.value)
+        assert os.access(mnt / "run.sh", os.R_OK) and not os.access(mnt / "run.sh", os.W_OK)
+        same_tree(src, mnt)
+
+
+def test_xattrs(tmp_path, home):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_random(src / "three-blocks.bin", 2 * 65536 + 10, seed=3)
+    (src / "zero").write_bytes(b"")
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt):
+        f = mnt / "three-blocks.bin"
+        assert os.getxattr(f, "user.p2pfs.key") == key.encode()
+        assert os.getxattr(f, "user.p2pfs.version") == b"1"
+        assert os.getxattr(f, "user.p2pfs.blocks_held") == b"3"
+        assert os.getxattr(mnt / "zero", "user.p2pfs.blocks_held") == b"0"
+        assert set(os.listxattr(f)) == {"user.p2pfs.key", "user.p2pfs.version",
+                                        "user.p2pfs.blocks_held"}
+        assert set(os.listxattr(mnt)) == {"user.p2pfs.key", "user.p2pfs.version"}
+        with pytest.raises(OSError) as info:
+            os.getxattr(mnt, "user.p2pfs.blocks_held")
+        assert info.value.errno == errno.ENODATA
+        with pytest.raises(OSError) as info:
+            os.getxattr(f, "user.nothing")
+        assert info.value.errno == errno.ENODATA
+        vfs = os.statvfs(mnt)
+        assert vfs.f_bsize == 65536 and vfs.f_files == 2 and vfs.f_blocks == 3
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_even_with_a_file_open(tmp_path, home, sig):
+    src = make_tree(tmp_path / "src", files=5)
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    with foreground(home, key, mnt) as proc:
+        fd = os.open(mnt / "run.sh", os.O_RDONLY)
+        dir_fd = os.open(mnt / "d0-0", os.O_RDONLY)
+        try:
+            assert os.read(fd, 2) == b"#!"
+            proc.send_signal(sig)
+            assert proc.wait(timeout=DEADLINE) == 0
+            assert mount_layers(mnt) == []
+            assert not os.path.ismount(mnt)
+        finally:
+            for held in (fd, dir_fd):
+                try:
+                    os.close(held)
+                except OSError as exc:  # the server is gone: the close's flush cannot reach it
+                    assert exc.errno == errno.ENOTCONN
+
+
+def test_daemon_returns_only_when_ready(tmp_path, home):
+    src = make_tree(tmp_path / "src", files=5)
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt) as pid:
+        # No polling: the mount must already answer when --daemon has returned.
+        assert mount_layers(mnt) == ["fuse.p2pfs"]
+        assert (mnt / "run.sh").read_bytes() == (src / "run.sh").read_bytes()
+        assert alive(pid)
+        # A second mount on the same live mount point is refused, not stacked.
+        again = run_cli(home, "mount", key, mnt, "--daemon", check=False)
+        assert again.returncode == 2 and "already mounted" in again.stderr
+        assert mount_layers(mnt) == ["fuse.p2pfs"]
+        run_cli(home, "umount", mnt)
+        assert mount_layers(mnt) == []
+        wait_until(lambda: not alive(pid), what="the mount process to exit after umount")
+
+
+def test_daemon_reports_errors_and_exits(tmp_path, home):
+    src = make_tree(tmp_path / "src", files=3)
+    key = create(home, src)
+    (tmp_path / "mnt").mkdir()
+    bad = run_cli(home, "mount", f"{key}@7", tmp_path / "mnt", "--daemon", check=False)
+    assert bad.returncode == 1 and "no version 7" in bad.stderr
+    missing = run_cli(home, "mount", key, tmp_path / "nowhere", "--daemon", check=False)
+    assert missing.returncode == 2 and "create it first" in missing.stderr
+    notdir = run_cli(home, "mount", key, src / "run.sh", check=False)
+    assert notdir.returncode == 2 and "not a directory" in notdir.stderr
+    assert mount_layers(tmp_path / "mnt") == []
+    nomount = run_cli(home, "umount", tmp_path / "mnt", check=False)
+    assert nomount.returncode == 2 and "not mounted" in nomount.stderr
+
+
+def test_umount_with_open_file(tmp_path, home):
+    src = make_tree(tmp_path / "src", files=5)
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt) as pid:
+        f = open(mnt / "run.sh", "rb")
+        try:
+            res = run_cli(home, "umount", mnt)
+            assert "lazily unmounted" in res.stderr
+            assert mount_layers(mnt) == []
+        finally:
+            f.close()
+        wait_until(lambda: not alive(pid), what="the mount process to exit")
+
+
+@pytest.mark.parametrize("watchdog_too", [False, True], ids=["process", "process+watchdog"])
+def test_kill_9_then_mount_again(tmp_path, home, watchdog_too):
+    """Acceptance 5: after kill -9 the next mount succeeds without manual clean-up.
+
+    With the fusermount3 watchdog killed too, a dead mount stays behind
+    ("Transport endpoint is not connected"); the next mount must clear it."""
+    src = make_tree(tmp_path / "src", files=5)
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt) as pid:
+        if watchdog_too:
+            watchdogs = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid), "fusermount3"],
+                                                        capture_output=True, text=True).stdout.split()]
+            assert watchdogs, "no auto_unmount watchdog found"
+            for w in watchdogs:
+                os.kill(w, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(pid), what="the killed process to go")
+        if watchdog_too:
+            with pytest.raises(OSError) as info:
+                os.listdir(mnt)
+            assert info.value.errno == errno.ENOTCONN
+        with mounted(home, key, mnt):
+            assert mount_layers(mnt) == ["fuse.p2pfs"]
+            assert (mnt / "run.sh").read_bytes() == (src / "run.sh").read_bytes()
+
+
+def test_damaged_block_gives_eio_never_bytes(tmp_path, home):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_random(src / "good.bin", 200_000, seed=8)
+    write_random(src / "bad.bin", 200_000, seed=9)
+    key = create(home, src)
+    needle = (src / "bad.bin").read_bytes()[70_000:70_032]  # inside the second block
+    flip_byte(home / "store" / "data.mdb", find_once(home / "store" / "data.mdb", needle))
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt):
+        with open(mnt / "bad.bin", "rb") as f:
+            assert f.read(65536) == (src / "bad.bin").read_bytes()[:65536]  # first block is fine
+            with pytest.raises(OSError) as info:
+                f.read(65536)
+            assert info.value.errno == errno.EIO
+        assert (mnt / "good.bin").read_bytes() == (src / "good.bin").read_bytes()
+
+
+def test_big_directory_listing(tmp_path, home):
+    """readdirplus over thousands of entries, repeated: counts and attributes hold up."""
+    src = tmp_path / "src"
+    (src / "many").mkdir(parents=True)
+    for i in range(3000):
+        (src / "many" / f"file-{i:05d}").write_bytes(str(i).encode())
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt):
+        for _ in range(2):
+            names = sorted(os.listdir(mnt / "many"))
+            assert names == sorted(os.listdir(src / "many"))
+            sizes = {e.name: e.stat().st_size for e in os.scandir(mnt / "many")}
+            assert sizes == {n: len(str(int(n[5:]))) for n in names}
+        assert (mnt / "many" / "file-02999").read_bytes() == b"2999"
