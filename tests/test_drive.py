@@ -1,0 +1,206 @@
+"""Drive views: reading at block boundaries, versions, and a drive fed by a peer
+(an in-process BlockSource that serves another store's blocks with proofs)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from p2pfs import crypto
+from p2pfs.drive import Drive, create_drive, import_directory, verify_drive
+from p2pfs.errors import (BlockUnavailableError, ForkError, NotFoundError, UsageError,
+                          VerificationError)
+from p2pfs.store import Store
+from p2pfs.types import Head, Node
+
+from helpers import make_tree
+
+BS = 4096
+
+
+class PeerSource:
+    """A BlockSource backed by another node's Drive: requests exactly what the
+    receiving drive asks for and hands the answers to accept_block."""
+
+    def __init__(self, remote: Drive, tamper=None):
+        self.remote = remote
+        self.tamper = tamper
+        self.fetched: list[int] = []
+        self.path_requests: list[bytes] = []
+
+    async def fetch(self, drive, blocks):
+        for b in blocks:
+            siblings, peaks = drive.proof_request(b)
+            proof = self.remote.make_proof(b, drive.head.length, siblings, peaks)
+            data = self.remote.get_block(b)
+            if self.tamper:
+                data, proof = self.tamper(b, data, proof)
+            drive.accept_block(b, data, proof)
+            self.fetched.append(b)
+
+    async def fetch_path(self, drive, path):
+        self.path_requests.append(path)
+
+
+@pytest.fixture
+def owner(tmp_path, home):
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(5)
+    for name, size in [("zero", 0), ("one", 1), ("bm1", BS - 1), ("b", BS), ("bp1", BS + 1),
+                       ("many", 10 * BS + 17)]:
+        (src / name).write_bytes(rnd.randbytes(size))
+    (src / "dir").mkdir()
+    (src / "dir" / "x").write_bytes(b"x")
+    os.symlink("b", src / "link")
+    store = Store(home)
+    result = create_drive(store, src, block_size=BS)
+    yield store, result.key, src
+    store.close()
+
+
+async def _open(store, key, version=None, source=None):
+    return await Drive(store, key, source).open(version)
+
+
+async def test_read_boundaries(owner):
+    store, key, src = owner
+    d = await _open(store, key)
+    for name in ["zero", "one", "bm1", "b", "bp1", "many"]:
+        data = (src / name).read_bytes()
+        e = await d.lookup("/" + name)
+        assert e.size == len(data)
+        assert await d.read(e, 0, len(data) + 100) == data
+        for off in {0, 1, BS - 1, BS, BS + 1, len(data) - 1, len(data)}:
+            for size in (1, BS - 1, BS, BS + 1, 3 * BS):
+                assert await d.read(e, off, size) == data[off:off + size], (name, off, size)
+    assert [n for n, _ in await d.listdir("/")] == sorted(os.listdir(os.fsencode(src)))
+    assert (await d.lookup("/link")).target == b"b"
+    with pytest.raises(NotFoundError):
+        await d.lookup("/nope")
+    with pytest.raises(UsageError):
+        await d.listdir("/b")
+
+
+async def test_versions_and_fixed_views(owner):
+    store, key, src = owner
+    d = Drive(store, key)
+    (src / "one").write_bytes(b"changed")
+    r = import_directory(d, src, message="v2")
+    assert r.version == 2 and r.new_content_blocks == 1
+    v1 = await _open(store, key, 1)
+    v2 = await _open(store, key)
+    assert await v1.read(await v1.lookup("/one"), 0, 10) != b"changed"
+    assert await v2.read(await v2.lookup("/one"), 0, 10) == b"changed"
+    with pytest.raises(NotFoundError, match="no version 3"):
+        await _open(store, key, 3)
+    assert verify_drive(Drive(store, key)) == []
+
+
+async def test_remote_drive_lazy_and_verified(owner, home2):
+    store, key, src = owner
+    remote = await _open(store, key)
+    with Store(home2) as store2:
+        d = Drive(store2, key)
+        assert d.head is None and not d.writable
+        seen = []
+        d.subscribe(seen.append)
+        assert d.accept_head(remote.head) is True
+        assert seen == [remote.head] and d.accept_head(remote.head) is False
+        source = PeerSource(remote)
+        d.source = source
+        await d.open()
+        data = (src / "many").read_bytes()
+        e = await d.lookup("/many")
+        assert await d.read(e, 2 * BS, BS) == data[2 * BS:3 * BS]
+        fetched = set(source.fetched)
+        content = set(b for s, n in e.extents for b in range(s, s + n))
+        assert len(fetched & content) == 1  # only the block the read touched
+        assert await d.read(e, 0, len(data)) == data
+        # a second, local-only view of the same store reads what was fetched, not more
+        local = await Drive(store2, key).open()
+        assert await local.read(await local.lookup("/many"), 0, len(data)) == data
+        with pytest.raises(BlockUnavailableError, match="--peer"):
+            await local.read(await local.lookup("/bp1"), 0, 10)
+        assert verify_drive(Drive(store2, key)) == []
+
+
+async def test_peer_lies_are_rejected(owner, home2):
+    store, key, src = owner
+    remote = await _open(store, key)
+
+    def flip_data(b, data, proof):
+        return bytes([data[0] ^ 1]) + data[1:], proof
+
+    def flip_proof(b, data, proof):
+        if not proof:
+            return data, proof
+        n = proof[0]
+        return data, [Node(n.index, bytes([n.hash[0] ^ 1]) + n.hash[1:], n.size)] + proof[1:]
+
+    for tamper in (flip_data, flip_proof):
+        with Store(home2) as store2:
+            d = Drive(store2, key, PeerSource(remote, tamper))
+            d.accept_head(remote.head)
+            with pytest.raises(VerificationError):
+                await d.open()
+            assert store2.held(key) == (0, 0)
+
+
+async def test_heads_forks_and_refresh(owner, home2):
+    store, key, src = owner
+    remote = Drive(store, key)
+    first = remote.head
+    with Store(home2) as store2:
+        d = Drive(store2, key, PeerSource(remote))
+        d.accept_head(first)
+        await d.open()
+        assert await d.refresh() is False
+        (src / "new").write_bytes(b"new")
+        import_directory(remote, src)
+        assert d.accept_head(remote.head) is True
+        assert d.accept_head(first) is False  # never backward
+        assert await d.refresh() is True and d.version == 2
+        assert await d.read(await d.lookup("/new"), 0, 3) == b"new"
+        # a bad signature
+        with pytest.raises(VerificationError):
+            d.accept_head(Head(first.length, first.root, b"\x00" * 64))
+        # a second signed root for a length already held: fork, evidence kept
+        seed = store.load_secret(crypto.encode_key(key))
+        other = b"\x09" * 32
+        forged = Head(first.length, other, crypto.sign_head(seed, key, first.length, other))
+        with pytest.raises(ForkError):
+            d.accept_head(forged)
+        assert store2.forks(key) == [forged]
+
+
+async def test_import_reuses_blocks_and_detects_renames(owner):
+    store, key, src = owner
+    d = Drive(store, key)
+    os.rename(src / "many", src / "many-renamed")
+    r = import_directory(d, src)
+    assert r.new_content_blocks == 0 and r.reused_blocks == 11
+    with open(src / "many-renamed", "r+b") as f:
+        f.seek(5 * BS + 3)
+        f.write(b"!")
+    r = import_directory(d, src, checksum=True)
+    assert r.new_content_blocks == 1
+    v = await _open(store, key)
+    assert await v.read(await v.lookup("/many-renamed"), 0, 11 * BS) == \
+        (src / "many-renamed").read_bytes()
+
+
+async def test_interrupted_write_garbage_is_ignored_then_cleaned(owner):
+    store, key, src = owner
+    d = Drive(store, key)
+    length = d.head.length
+    store.put_blocks(key, length, [b"garbage"] * 3)  # as if killed before signing
+    assert verify_drive(Drive(store, key)) == []
+    v = await _open(store, key)
+    assert v.length == length
+    (src / "later").write_bytes(b"later")
+    import_directory(Drive(store, key), src)
+    assert store.get_block(key, length) != b"garbage"
+    assert verify_drive(Drive(store, key)) == []
