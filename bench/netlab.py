@@ -45,6 +45,7 @@ import re
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -559,6 +560,15 @@ class Lab:
                 shutil.rmtree(self._tmp, ignore_errors=True)
         finally:
             signal.signal(signal.SIGINT, old)
+
+
+def raw_tcp_baseline(nbytes: int = 1 << 30, runs: int = 3) -> float:
+    """Median bytes/s of raw trio TCP between two processes (64 KiB writes)
+    on the loopback of a fresh namespace: the ceiling for a transfer in the
+    same run.  Needs root (see `require_tools`); raises LabError."""
+    with Lab() as lab:
+        lo = lab.namespace("lo")
+        return statistics.median(lab.raw_tcp(lo, lo, nbytes=nbytes).rate for _ in range(runs))
 
 
 # --------------------------------------------------------------------------

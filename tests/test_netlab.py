@@ -265,3 +265,10 @@ def test_service_reports_a_process_that_dies_before_listening():
         ns = lab.namespace("a")
         with pytest.raises(netlab.LabError, match="exited with code 3"):
             lab.service(ns, [sys.executable, "-c", "print('nope'); raise SystemExit(3)"], "dud")
+
+
+@needs_root
+def test_raw_tcp_baseline_cleans_up_after_itself():
+    before = set(list_netns())
+    assert netlab.raw_tcp_baseline(nbytes=4 * 1024 * 1024, runs=1) > 0
+    assert set(list_netns()) == before

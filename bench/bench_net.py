@@ -1,0 +1,300 @@
+"""Network benchmark of replication (issue 3), each figure beside a baseline
+measured in the same run:
+
+1. cold `p2pfs cat` of a 1 GiB file from one seeder on loopback, against raw
+   trio TCP between two processes (64 KiB writes) on the same loopback;
+2. four seeders, each in its own namespace behind a veth with a tbf rate
+   limit, read at once by one reader in another namespace, against one seeder
+   under the same limit (and raw TCP over the same links, as a lab check);
+3. round trips of a cold `p2pfs cat` of a small file and of `p2pfs ls`
+   through the delay proxy at 20 ms RTT: the extra wall time over the same
+   commands without the proxy, divided by the RTT.
+
+Run as root (it creates network namespaces): `scripts/bench net`, or
+`.venv/bin/python -m bench.bench_net [--size MIB] [--rate 200mbit] ...`.
+Every process runs inside a namespace the lab made; nothing leaves the
+machine; the namespaces, processes and the temp dir (test files, homes) are
+removed on exit, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.netlab import Lab, LabError, Netns, Service, format_addr, sigterm_raises
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Row:
+    name: str
+    figure: str = ""
+    baseline: str = ""
+    ratio: str = ""
+    goal: str = ""
+    verdict: str = ""  # "ok", "below goal", "FAILED: ...", or "" (report only)
+
+
+def mbs(rate: float) -> str:
+    return f"{rate / 1e6:,.0f} MB/s" if rate >= 10e6 else f"{rate / 1e6:,.1f} MB/s"
+
+
+def print_table(rows: Sequence[Row]) -> None:
+    head = Row("benchmark", "figure", "baseline", "ratio", "goal", "verdict")
+    cols = ["name", "figure", "baseline", "ratio", "goal", "verdict"]
+    widths = {c: max(len(getattr(r, c)) for r in [head, *rows]) for c in cols[:-1]}
+    for i, r in enumerate([head, *rows]):
+        print("  ".join(getattr(r, c).ljust(widths[c]) for c in cols[:-1]) + "  " + r.verdict, flush=True)
+        if i == 0:
+            print("  ".join("-" * widths[c] for c in cols[:-1]) + "  " + "-" * 7)
+
+
+def write_random(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+class P2pfs:
+    """Drives the p2pfs CLI inside lab namespaces, one home per node."""
+
+    def __init__(self, lab: Lab, work: Path) -> None:
+        self.lab = lab
+        self.work = work
+        self._homes = 0
+
+    def argv(self, home: Path, *args: str) -> list[str]:
+        return [sys.executable, "-m", "p2pfs", "--home", str(home), *args]
+
+    def fresh_home(self) -> Path:
+        self._homes += 1
+        home = self.work / "homes" / f"h{self._homes}"
+        home.mkdir(parents=True)
+        return home
+
+    def missing(self) -> str | None:
+        """Why the replication CLI cannot be driven yet, or None."""
+        lo = self.lab.namespace("probe")
+        seed = self.lab.run(lo, self.argv(self.work, "seed", "--help"), capture_output=True, text=True)
+        if seed.returncode != 0 or "--listen" not in seed.stdout:
+            return "p2pfs seed not available (`p2pfs seed --help` has no --listen)"
+        cat = self.lab.run(lo, self.argv(self.work, "cat", "--help"), capture_output=True, text=True)
+        if cat.returncode != 0 or "--peer" not in cat.stdout:
+            return "p2pfs cat --peer not available"
+        return None
+
+    def check(self, done: subprocess.CompletedProcess, what: str) -> None:
+        if done.returncode != 0:
+            err = done.stderr if isinstance(done.stderr, str) else (done.stderr or b"").decode(errors="replace")
+            raise LabError(f"{what} exited with {done.returncode}: {err.strip()[-400:]}")
+
+    def create(self, ns: Netns, home: Path, src: Path) -> tuple[str, float]:
+        seconds, done = self.lab.timed(ns, self.argv(home, "create", str(src), "--quiet"),
+                                       capture_output=True, text=True, timeout=1800)
+        self.check(done, "p2pfs create")
+        return done.stdout.strip().splitlines()[-1].strip(), seconds
+
+    def seed(self, ns: Netns, home: Path, key: str, host: str) -> Service:
+        return self.lab.service(ns, self.argv(home, "seed", key, "--listen", f"{host}:0"), "seed", timeout=60.0)
+
+    def timed_read(self, ns: Netns, key: str, args: Sequence[str], peers: Sequence[Service],
+                   expect: bytes | None = None, timeout: float = 900.0) -> float:
+        """Wall seconds of one `p2pfs ARGS --peer ...` in a fresh home.  With
+        `expect`, stdout must equal it; otherwise stdout goes to /dev/null."""
+        home = self.fresh_home()
+        peer_args = [a for p in peers for a in ("--peer", p.address)]
+        argv = self.argv(home, *args, *peer_args, "--timeout", "30")
+        try:
+            stdout = subprocess.PIPE if expect is not None else subprocess.DEVNULL
+            seconds, done = self.lab.timed(ns, argv, stdout=stdout, stderr=subprocess.PIPE, timeout=timeout)
+            self.check(done, f"p2pfs {' '.join(args[:1])}")
+            if expect is not None and done.stdout != expect:
+                raise LabError(f"p2pfs {' '.join(args)} printed {len(done.stdout)} bytes, not the expected {len(expect)}")
+            return seconds
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+
+    def stop(self, seeders: Sequence[Service], notes: list[str]) -> None:
+        for s in seeders:
+            code = s.stop()
+            if code != 0:
+                notes.append(f"a seeder stopped by SIGTERM exited with {code}:\n{s.log_tail(5)}")
+
+
+def guarded(rows: list[Row], names: Sequence[str], goals: Sequence[str], fn: Callable[[], list[Row]]) -> None:
+    """Run a group of rows; on failure, record each of its rows as FAILED with the reason."""
+    try:
+        rows.extend(fn())
+    except (LabError, subprocess.TimeoutExpired, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        rows.extend(Row(n, goal=g, verdict=f"FAILED: {reason}") for n, g in zip(names, goals))
+
+
+def judge(ratio: float, goal: float) -> str:
+    return "ok" if ratio >= goal else "below goal"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_net", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024, help="MiB of the cold-fetch file (default 1024)")
+    parser.add_argument("--multi-size", type=int, default=512, help="MiB of the file read from rate-limited seeders")
+    parser.add_argument("--rate", default="200mbit", help="tbf rate of each seeder's link (tc syntax)")
+    parser.add_argument("--seeders", type=int, default=4)
+    parser.add_argument("--rtt-ms", type=float, default=20.0)
+    parser.add_argument("--runs", type=int, default=5, help="runs of each latency measurement (median)")
+    args = parser.parse_args(list(argv) if argv is not None else [])
+    if not 1 <= args.seeders <= 200:
+        parser.error("--seeders must be 1..200")
+
+    rows: list[Row] = []
+    notes: list[str] = []
+    rtt = args.rtt_ms / 1000
+    print(f"files: {args.size} MiB (loopback), {args.multi_size} MiB ({args.seeders} seeders, "
+          f"tbf {args.rate} each); delay proxy RTT {args.rtt_ms:g} ms; {args.runs} latency runs", flush=True)
+
+    with sigterm_raises(), Lab() as lab, tempfile.TemporaryDirectory(prefix="p2pfs-bench-net-") as tmp:
+        work = Path(tmp)
+        p2p = P2pfs(lab, work)
+        lo = lab.namespace("lo")
+
+        # Baseline 1: raw trio TCP, two processes, loopback (median of 3).
+        raw = statistics.median(lab.raw_tcp(lo, lo, nbytes=args.size * MiB).rate for _ in range(3))
+
+        # The lab's own check: raw TCP over rate-limited links, one and all.
+        reader = lab.namespace("r")
+        links = []
+        for i in range(args.seeders):
+            ns = lab.namespace(f"s{i + 1}")
+            link = lab.link(ns, reader)
+            lab.rate_limit(ns, link.a_dev, args.rate)
+            links.append(link)
+        probe = 64 * MiB
+        one_raw = lab.raw_tcp(reader, links[0].a, host=links[0].b_ip, nbytes=probe).rate
+        all_raw = lab.raw_tcp_parallel([(reader, l.b_ip, l.a) for l in links], nbytes=probe).rate
+        rows.append(Row(f"raw TCP, {args.seeders} tbf links vs 1 (lab check)", mbs(all_raw), mbs(one_raw),
+                        f"{all_raw / one_raw:.2f}x", f">= {args.seeders * 0.9:.1f}x",
+                        judge(all_raw / one_raw, args.seeders * 0.9)))
+
+        why_not = p2p.missing()
+        cold_name = f"cold cat {args.size} MiB, 1 seeder, loopback"
+        multi_names = [f"cat {args.multi_size} MiB, {args.seeders} seeders vs 1 ({args.rate} each)",
+                       "  same, excluding start-up (small cat)",
+                       f"  1 seeder vs raw TCP over the same link"]
+        lat_names = [f"cold cat small file @{args.rtt_ms:g} ms RTT", f"cold ls @{args.rtt_ms:g} ms RTT"]
+        if why_not:
+            rows.append(Row(cold_name, baseline=f"raw TCP {mbs(raw)}", goal=">= 0.2", verdict=f"FAILED: {why_not}"))
+            rows.extend(Row(n, verdict=f"FAILED: {why_not}") for n in multi_names + lat_names)
+        else:
+            run_p2pfs(args, lab, p2p, work, lo, reader, links, raw, one_raw, rtt,
+                      rows, notes, cold_name, multi_names, lat_names)
+
+    print()
+    print_table(rows)
+    for note in notes:
+        print(f"note: {note}")
+    failed = [r.name for r in rows if r.verdict.startswith("FAILED")]
+    if failed:
+        raise RuntimeError(f"bench net: {len(failed)} row(s) failed: {'; '.join(failed)}")
+
+
+def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, links, raw: float,
+              one_raw: float, rtt: float, rows: list[Row], notes: list[str],
+              cold_name: str, multi_names: list[str], lat_names: list[str]) -> None:
+    # The shared test tree, made once per run and removed with the temp dir.
+    src = work / "src"
+    small = b"p2pfs latency probe\n" * 50
+    write_random(src / "big.bin", args.size * MiB)
+    write_random(src / "mid.bin", args.multi_size * MiB)
+    (src / "small.txt").write_bytes(small)
+    for i in range(20):
+        (src / "docs" / f"f{i:02}.txt").parent.mkdir(exist_ok=True)
+        (src / "docs" / f"f{i:02}.txt").write_text(f"file {i}\n")
+    seed_home = work / "seed-home"
+    seed_home.mkdir()
+    key, create_s = p2p.create(lo, seed_home, src)
+    notes.append(f"p2pfs create of the {args.size + args.multi_size} MiB tree took {create_s:.1f} s "
+                 f"({(args.size + args.multi_size) * MiB / create_s / 1e6:,.0f} MB/s)")
+    ls_expect = lab.run(lo, p2p.argv(seed_home, "ls", key, "/docs"), capture_output=True, timeout=60)
+    p2p.check(ls_expect, "p2pfs ls (seeder's own home)")
+
+    # 1 and 3: one seeder on the loopback of namespace `lo`.
+    seeder = p2p.seed(lo, seed_home, key, "127.0.0.1")
+    try:
+        def cold() -> list[Row]:
+            s = p2p.timed_read(lo, key, ["cat", key, "/big.bin"], [seeder])
+            rate = args.size * MiB / s
+            return [Row(cold_name, mbs(rate), f"raw TCP {mbs(raw)}", f"{rate / raw:.3f}", ">= 0.2",
+                        judge(rate / raw, 0.2))]
+
+        guarded(rows, [cold_name], [">= 0.2"], cold)
+
+        def latency() -> list[Row]:
+            proxy = lab.delay_proxy(lo, seeder.addr, rtt)
+            out = []
+            try:
+                for name, cmd, expect in ((lat_names[0], ["cat", key, "/small.txt"], small),
+                                          (lat_names[1], ["ls", key, "/docs"], ls_expect.stdout)):
+                    direct, delayed = [], []
+                    for _ in range(args.runs):  # interleaved, so drift hits both alike
+                        direct.append(p2p.timed_read(lo, key, cmd, [seeder], expect=expect, timeout=120))
+                        delayed.append(p2p.timed_read(lo, key, cmd, [proxy], expect=expect, timeout=120))
+                    d, w = statistics.median(direct), statistics.median(delayed)
+                    out.append(Row(name, f"{w:.3f} s = {w / rtt:.1f} RTT", f"{d:.3f} s without proxy",
+                                   f"{(w - d) / rtt:.1f} round trips", "report"))
+            finally:
+                proxy.stop()
+            return out
+
+        guarded(rows, lat_names, ["report", "report"], latency)
+    finally:
+        p2p.stop([seeder], notes)
+
+    # 2: several seeders behind rate-limited links, one reader.
+    def multi() -> list[Row]:
+        seeders = []
+        try:
+            for link in links:
+                seeders.append(p2p.seed(link.a, seed_home, key, link.a_ip))
+            one = p2p.timed_read(reader, key, ["cat", key, "/mid.bin"], seeders[:1])
+            many = p2p.timed_read(reader, key, ["cat", key, "/mid.bin"], seeders)
+            start_one = statistics.median(p2p.timed_read(reader, key, ["cat", key, "/small.txt"], seeders[:1],
+                                                         expect=small, timeout=120) for _ in range(3))
+            start_many = statistics.median(p2p.timed_read(reader, key, ["cat", key, "/small.txt"], seeders,
+                                                          expect=small, timeout=120) for _ in range(3))
+        finally:
+            p2p.stop(seeders, notes)
+        size = args.multi_size * MiB
+        r1, rn = size / one, size / many
+        t1, tn = size / max(one - start_one, 1e-9), size / max(many - start_many, 1e-9)
+        goal = 3.5 * args.seeders / 4
+        return [
+            Row(multi_names[0], mbs(rn), mbs(r1), f"{rn / r1:.2f}x", f">= {goal:.2f}x", judge(rn / r1, goal)),
+            Row(multi_names[1], mbs(tn), mbs(t1), f"{tn / t1:.2f}x", f">= {goal:.2f}x", judge(tn / t1, goal)),
+            Row(multi_names[2], mbs(r1), f"raw TCP {mbs(one_raw)}", f"{r1 / one_raw:.2f}", "report"),
+        ]
+
+    guarded(rows, multi_names, [">= 3.5x", ">= 3.5x", "report"], multi)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (RuntimeError, LabError) as exc:
+        print(f"bench_net: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
