@@ -55,14 +55,13 @@ def offset(n: int) -> int:
 
 def parent(n: int) -> int:
     """The parent of node `n`."""
-    d = depth(n)
-    return index(d + 1, offset(n) >> 1)
+    d = (~n & (n + 1)).bit_length() - 1
+    return (n & ~(2 << d)) | (1 << d)  # clear bit d+1, set bit d
 
 
 def sibling(n: int) -> int:
     """The other child of `n`'s parent."""
-    d = depth(n)
-    return index(d, offset(n) ^ 1)
+    return n ^ (2 << ((~n & (n + 1)).bit_length() - 1))  # flip bit depth+1
 
 
 def children(n: int) -> tuple[int, int] | None:
