@@ -537,11 +537,11 @@ class Lab:
 
     def close(self) -> None:
         """Kill every lab process, delete every lab namespace and the temp dir.
-        Safe to call twice; survives a second Ctrl-C by finishing the job first."""
+        Safe to call twice; Ctrl-C and SIGTERM are ignored until it is done."""
         if self._closed:
             return
         self._closed = True
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        old = _ignore_signals()
         try:
             for proc in self._procs:
                 if proc.poll() is None:
@@ -559,7 +559,23 @@ class Lab:
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
         finally:
-            signal.signal(signal.SIGINT, old)
+            _restore_signals(old)
+
+
+def _ignore_signals() -> dict[int, object]:
+    """Ignore SIGINT and SIGTERM (main thread only) so teardown runs to the end."""
+    old: dict[int, object] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread: signals go there anyway
+            pass
+    return old
+
+
+def _restore_signals(old: dict[int, object]) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
 
 
 def raw_tcp_baseline(nbytes: int = 1 << 30, runs: int = 3) -> float:
