@@ -113,6 +113,10 @@ class _Progress:
 def add_read_options(parser: argparse.ArgumentParser) -> None:
     """Options of every command that reads a drive.  The network layer adds
     --peer HOST:PORT and --timeout here."""
+    parser.add_argument("--peer", metavar="HOST:PORT", action="append", default=[],
+                        help="fetch missing blocks from this peer (repeatable)")
+    parser.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
+                        help=f"give up when no block arrives for this long (default {DEFAULT_TIMEOUT:g})")
 
 
 def read_options(args: argparse.Namespace) -> dict:
@@ -271,15 +275,34 @@ def _info(store, key: bytes) -> dict:
     return info
 
 
-def cmd_info(args) -> int:
+async def _info_with_peers(args) -> dict:
     store = _store(args)
     key, _ = parse_drive_ref(args.key)
-    info = _info(store, key)
+    async with open_drive(store, key, **read_options(args)) as drive:
+        info = _info(store, key)
+        info["peers"] = drive.source.peer_info(key)
+    return info
+
+
+def cmd_info(args) -> int:
+    if getattr(args, "peer", None):
+        info = trio.run(_info_with_peers, args)
+    else:
+        store = _store(args)
+        key, _ = parse_drive_ref(args.key)
+        info = _info(store, key)
+        info["peers"] = []
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for k, v in info.items():
-            print(f"{k:14} {v}")
+            if k == "peers":
+                print(f"{k:14} {len(v)} connected")
+                for p in v:
+                    print(f"  {p['address']}  node {(p['node_key'] or '?')[:16]}  "
+                          f"length {p['length']}  {p['blocks']} blocks announced")
+            else:
+                print(f"{k:14} {v}")
     return 0
 
 
@@ -354,7 +377,36 @@ def _setup_info(sub):
     p = sub.add_parser("info", help="a drive's version, length and what is held")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--json", action="store_true", help="JSON output")
+    add_read_options(p)
     p.set_defaults(func=cmd_info)
+
+
+def cmd_seed(args) -> int:
+    from .net import server, transport
+
+    store = _store(args)
+    keys = [parse_drive_ref(k)[0] for k in args.keys]
+    listen = args.listen or transport.DEFAULT_LISTEN
+    transport.parse_address(listen)
+
+    def listening(addresses: list[str]) -> None:
+        for a in addresses:
+            print(f"listening on {a}", flush=True)
+
+    trio.run(server.seed, store, keys, listen, listening, args.peer)
+    _err("p2pfs: seed: stopped")
+    return 0
+
+
+def _setup_seed(sub):
+    from .net.transport import DEFAULT_LISTEN
+    p = sub.add_parser("seed", help="serve drives of this home to peers (foreground)")
+    p.add_argument("keys", metavar="KEY", nargs="+")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help=f"address to accept peers on (default {DEFAULT_LISTEN}; port 0: any free port)")
+    p.add_argument("--peer", metavar="HOST:PORT", action="append", default=[],
+                   help="also keep a connection to this peer (repeatable)")
+    p.set_defaults(func=cmd_seed)
 
 
 def cmd_mount(args) -> int:
@@ -391,7 +443,7 @@ def _setup_umount(sub):
 COMMANDS: list[tuple[str, Callable]] = [
     ("create", _setup_create), ("import", _setup_import), ("ls", _setup_ls),
     ("cat", _setup_cat), ("log", _setup_log), ("verify", _setup_verify),
-    ("drives", _setup_drives), ("info", _setup_info),
+    ("drives", _setup_drives), ("info", _setup_info), ("seed", _setup_seed),
     ("mount", _setup_mount), ("umount", _setup_umount),
 ]
 

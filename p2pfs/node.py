@@ -59,8 +59,24 @@ async def open_drive(store: Store, key: bytes | str, version: int | None = None,
     if isinstance(key, str):
         key, text_version = parse_drive_ref(key)
         version = version if version is not None else text_version
-    if peers:
-        raise UsageError("fetching from peers is not available in this build")
-    drive = local_drive(store, key)
-    await drive.open(version)
-    yield drive
+    if not peers:
+        drive = local_drive(store, key)
+        await drive.open(version)
+        yield drive
+        return
+    # With peers: a swarm for the life of the block; the Drive fetches what it
+    # misses through it, and follows heads the peers announce.
+    from .net.swarm import open_swarm, unavailable
+    from .net.transport import load_node_key
+    async with open_swarm(store, load_node_key(store.home), timeout=timeout) as swarm:
+        drive = Drive(store, key, source=swarm)
+        swarm.add_drive(drive)
+        for address in peers:
+            swarm.add_peer(address)
+        await swarm.wait_for_peers(drive, timeout)
+        if drive.head is None:
+            raise unavailable(drive.key_text, swarm, timeout)
+        # the header and the newest commit in one round trip
+        await swarm.fetch(drive, [0, drive.head.length - 1])
+        await drive.open(version)
+        yield drive

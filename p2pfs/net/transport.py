@@ -1,0 +1,127 @@
+"""TCP transport: node keys, peer addresses, and dialling/listening with trio.
+
+A node's static X25519 key (its identity in Noise handshakes) lives in
+``HOME/node.key`` (64 hex digits, mode 0600), created on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import trio
+
+from .. import crypto
+from ..errors import KeyFileError, UsageError
+
+NODE_KEY_FILE = "node.key"
+DEFAULT_PORT = 7640
+DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+CONNECT_TIMEOUT = 5.0
+
+
+def load_node_key(home: str | os.PathLike) -> bytes:
+    """This node's X25519 private key, created (mode 0600) if missing.
+
+    Raises KeyFileError if the file is readable by others or malformed."""
+    path = Path(home) / NODE_KEY_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        private, _ = crypto.x25519_keypair()
+        try:
+            Path(home).mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, private.hex().encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)  # first writer wins if two processes race
+            except FileExistsError:
+                pass
+            os.unlink(tmp)
+        except OSError as exc:
+            raise KeyFileError(f"cannot write the node key {path}: {exc.strerror}") from None
+        return load_node_key(home)
+    except OSError as exc:
+        raise KeyFileError(f"cannot read the node key {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise KeyFileError(f"node key {path} is accessible by others "
+                               f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod 600 {path}")
+        raw = os.read(fd, 200)
+    finally:
+        os.close(fd)
+    try:
+        key = bytes.fromhex(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        key = b""
+    if len(key) != crypto.DH_BYTES:
+        raise KeyFileError(f"node key {path} is malformed (expected 64 hex digits); "
+                           "delete it to make a new one")
+    return key
+
+
+def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """'HOST:PORT' (or '[v6]:PORT') -> (host, port).  UsageError if malformed."""
+    raw = text.strip()
+    host, sep, port_text = raw.rpartition(":")
+    if not sep:
+        host, port_text = raw, ""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text and default_port is not None:
+        port_text = str(default_port)
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise UsageError(f"{text!r} is not a peer address: expected HOST:PORT, e.g. 127.0.0.1:{DEFAULT_PORT}")
+    return host, int(port_text)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def dial(address: str) -> trio.SocketStream:
+    """Open a TCP connection to 'HOST:PORT' (OSError on failure, like refusal)."""
+    host, port = parse_address(address)
+    with trio.fail_after(CONNECT_TIMEOUT):
+        stream = await trio.open_tcp_stream(host, port)
+    _tune(stream)
+    return stream
+
+
+def _tune(stream: trio.SocketStream) -> None:
+    import socket
+
+    try:
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    except OSError:
+        pass
+
+
+async def listen(address: str) -> list[trio.SocketListener]:
+    """Listeners bound to 'HOST:PORT' (port 0: any free port).  UsageError if it cannot bind."""
+    host, port = parse_address(address)
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+
+
+def listener_address(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return format_address(host, port)
+
+
+def peer_address(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return format_address(host, port)
