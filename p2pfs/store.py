@@ -114,7 +114,7 @@ class Store:
                 lock=True,
                 sync=False,  # commit_version syncs; see the module docstring
                 metasync=False,
-                readahead=False,
+                readahead=True,  # without it a cold 64 KiB block faults in as 16 single-page reads: 10x slower
                 subdir=True,
             )
         except (OSError, lmdb.Error) as exc:
