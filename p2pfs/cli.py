@@ -125,8 +125,14 @@ def read_options(args: argparse.Namespace) -> dict:
             "timeout": getattr(args, "timeout", None) or DEFAULT_TIMEOUT}
 
 
+_open_stores: list = []
+
+
 def _store(args):
-    return open_store(args.home)
+    """The store of --home, closed by `main` when the command ends."""
+    store = open_store(args.home)
+    _open_stores.append(store)
+    return store
 
 
 # --- commands ----------------------------------------------------------------------
@@ -479,3 +485,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("p2pfs: interrupted")
         return 130
+    finally:
+        while _open_stores:
+            _open_stores.pop().close()

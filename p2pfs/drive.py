@@ -51,7 +51,7 @@ from .store import WRITE_BATCH_BYTES, DriveRecord, Store
 from .types import Head, Node
 
 DEFAULT_BLOCK_SIZE = 65536
-READ_BATCH_BLOCKS = 64  # blocks fetched from the store per read transaction
+TRUST_DEPTH = 6  # leaves are trusted in aligned groups of 2**6 blocks
 
 
 class BlockSource(Protocol):
@@ -508,17 +508,14 @@ class Drive:
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
         blocks = self._blocks_of(entry, first, last)
-        datas = self._get_verified(blocks)
-        missing = [b for b, d in zip(blocks, datas) if d is None]
-        while missing:
+        out = self._get_verified(blocks)
+        while isinstance(out, list):
+            missing = out
             await self._fetch(missing)
-            datas = self._get_verified(blocks)
-            still = [b for b, d in zip(blocks, datas) if d is None]
-            if still and still == missing:
-                raise BlockUnavailableError(f"block {still[0]} of drive {self.key_text} "
+            out = self._get_verified(blocks)
+            if isinstance(out, list) and out == missing:
+                raise BlockUnavailableError(f"block {missing[0]} of drive {self.key_text} "
                                             "could not be fetched")
-            missing = still
-        out = datas[0] if len(datas) == 1 else b"".join(datas)
         lo = offset - first * bs
         if lo or len(out) > end - offset:
             out = out[lo:lo + end - offset]
@@ -551,26 +548,71 @@ class Drive:
         if missing:
             await self._fetch(missing)
 
-    def _get_verified(self, blocks: list[int]) -> list[bytes | None]:
+    def _trust_leaves(self, blocks: list[int]) -> None:
+        """Trust the leaf nodes of `blocks` in bulk: for each aligned group of
+        TRUST_GROUP blocks inside the tree, one cursor scan of its subtree's
+        nodes checked top-down from the (climbed, trusted) subtree root."""
         assert self.head is not None
         limit = self.head.length
-        datas = self.store.get_blocks(self.key, blocks)
         trusted = self._trusted
-        leaf_hash = tree.leaf_node
-        for i, (b, d) in enumerate(zip(blocks, datas)):
-            if d is None:
+        done: set[int] = set()
+        for b in blocks:
+            if 2 * b in trusted:
                 continue
-            if b >= limit:
-                datas[i] = None
+            g = flat.index(TRUST_DEPTH, b >> TRUST_DEPTH)
+            if g in done or not flat.in_tree(g, limit):
                 continue
-            node = trusted.get(2 * b)
-            if node is None:
-                self.check_block(b, d)
+            done.add(g)
+            try:
+                top = self.trusted_node(g)
+            except LookupError:
+                continue  # a partial copy: fall back to per-block climbing
+            half = (1 << TRUST_DEPTH) - 1
+            nodes = self.store.node_range(self.key, g - half, g + half + 1)
+            if len(nodes) != 2 * half + 1:
                 continue
-            leaf = leaf_hash(b, d)
-            if leaf.hash != node.hash or leaf.size != node.size:
-                self.check_block(b, d)  # raises with the full message
-        return datas
+            level = [top]
+            for d in range(TRUST_DEPTH, 0, -1):
+                step = 1 << (d - 1)
+                below = []
+                for p in level:
+                    left, right = nodes[p.index - step], nodes[p.index + step]
+                    made = tree.parent_node(left, right)
+                    if made.hash != p.hash or made.size != p.size:
+                        raise VerificationError(
+                            f"drive {self.key_text}: {self._node_name(left.index)} or "
+                            f"{self._node_name(right.index)} in the local store does not match "
+                            "the signed tree; the store is damaged "
+                            f"(run 'p2pfs verify {self.key_text}')")
+                    below.append(left)
+                    below.append(right)
+                level = below
+            for n in nodes.values():
+                trusted[n.index] = n
+
+    def _get_verified(self, blocks: list[int]) -> bytes | list[int]:
+        """The verified blocks joined, or the list of blocks not held."""
+        assert self.head is not None
+        limit = self.head.length
+        self._trust_leaves(blocks)
+        trusted = self._trusted
+        leaf_node = tree.leaf_node
+
+        def check(views):
+            missing = [b for b, v in zip(blocks, views) if v is None or b >= limit]
+            if missing:
+                return missing
+            for b, v in zip(blocks, views):
+                node = trusted.get(2 * b)
+                if node is None:
+                    self.check_block(b, v)
+                    continue
+                leaf = leaf_node(b, v)
+                if leaf.hash != node.hash or leaf.size != node.size:
+                    self.check_block(b, v)  # raises with the full message
+            return b"".join(views)
+
+        return self.store.with_blocks(self.key, blocks, check)
 
     # --- writing -------------------------------------------------------------------
 

@@ -140,7 +140,7 @@ class Store:
 
     def _write(self):
         try:
-            return self.env.begin(write=True)
+            return self.env.begin(write=True, buffers=True)
         except lmdb.Error as exc:
             raise StoreError(f"cannot write the store in {self.home}: {exc}") from None
 
@@ -179,6 +179,13 @@ class Store:
             get = txn.get
             return [get(key + _U64.pack(i)) for i in indices]
 
+    def with_blocks(self, key: bytes, indices: Iterable[int], fn):
+        """Call fn(list of zero-copy buffers or None) inside one read transaction
+        and return its result; the buffers are valid only during the call."""
+        with self.env.begin(db=self._blocks, buffers=True) as txn:
+            get = txn.get
+            return fn([get(key + _U64.pack(i)) for i in indices])
+
     def has_block(self, key: bytes, index: int) -> bool:
         with self.env.begin(db=self._blocks, buffers=True) as txn:
             return txn.get(_bk(key, index)) is not None
@@ -198,16 +205,22 @@ class Store:
             self._put_nodes(txn, key, nodes)
 
     def _put_blocks(self, txn, key: bytes, items: Iterable[tuple[int, bytes]]) -> None:
-        count = nbytes = 0
-        replace = txn.replace
-        db = self._blocks
-        for index, data in items:
-            old = replace(key + _U64.pack(index), data, db=db)
+        # existence is checked with zero-copy gets, then one putmulti: several
+        # times faster than txn.replace for 64 KiB values
+        pairs = [(key + _U64.pack(index), data) for index, data in items]
+        if not pairs:
+            return
+        get = txn.get
+        count = len(pairs)
+        nbytes = 0
+        for k, data in pairs:
+            old = get(k, db=self._blocks)
             if old is None:
-                count += 1
                 nbytes += len(data)
             else:
+                count -= 1
                 nbytes += len(data) - len(old)
+        txn.cursor(db=self._blocks).putmulti(pairs, overwrite=True)
         if count or nbytes:
             self._add_held(txn, key, count, nbytes)
 
@@ -292,6 +305,21 @@ class Store:
                 raw = get(key + _U64.pack(i))
                 out.append(None if raw is None else
                            Node(i, raw[:HASH_BYTES], _NODE.unpack_from(raw, HASH_BYTES)[0]))
+        return out
+
+    def node_range(self, key: bytes, lo: int, hi: int) -> dict[int, Node]:
+        """Stored nodes with lo <= index < hi (one cursor scan)."""
+        out: dict[int, Node] = {}
+        end = key + _U64.pack(hi)
+        with self.env.begin(db=self._nodes) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(key + _U64.pack(lo)):
+                return out
+            for k, raw in cur:
+                if k >= end:
+                    break
+                i = _U64.unpack_from(k, KEY_BYTES)[0]
+                out[i] = Node(i, raw[:HASH_BYTES], _NODE.unpack_from(raw, HASH_BYTES)[0])
         return out
 
     def iter_nodes(self, key: bytes) -> Iterator[Node]:
