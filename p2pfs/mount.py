@@ -247,7 +247,10 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
 
             outer.start_soon(stop_on_signal)
             async with node.open_drive(store, ref, peers=peers, timeout=timeout) as drive:
-                ops = DriveFS(drive, live=drive.live, prefetch=drive.source is not None)
+                # Read-ahead pays only when blocks come from peers; P2PFS_READAHEAD=0
+                # turns it off (for measuring it).
+                prefetch = drive.source is not None and os.environ.get("P2PFS_READAHEAD") != "0"
+                ops = DriveFS(drive, live=drive.live, prefetch=prefetch)
                 mountpoint = prepare_mountpoint(mountpoint)
                 _fuse_init(ops, mountpoint, mount_options(drive.key, allow_other))
                 mounted = True
