@@ -207,17 +207,18 @@ def test_subtree_ranges_hold_exactly_the_descendants(all_paths, top):
 # ---------------------------------------------------------------- the B-tree against a model
 
 
-def model_children(model: dict, d: bytes) -> list[tuple[bytes, Entry]]:
-    return sorted((split_path(p)[1], e) for p, e in model.items() if p != b"/" and split_path(p)[0] == d)
-
-
 def check_version(log: Log, root: int, model: dict, cache: NodeCache | None = None) -> None:
-    index = Index(log, root, cache)
+    index = Index(log, root, cache if cache is not None else NodeCache(64))
     assert dict(index.walk()) == model
     assert [path_key(p) for p, _ in index.walk()] == sorted(path_key(p) for p in model)
-    dirs = {b"/"} | {split_path(p)[0] for p in model if p != b"/"} | set(model)
-    for d in dirs:
-        assert list(index.listdir(d)) == model_children(model, d), d
+    children: dict[bytes, list] = {p: [] for p in model}
+    for p, e in model.items():
+        if p != b"/":
+            parent, name = split_path(p)
+            children.setdefault(parent, []).append((name, e))
+    children.setdefault(b"/", [])
+    for d, kids in children.items():
+        assert list(index.listdir(d)) == sorted(kids), d
     for p, e in model.items():
         assert index.lookup(p) == e
     assert index.lookup(b"/nothing/here") is None
