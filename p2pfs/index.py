@@ -593,24 +593,44 @@ class IndexWriter(_Tree):
         self._put_key(path_key(normalize_path(path)), entry)
 
     def delete(self, path: bytes) -> bool:
-        """Remove `path` and, if it is a directory, everything below it.  True if anything went."""
+        """Remove `path` and, if it is a directory, everything below it.  True if anything went.
+
+        All-or-nothing: a MissingBlock leaves the writer as it was.
+        """
         path = normalize_path(path)
         if path == b"/":
             raise UsageError("the root directory cannot be deleted")
-        found = self._delete_key(path_key(path))
-        doomed = [k for lo, hi in subtree_ranges(path) for k, _ in self._range(lo, hi)]
+        doomed = self._subtree_keys(path)
+        self._prepare(doomed)
         for k in doomed:
             self._delete_key(k)
-        return found or bool(doomed)
+        return bool(doomed)
 
     def _range(self, lo: bytes, hi: bytes | None) -> list[tuple[bytes, Entry]]:
         return [] if self._root is None else list(self._scan(self._root, lo, hi))
 
+    def _subtree_keys(self, path: bytes) -> list[bytes]:
+        key = path_key(path)
+        keys = [key] if self._get(self._root, key) is not None else []
+        return keys + [k for lo, hi in subtree_ranges(path) for k, _ in self._range(lo, hi)]
+
+    def _prepare(self, keys: Iterable[bytes]) -> None:
+        """Copy into memory every node that changing `keys` touches.
+
+        This changes no content, so a MissingBlock raised here leaves the
+        writer's view intact; afterwards the change itself reads nothing.
+        """
+        for k in keys:
+            self._leaf_path(k)
+
     def move(self, old: bytes, new: bytes) -> None:
         """Rename `old` (a file, symlink or a whole directory subtree) to `new`.
 
-        Whatever was at `new` (and below it) is replaced.  Raises NotFoundError
-        if `old` does not exist, UsageError for the root or a move into itself.
+        Whatever was at `new` (and below it) is replaced; the caller enforces
+        POSIX rules (e.g. no directory over a non-empty one).  Raises
+        NotFoundError if `old` does not exist, UsageError for the root or a
+        move into itself.  All-or-nothing: a MissingBlock leaves the writer as
+        it was.
         """
         old = normalize_path(old)
         new = normalize_path(new)
@@ -623,21 +643,25 @@ class IndexWriter(_Tree):
             raise UsageError(f"cannot move {old!r} into itself ({new!r})")
         if new == old:
             return
-        below = [(key_path(k), e) for lo, hi in subtree_ranges(old) for k, e in self._range(lo, hi)]
-        self.delete(old)
-        self.delete(new)
-        self._put_key(path_key(new), entry)
         cut = len(old)
-        for p, e in below:
-            self._put_key(path_key(new + p[cut:]), e)
+        moved = [(path_key(new), entry)] + [
+            (path_key(new + key_path(k)[cut:]), e)
+            for lo, hi in subtree_ranges(old) for k, e in self._range(lo, hi)]
+        doomed = self._subtree_keys(old) + self._subtree_keys(new)
+        self._prepare(doomed)
+        self._prepare(k for k, _ in moved)
+        for k in doomed:
+            self._delete_key(k)
+        for k, e in moved:
+            self._put_key(k, e)
 
     def finish(self, first_block: int, block_size: int = 65536) -> tuple[list[bytes], int]:
         """Encode the dirty nodes.
 
         Returns (blocks to append at first_block, first_block+1, ... in that
         order, children before parents; the new root's block index).  With no
-        change it returns ([], old root).  The writer can keep going afterwards
-        on top of the new root.
+        change it returns ([], old root).  Once the caller has appended the
+        blocks, the writer can go on building the next version on top.
         """
         if self._root is not None and isinstance(self._root, int):
             return [], self._root

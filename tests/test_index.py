@@ -563,3 +563,39 @@ def test_index_imports_only_the_pure_core():
     code = ("import sys, p2pfs.index; bad = {'trio', 'lmdb', 'pyfuse3', 'socket', 'nacl'} & set(sys.modules);"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_missing_block_leaves_move_and_delete_undone():
+    log, root, model = big_drive(30, 30, 512)
+    held = dict(enumerate(log.blocks))
+    index = Index(log, root)
+
+    class Partial:
+        def read_block(self, i):
+            if i not in held:
+                raise MissingBlock(i)
+            return held[i]
+
+    # The destination's leaf is missing: the source's subtree reads fine first.
+    target_leaf = index.path_blocks(b"/d0020/moved")[-1]
+    assert target_leaf not in {index.path_blocks(b"/d0003/f%05d" % i)[-1] for i in range(30)}
+    del held[target_leaf]
+    writer = IndexWriter(Partial(), root)
+    with pytest.raises(MissingBlock):
+        writer.move(b"/d0003", b"/d0020/moved")
+    held[target_leaf] = log.blocks[target_leaf]
+    assert {p: e for p, e in writer.items()} == model  # nothing half-done
+    doomed_leaf = index.path_blocks(b"/d0010/f00029")[-1]
+    del held[doomed_leaf]
+    with pytest.raises(MissingBlock):
+        writer.delete(b"/d0010")
+    held[doomed_leaf] = log.blocks[doomed_leaf]
+    assert dict(writer.items()) == model
+    writer.move(b"/d0003", b"/d0020/moved")
+    writer.delete(b"/d0010")
+    for p in [p for p in model if p == b"/d0003" or p.startswith(b"/d0003/")]:
+        model[b"/d0020/moved" + p[len(b"/d0003"):]] = model.pop(p)
+    model_delete(model, b"/d0010")
+    blocks, new_root = writer.finish(len(log.blocks), 512)
+    log.append(blocks)
+    check_version(log, new_root, model)
