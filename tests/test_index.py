@@ -498,19 +498,20 @@ def test_hostile_nodes_raise_verification_error():
 @settings(max_examples=200, deadline=None)
 def test_mutated_logs_raise_only_verification_error_or_missing_block(data):
     log, root, _ = small_drive()
-    raw = bytearray(log.blocks[data.draw(st.integers(1, len(log.blocks) - 1))])
-    victim = log.blocks.index(bytes(raw))
+    victim = data.draw(st.integers(1, len(log.blocks) - 1))
+    raw = bytearray(log.blocks[victim])
     for _ in range(data.draw(st.integers(1, 3))):
         raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
     log.blocks[victim] = bytes(raw)
     index = Index(log, root)
+    writer = IndexWriter(log, root)
     for call in (lambda: list(index.walk()), lambda: index.lookup(b"/d0001/f00003"),
-                 lambda: list(index.listdir(b"/d0002")), lambda: index.path_blocks(b"/d0000")):
+                 lambda: list(index.listdir(b"/d0002")), lambda: index.path_blocks(b"/d0000"),
+                 lambda: writer.move(b"/d0001", b"/d0003/x"), lambda: writer.finish(len(log.blocks), 512)):
         try:
             call()
-        except (VerificationError, MissingBlock):
+        except (VerificationError, MissingBlock, NotFoundError):
             pass
-    log.blocks[victim] = bytes(raw)
 
 
 _small = None
