@@ -48,7 +48,9 @@ only what they touch.
 
 Errors.  Handlers raise only `FUSEError`: missing path -> ENOENT, a block no
 peer supplied in time or that failed verification -> EIO, any attempt to
-write -> EROFS.
+write -> EROFS.  A read that timed out is remembered for a second on its
+handle: the kernel retries a failed read-ahead page by page, and each retry
+would otherwise wait the whole timeout again.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ _TYPE = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_I
 _MANY_LIVE = 8  # live children of one directory above which a switch lists it whole
 
 DIR_SIZE = 4096  # what ext4 and most disk file systems report for a small directory
+FAILED_READ_MEMORY = 1.0  # s: a range that just timed out fails at once when retried
 READAHEAD_FIRST = 4  # blocks prefetched after the second sequential read
 READAHEAD_MAX = 64  # window cap in blocks (4 MiB of 64 KiB blocks)
 
@@ -104,7 +107,7 @@ class _File:
     """An open file: its inode, the entry it reads, and read-ahead state."""
 
     __slots__ = ("ino", "path", "entry", "expected", "window", "ahead_until", "ahead_target",
-                 "ahead_running", "cancel")
+                 "ahead_running", "cancel", "failed")
 
     def __init__(self, ino: int, path: bytes, entry: Entry):
         self.ino = ino
@@ -116,6 +119,7 @@ class _File:
         self.ahead_target = 0  # the prefetcher works until ahead_until reaches this
         self.ahead_running = False
         self.cancel = trio.CancelScope()
+        self.failed: tuple[int, int, float] | None = None  # (start, end, until): EIO fast
 
 
 class DriveFS(pyfuse3.Operations):
@@ -361,10 +365,17 @@ class DriveFS(pyfuse3.Operations):
         if off >= entry.size or size <= 0:
             return b""
         size = min(size, entry.size - off)
+        if f.failed is not None and f.failed[0] <= off < f.failed[1] \
+                and trio.current_time() < f.failed[2]:
+            # The kernel retries a failed read-ahead page by page; each retry
+            # would wait the whole fetch timeout again.
+            raise pyfuse3.FUSEError(errno.EIO)
         self._note_read(f, off, size)
         try:
             return await self.drive.read(entry, off, size)
         except P2pfsError as exc:
+            if isinstance(exc, BlockUnavailableError):
+                f.failed = (off, off + size, trio.current_time() + FAILED_READ_MEMORY)
             raise _fuse_error(exc, f.path) from None
 
     async def release(self, fh):
