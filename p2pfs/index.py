@@ -272,25 +272,49 @@ class _Tree:
     def _node(self, ref):
         return _load(self._reader, self._cache, ref) if isinstance(ref, int) else ref
 
+    def _child(self, node, i: int, lo: bytes, hi: bytes | None):
+        """Child i of `node` (whose keys lie in [lo, hi)), with the child's own bounds.
+
+        A stored child must keep its keys inside its bounds, and a stored leaf
+        below the root must not be empty: with children before parents this
+        bounds every scan by the number of keys, even on a hostile drive.
+        """
+        keys = node.keys
+        clo = keys[i - 1] if i else lo
+        chi = keys[i] if i < len(keys) else hi
+        child = self._node(node.children[i])
+        if isinstance(child, (Leaf, Internal)):
+            ck = child.keys
+            if ck:
+                if ck[0] < clo or (chi is not None and ck[-1] >= chi):
+                    raise VerificationError("index node holds keys outside its parent's range")
+            elif isinstance(child, Leaf):
+                raise VerificationError("empty index leaf below the root")
+        return child, clo, chi
+
     def _get(self, root, key: bytes):
         if root is None:
             return None
         node = self._node(root)
+        lo, hi = b"", None
         depth = 0
         while not isinstance(node, (Leaf, _MLeaf)):
             depth += 1
             if depth > MAX_DEPTH:
                 raise VerificationError("index deeper than any valid drive")
-            node = self._node(node.children[bisect_right(node.keys, key)])
+            node, lo, hi = self._child(node, bisect_right(node.keys, key), lo, hi)
         i = bisect_left(node.keys, key)
         if i < len(node.keys) and node.keys[i] == key:
             return node.entries[i]
         return None
 
-    def _scan(self, ref, lo: bytes, hi: bytes | None, depth: int = 0) -> Iterator[tuple[bytes, Entry]]:
+    def _scan(self, ref, lo: bytes, hi: bytes | None) -> Iterator[tuple[bytes, Entry]]:
+        """(key, entry) for lo <= key < hi (hi None: no upper bound), in key order."""
+        yield from self._scan_node(self._node(ref), lo, hi, b"", None, 0)
+
+    def _scan_node(self, node, lo, hi, nlo, nhi, depth) -> Iterator[tuple[bytes, Entry]]:
         if depth > MAX_DEPTH:
             raise VerificationError("index deeper than any valid drive")
-        node = self._node(ref)
         keys = node.keys
         if isinstance(node, (Leaf, _MLeaf)):
             i = bisect_left(keys, lo)
@@ -301,9 +325,9 @@ class _Tree:
             return
         i = bisect_right(keys, lo)
         j = len(keys) if hi is None else bisect_left(keys, hi)
-        children = node.children
         for n in range(i, j + 1):
-            yield from self._scan(children[n], lo, hi, depth + 1)
+            child, clo, chi = self._child(node, n, nlo, nhi)
+            yield from self._scan_node(child, lo, hi, clo, chi, depth + 1)
 
 
 class Index(_Tree):
@@ -337,12 +361,13 @@ class Index(_Tree):
         key = path_key(normalize_path(path))
         out = [self.root]
         node = self._node(self.root)
+        lo, hi = b"", None
         while isinstance(node, Internal):
             if len(out) > MAX_DEPTH:
                 raise VerificationError("index deeper than any valid drive")
-            ref = node.children[bisect_right(node.keys, key)]
-            out.append(ref)
-            node = self._node(ref)
+            i = bisect_right(node.keys, key)
+            out.append(node.children[i])
+            node, lo, hi = self._child(node, i, lo, hi)
         return out
 
 

@@ -487,7 +487,15 @@ def test_hostile_nodes_raise_verification_error():
     log.append([encode_block(Commit(version=1, root=1, prev=-1, time_ns=0))])  # 4
     log.append([encode_block(Internal([], [4]))])                      # 5: child is a commit
     log.append([b"\x93\x03garbage"])                                   # 6
-    for root in (3, 4, 5, 6, 0):
+    log.append([encode_block(Internal([b"/\x00b"], [1, 1]))])         # 7: one leaf twice
+    log.append([encode_block(Leaf([], []))])                           # 8
+    log.append([encode_block(Internal([b"/\x00b"], [1, 8]))])         # 9: empty leaf below root
+    log.append([encode_block(Internal([b"/\x00a"], [1, 8]))])         # 10: /a is not below /a
+    shared = 10
+    for _ in range(30):  # a DAG 30 levels deep, each level pointing twice at the one below
+        log.append([encode_block(Internal([b"/\x00b"], [shared, shared]))])
+        shared = len(log.blocks) - 1
+    for root in (3, 4, 5, 6, 0, 7, 9, 10, shared):
         with pytest.raises(VerificationError):
             list(Index(log, root).walk())
         with pytest.raises(VerificationError):
