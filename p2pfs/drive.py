@@ -52,6 +52,7 @@ from .types import Head, Node
 
 DEFAULT_BLOCK_SIZE = 65536
 TRUST_DEPTH = 6  # leaves are trusted in aligned groups of 2**6 blocks
+TRUSTED_MAX = 1 << 20  # verified nodes cached per Drive (about 32 GiB of 64 KiB blocks)
 
 
 class BlockSource(Protocol):
@@ -594,6 +595,8 @@ class Drive:
         """The verified blocks joined, or the list of blocks not held."""
         assert self.head is not None
         limit = self.head.length
+        if len(self._trusted) > TRUSTED_MAX:
+            self._trusted.clear()  # bounded memory; re-verified on demand
         self._trust_leaves(blocks)
         trusted = self._trusted
         leaf_node = tree.leaf_node
@@ -653,6 +656,7 @@ class _Item:
     size: int
     source: bytes  # absolute local path
     target: bytes = b""
+    inode: tuple[int, int] | None = None  # (dev, ino) of a file with hard links
 
 
 def scan_directory(root: str | os.PathLike, warn: Callable[[str], None] | None = None,
@@ -692,7 +696,8 @@ def scan_directory(root: str | os.PathLike, warn: Callable[[str], None] | None =
             elif stat_mod.S_ISREG(st.st_mode):
                 if not os.access(de.path, os.R_OK):
                     raise UsageError(f"{os.fsdecode(de.path)}: permission denied")
-                items.append(_Item(path, KIND_FILE, mode, st.st_mtime_ns, st.st_size, de.path))
+                items.append(_Item(path, KIND_FILE, mode, st.st_mtime_ns, st.st_size, de.path,
+                                   inode=(st.st_dev, st.st_ino) if st.st_nlink > 1 else None))
             elif stat_mod.S_ISLNK(st.st_mode):
                 try:
                     target = os.readlink(de.path)
@@ -817,8 +822,14 @@ def create_drive(store: Store, directory: str | os.PathLike, *, message: str = "
     app.append(index.encode_block(Header(1, block_size, now)))
     entries: list[tuple[bytes, Entry]] = []
     files = nbytes = 0
+    linked: dict[tuple[int, int], Entry] = {}  # hard links share their blocks
     for item in items:
-        if item.kind == KIND_FILE:
+        if item.kind == KIND_FILE and item.inode in linked:
+            e = linked[item.inode]
+            entries.append((item.path, _entry(item, e.size, e.extents)))
+            files += 1
+            nbytes += e.size
+        elif item.kind == KIND_FILE:
             blocks = []
             size = 0
             for data in _read_file(item, block_size):
@@ -826,6 +837,8 @@ def create_drive(store: Store, directory: str | os.PathLike, *, message: str = "
                 size += len(data)
             app.content_blocks += len(blocks)
             entries.append((item.path, _entry(item, size, _extents(blocks))))
+            if item.inode is not None:
+                linked[item.inode] = entries[-1][1]
             files += 1
             nbytes += size
         else:
@@ -881,6 +894,7 @@ def import_directory(drive: Drive, directory: str | os.PathLike, *, message: str
 
     reused = 0
     files = nbytes = 0
+    linked: dict[tuple[int, int], Entry] = {}  # hard links share their blocks
     for item in items:
         prev = old.get(item.path)
         if item.kind != KIND_FILE:
@@ -894,12 +908,23 @@ def import_directory(drive: Drive, directory: str | os.PathLike, *, message: str
         if not checksum and _unchanged(prev, item):
             nbytes += prev.size
             continue
+        if item.inode in linked:
+            e = linked[item.inode]
+            entry = _entry(item, e.size, e.extents)
+            nbytes += entry.size
+            if prev != entry:
+                if prev is not None and prev.kind != KIND_FILE:
+                    writer.delete(item.path)
+                writer.put(item.path, entry)
+            continue
         ref = prev if prev is not None and prev.kind == KIND_FILE else None
         if ref is None:
             for cand in vanished.get(item.size, []):
                 ref = old[cand]
                 break
         entry, n_new, n_reused = _write_file(drive, app, item, ref, bs)
+        if item.inode is not None:
+            linked[item.inode] = entry
         reused += n_reused
         nbytes += entry.size
         if prev != entry:

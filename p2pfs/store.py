@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -94,20 +95,23 @@ def _check_key(key: bytes) -> None:
         raise ValueError("drive key must be 32 bytes")
 
 
-class Store:
-    """A node's LMDB environment plus its key directory.
+# LMDB allows one open environment per file per process: Store handles of
+# one home in one process share it (reference counted).
+_envs: dict[str, list] = {}
+_envs_lock = threading.Lock()
+_DB_NAMES = (b"blocks", b"nodes", b"heads", b"forks", b"drives", b"held")
 
-    Raises StoreError when the home cannot be opened or written.
-    """
 
-    def __init__(self, home: str | os.PathLike, *, readonly: bool = False):
-        self.home = Path(home)
-        self.keys_dir = self.home / "keys"
-        path = self.home / "store"
+def _acquire_env(path: str):
+    with _envs_lock:
+        got = _envs.get(path)
+        if got is not None:
+            got[2] += 1
+            return got[0], got[1]
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            self.env = lmdb.open(
-                str(path),
+            os.makedirs(path, exist_ok=True)
+            env = lmdb.open(
+                path,
                 map_size=MAP_SIZE,
                 max_dbs=16,
                 max_readers=MAX_READERS,
@@ -117,20 +121,50 @@ class Store:
                 readahead=True,  # without it a cold 64 KiB block faults in as 16 single-page reads: 10x slower
                 subdir=True,
             )
-        except (OSError, lmdb.Error) as exc:
-            raise StoreError(f"cannot open the store in {path}: {exc}") from None
-        try:
-            self._blocks = self.env.open_db(b"blocks")
-            self._nodes = self.env.open_db(b"nodes")
-            self._heads = self.env.open_db(b"heads")
-            self._forks = self.env.open_db(b"forks")
-            self._drives = self.env.open_db(b"drives")
-            self._held = self.env.open_db(b"held")
+        except OSError as exc:
+            raise StoreError(f"cannot open the store in {path}: {exc.strerror}") from None
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the store in {path}: {exc}") from None
+        try:
+            dbs = tuple(env.open_db(name) for name in _DB_NAMES)
+        except lmdb.Error as exc:
+            env.close()
+            raise StoreError(f"cannot open the store in {path}: {exc}") from None
+        _envs[path] = [env, dbs, 1]
+        return env, dbs
+
+
+def _release_env(path: str) -> None:
+    with _envs_lock:
+        got = _envs[path]
+        got[2] -= 1
+        if got[2] == 0:
+            del _envs[path]
+            got[0].close()
+
+
+class Store:
+    """A node's LMDB environment plus its key directory.
+
+    Several Store objects for one home in one process share one environment.
+
+    Raises StoreError when the home cannot be opened or written.
+    """
+
+    def __init__(self, home: str | os.PathLike):
+        self.home = Path(home)
+        self.keys_dir = self.home / "keys"
+        self._path = os.path.realpath(self.home / "store")
+        self._closed = False
+        self.env, dbs = _acquire_env(self._path)
+        (self._blocks, self._nodes, self._heads, self._forks, self._drives,
+         self._held) = dbs
 
     def close(self) -> None:
-        self.env.close()
+        """Release this handle; the environment closes with its last handle."""
+        if not self._closed:
+            self._closed = True
+            _release_env(self._path)
 
     def __enter__(self) -> "Store":
         return self

@@ -204,3 +204,23 @@ async def test_interrupted_write_garbage_is_ignored_then_cleaned(owner):
     import_directory(Drive(store, key), src)
     assert store.get_block(key, length) != b"garbage"
     assert verify_drive(Drive(store, key)) == []
+
+
+async def test_hard_links_share_blocks(tmp_path, home):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(3 * BS))
+    os.link(src / "a", src / "b")
+    with Store(home) as store:
+        r = create_drive(store, src, block_size=BS)
+        assert r.new_content_blocks == 3
+        d = await _open(store, r.key)
+        a, b = await d.lookup("/a"), await d.lookup("/b")
+        assert a.extents == b.extents and await d.read(b, 0, 3 * BS) == (src / "a").read_bytes()
+        with open(src / "a", "r+b") as f:
+            f.write(b"changed")
+        r2 = import_directory(Drive(store, r.key), src)
+        assert r2.new_content_blocks == 1
+        d = await _open(store, r.key)
+        a, b = await d.lookup("/a"), await d.lookup("/b")
+        assert a.extents == b.extents and await d.read(b, 0, 7) == b"changed"

@@ -110,3 +110,16 @@ def test_two_processes_share_the_store(home):
         subprocess.run([sys.executable, "-c", code], check=True, env=cli_env(), cwd=REPO)
         assert mine.get_block(K2, 49) == b"theirs" * 1000
         assert mine.held(K2) == (50, 300_000)
+
+
+def test_handles_in_one_process_share_the_environment(home):
+    a = Store(home)
+    b = Store(home)  # LMDB alone would refuse a second open in one process
+    a.put_blocks(K1, 0, [b"shared"])
+    assert b.get_block(K1, 0) == b"shared"
+    a.close()
+    a.close()  # idempotent
+    assert b.get_block(K1, 0) == b"shared"
+    b.close()
+    with Store(home) as c:
+        assert c.get_block(K1, 0) == b"shared"
