@@ -61,6 +61,9 @@ READY_ENV = "P2PFS_MOUNT_READY_FD"
 READ_AHEAD_KB = 1024  # kernel read-ahead for the mount: 1 MiB reads (the FUSE maximum)
 FUSERMOUNT = "fusermount3"
 _MAX_STALE_LAYERS = 16
+# A FUSE mount whose server died answers ENOTCONN (ECONNABORTED while the
+# kernel is still aborting requests that were in flight).
+_DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 class MountError(P2pfsError):
@@ -123,7 +126,7 @@ def clear_stale(path: str) -> int:
             os.statvfs(path)
             return cleared
         except OSError as exc:
-            if exc.errno != errno.ENOTCONN:
+            if exc.errno not in _DEAD:
                 return cleared
         done = _fusermount("-u", "-z", "-q", path)
         if done.returncode != 0:
