@@ -238,26 +238,32 @@ ops = st.one_of(
 )
 
 
+BASE = {b"/": DIR, b"/a": DIR, b"/b": DIR, b"/b/a": DIR}
+BASE.update({d + b"/f%03d" % i: f(i) for d in (b"/a", b"/b/a", b"/zz") for i in range(400)})
+
+
 @pytest.mark.parametrize("block_size", [512, 1024, 65536])
 @pytest.mark.parametrize("split_count", [3, ix._SPLIT_COUNT])
-def test_writer_matches_a_dict_model_and_old_versions_stay(block_size, split_count):
+@pytest.mark.parametrize("base", [{b"/": DIR}, BASE], ids=["empty", "deep"])
+def test_writer_matches_a_dict_model_and_old_versions_stay(block_size, split_count, base):
     old_split = ix._SPLIT_COUNT
     ix._SPLIT_COUNT = split_count
     try:
-        run_model(block_size)
+        run_model(block_size, base)
     finally:
         ix._SPLIT_COUNT = old_split
 
 
-def run_model(block_size):
+def run_model(block_size, base):
     @given(st.lists(ops, max_size=40), st.booleans())
-    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=50 if len(base) == 1 else 25, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
     def prop(sequence, fresh_writers):
         log = Log()
         cache = NodeCache(max_nodes=8)
-        blocks, root = build([(b"/", DIR)], 1, block_size)
+        blocks, root = build(base.items(), 1, block_size)
         log.append(blocks)
-        model = {b"/": DIR}
+        model = dict(base)
         versions = [(root, dict(model))]
         writer = IndexWriter(log, root, cache)
         for op in sequence + [("commit",)]:
