@@ -814,9 +814,26 @@ def create_drive(store: Store, directory: str | os.PathLike, *, message: str = "
     total = sum(it.size for it in items if it.kind == KIND_FILE)
     if on_scan is not None:
         on_scan(total)
+    _discard_orphans(store)
     key, seed = crypto.generate_keypair()
     key_text = crypto.encode_key(key)
-    store.save_secret(key_text, seed)
+    with store.writer_lock(key, f"drive {key_text}"):
+        store.save_secret(key_text, seed)
+        return _create(store, key, seed, items, message, block_size, progress)
+
+
+def _discard_orphans(store: Store) -> None:
+    """Delete the unsigned blocks of creates that were killed (not running ones)."""
+    for orphan in store.orphan_keys():
+        try:
+            with store.writer_lock(orphan):
+                store.discard_blocks_from(orphan, 0)
+        except StoreError:
+            pass  # a create in progress in another process
+
+
+def _create(store: Store, key: bytes, seed: bytes, items: list[_Item], message: str,
+            block_size: int, progress) -> WriteResult:
     now = time.time_ns()
     app = _Appender(store, key, 0, [], progress)
     app.append(index.encode_block(Header(1, block_size, now)))
@@ -863,10 +880,20 @@ def import_directory(drive: Drive, directory: str | os.PathLike, *, message: str
     the same position; a file that appears where one of the same size
     vanished is compared with it block by block (renames reuse blocks)."""
     seed = drive.seed()
-    store, key = drive.store, drive.key
     items = scan_directory(directory, warn)
-    if drive.head is None:
+    with drive.store.writer_lock(drive.key, f"drive {drive.key_text}"):
+        return _import(drive, seed, items, message, checksum, progress, on_scan)
+
+
+def _import(drive: Drive, seed: bytes, items: list[_Item], message: str, checksum: bool,
+            progress, on_scan) -> WriteResult:
+    store, key = drive.store, drive.key
+    latest = store.latest_head(key)  # another process may have written since
+    if latest is None:
         raise NotFoundError(f"unknown drive {drive.key_text}")
+    if drive.head is None or latest.length > drive.head.length:
+        drive._check_signature(latest)
+        drive.head = latest
     drive.open_local()  # the newest version, verified
     store.discard_blocks_from(key, drive.head.length)  # an interrupted write's garbage
     old = dict(drive.walk_local())

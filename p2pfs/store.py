@@ -39,10 +39,12 @@ count, so `blocks_held`/`bytes_held` are exact and cost one read.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import struct
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -306,6 +308,44 @@ class Store:
                 if end is not None and i >= end:
                     return
                 yield i, v
+
+    @contextmanager
+    def writer_lock(self, key: bytes, what: str = "a drive"):
+        """Hold the exclusive right to append to a drive's log (a flock on
+        locks/<key hex>.lock, released when the process dies).
+
+        Raises StoreError at once if another process holds it."""
+        path = self.home / "locks" / f"{key.hex()}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot create lock file {path}: {exc.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"another p2pfs process is writing {what}; "
+                                 "try again when it has finished") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def orphan_keys(self) -> list[bytes]:
+        """Keys with blocks but no signed head: creates that were interrupted
+        (or are running now; callers check `writer_lock`)."""
+        out = []
+        with self.env.begin(buffers=True) as txn:
+            cur = txn.cursor(db=self._blocks)
+            heads = txn.cursor(db=self._heads)
+            ok = cur.first()
+            while ok:
+                key = bytes(cur.key()[:KEY_BYTES])
+                if not (heads.set_range(key) and bytes(heads.key()[:KEY_BYTES]) == key):
+                    out.append(key)
+                ok = cur.set_range(key + b"\xff" * 8) and (
+                    bytes(cur.key()[:KEY_BYTES]) != key or cur.next())
+        return out
 
     def discard_blocks_from(self, key: bytes, length: int) -> int:
         """Delete blocks >= length (an interrupted write's garbage).  Returns how many."""

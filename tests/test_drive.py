@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -15,7 +17,7 @@ from p2pfs.errors import (BlockUnavailableError, ForkError, NotFoundError, Usage
 from p2pfs.store import Store
 from p2pfs.types import Head, Node
 
-from helpers import make_tree
+from helpers import REPO, cli_env, make_tree, run_cli
 
 BS = 4096
 
@@ -224,3 +226,24 @@ async def test_hard_links_share_blocks(tmp_path, home):
         d = await _open(store, r.key)
         a, b = await d.lookup("/a"), await d.lookup("/b")
         assert a.extents == b.extents and await d.read(b, 0, 7) == b"changed"
+
+
+def test_create_discards_killed_creates_only(tmp_path, home):
+    src = make_tree(tmp_path / "src", files=5)
+    dead, busy = b"\x01" * 32, b"\x02" * 32
+    with Store(home) as store:
+        store.put_blocks(dead, 0, [b"x"] * 4)
+        store.put_blocks(busy, 0, [b"y"] * 4)
+        with store.writer_lock(busy):  # held as if by a create running elsewhere
+            code = ("import sys\nfrom p2pfs.store import Store\nfrom p2pfs.drive import create_drive\n"
+                    f"s = Store({str(home)!r})\ncreate_drive(s, {str(src)!r})\n")
+            subprocess.run([sys.executable, "-c", code], check=True, env=cli_env(), cwd=REPO)
+        assert store.held(dead) == (0, 0)
+        assert store.held(busy) == (4, 4)
+
+
+def test_concurrent_import_is_refused(owner):
+    store, key, src = owner
+    with store.writer_lock(key):
+        r = run_cli(store.home, "import", crypto.encode_key(key), src, check=False)
+        assert r.returncode == 1 and "another p2pfs process is writing" in r.stderr

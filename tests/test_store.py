@@ -123,3 +123,21 @@ def test_handles_in_one_process_share_the_environment(home):
     b.close()
     with Store(home) as c:
         assert c.get_block(K1, 0) == b"shared"
+
+
+def test_writer_lock_and_orphans(home):
+    from p2pfs.errors import StoreError
+    with Store(home) as s:
+        s.put_blocks(K1, 0, [b"unsigned"] * 3)  # a create that never signed
+        s.put_blocks(K2, 0, [b"signed"])
+        s.put_head(K2, Head(1, b"r" * 32, b"s" * 64))
+        assert s.orphan_keys() == [K1]
+        with s.writer_lock(K1):
+            code = (f"from p2pfs.store import Store\n"
+                    f"s = Store({str(home)!r})\n"
+                    f"with s.writer_lock({K1!r}, 'drive X'): pass\n")
+            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               env=cli_env(), cwd=REPO)
+            assert p.returncode != 0 and "another p2pfs process is writing drive X" in p.stderr
+        with s.writer_lock(K1):  # released: can be taken again
+            pass
