@@ -107,7 +107,7 @@ class _File:
     """An open file: its inode, the entry it reads, and read-ahead state."""
 
     __slots__ = ("ino", "path", "entry", "expected", "window", "ahead_until", "ahead_target",
-                 "ahead_running", "cancel", "failed")
+                 "ahead_running", "cancel", "closed", "failed")
 
     def __init__(self, ino: int, path: bytes, entry: Entry):
         self.ino = ino
@@ -118,7 +118,8 @@ class _File:
         self.ahead_until = 0  # bytes [.., ahead_until) are fetched or being fetched
         self.ahead_target = 0  # the prefetcher works until ahead_until reaches this
         self.ahead_running = False
-        self.cancel = trio.CancelScope()
+        self.cancel: trio.CancelScope | None = None  # the running prefetcher's scope
+        self.closed = False
         self.failed: tuple[int, int, float] | None = None  # (start, end, until): EIO fast
 
 
@@ -381,7 +382,9 @@ class DriveFS(pyfuse3.Operations):
     async def release(self, fh):
         f = self._files.pop(fh, None)
         if f is not None:
-            f.cancel.cancel()
+            f.closed = True
+            if f.cancel is not None:
+                f.cancel.cancel()
 
     async def statfs(self, ctx=None):
         s = pyfuse3.StatvfsData()
@@ -460,7 +463,7 @@ class DriveFS(pyfuse3.Operations):
             f.window = 0
             f.ahead_until = 0
         f.expected = off + size
-        if not self.prefetch or f.window == 0 or self._nursery is None:
+        if not self.prefetch or f.window == 0 or self._nursery is None or f.closed:
             return
         bs = self.drive.block_size
         end = min(f.entry.size, (f.expected // bs + f.window) * bs)
@@ -469,12 +472,16 @@ class DriveFS(pyfuse3.Operations):
             return
         f.ahead_target = max(f.ahead_target, end)
         if not f.ahead_running:
+            try:
+                self._nursery.start_soon(self._prefetcher, f)
+            except RuntimeError:  # shutting down: the nursery takes no new tasks
+                return
             f.ahead_running = True
-            self._nursery.start_soon(self._prefetcher, f)
 
     async def _prefetcher(self, f: _File) -> None:
         """Fetch [ahead_until, ahead_target) of `f` one window piece at a time."""
         bs = self.drive.block_size
+        f.cancel = trio.CancelScope()
         try:
             with f.cancel:
                 while f.ahead_until < f.ahead_target:
@@ -486,8 +493,13 @@ class DriveFS(pyfuse3.Operations):
             # The reader's own read will hit the same block and report EIO.
             log.debug("read-ahead of %r stopped: %s", f.path, exc)
             f.ahead_until = f.expected
+        except Exception:
+            # Read-ahead is only a hint: a bug here must not take the mount down.
+            log.exception("read-ahead of %r failed", f.path)
+            f.ahead_until = f.expected
         finally:
             f.ahead_running = False
+            f.cancel = None
 
     # ------------------------------------------------------ following versions
 

@@ -26,8 +26,9 @@ p2pfs mount answering) is refused with a message saying to unmount it.
 Readiness: the mount is ready once a `stat` of the mount point, which the
 kernel passes to our own main loop, has returned.  `--daemon` re-executes
 the same command line in a new session with `P2PFS_MOUNT_READY_FD` naming
-the write end of a pipe; the child writes one byte there when ready (after
-pointing its stdout and stderr at /dev/null), and the parent returns 0.  If
+the write end of a pipe; the child writes its "mounted" line there when
+ready (after pointing stdout at /dev/null and stderr at HOME/mount.log),
+and the parent returns 0.  If
 the pipe closes without that byte, the parent prints what the child wrote
 on stderr and returns its exit status.
 """
@@ -42,6 +43,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 import pyfuse3
@@ -58,6 +60,7 @@ __all__ = [
 ]
 
 READY_ENV = "P2PFS_MOUNT_READY_FD"
+LOG_NAME = "mount.log"  # in the home: what a --daemon mount would have printed
 READ_AHEAD_KB = 1024  # kernel read-ahead for the mount: 1 MiB reads (the FUSE maximum)
 FUSERMOUNT = "fusermount3"
 _MAX_STALE_LAYERS = 16
@@ -299,11 +302,21 @@ def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
             return
         sys.stdout.flush()
         sys.stderr.flush()
+        # Detach from the parent's pipes; warnings (an EIO's cause) and any
+        # crash go to HOME/mount.log instead.
         devnull = os.open(os.devnull, os.O_RDWR)
+        log_path = os.path.join(store.home, LOG_NAME)
+        try:
+            logfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError:
+            logfd = os.dup(devnull)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
+        os.dup2(logfd, 2)
         os.close(devnull)
+        os.close(logfd)
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message} (pid {os.getpid()})",
+              file=sys.stderr, flush=True)
         fd = int(ready_fd)
         os.write(fd, message.encode() + b"\n")
         os.close(fd)

@@ -325,6 +325,7 @@ def test_daemon_returns_only_when_ready(tmp_path, home):
         assert mount_layers(mnt) == ["fuse.p2pfs"]
         assert (mnt / "run.sh").read_bytes() == (src / "run.sh").read_bytes()
         assert alive(pid)
+        assert f"(pid {pid})" in (home / "mount.log").read_text()  # where its warnings go
         # A second mount on the same live mount point is refused, not stacked.
         again = run_cli(home, "mount", key, mnt, "--daemon", check=False)
         assert again.returncode == 2 and "already mounted" in again.stderr
