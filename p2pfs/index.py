@@ -153,6 +153,10 @@ def normalize_path(path: bytes | str) -> bytes:
     Relative paths are taken from the root; empty and "." components are
     dropped.  Raises UsageError for "..", NUL bytes, or over-long names/paths.
     """
+    if (type(path) is bytes and path[:1] == b"/" and len(path) <= MAX_NAME + 1
+            and b"//" not in path and b"/./" not in path and b"/../" not in path
+            and b"\x00" not in path and (path == b"/" or not path.endswith((b"/", b"/.", b"/..")))):
+        return path  # already normal (the common case, kept cheap for bulk loads)
     if isinstance(path, str):
         path = os.fsencode(path)
     if not isinstance(path, bytes):

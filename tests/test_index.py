@@ -614,3 +614,17 @@ def test_a_missing_block_leaves_move_and_delete_undone():
     blocks, new_root = writer.finish(len(log.blocks), 512)
     log.append(blocks)
     check_version(log, new_root, model)
+
+
+@given(st.lists(st.sampled_from([b"", b".", b"..", b"a", b"..a", b".b", b"\x00", b"x" * 200, b"y" * 256]), max_size=6),
+       st.booleans(), st.booleans())
+def test_normalize_path_agrees_with_a_slow_reference(parts, lead, trail):
+    raw = (b"/" if lead else b"") + b"/".join(parts) + (b"/" if trail else b"")
+    kept = [p for p in raw.split(b"/") if p and p != b"."]
+    want = b"/" + b"/".join(kept)
+    if b"\x00" in raw or b".." in kept or any(len(p) > 255 for p in kept) or len(want) > 4096:
+        with pytest.raises(UsageError):
+            normalize_path(raw)
+    else:
+        assert normalize_path(raw) == want
+        assert normalize_path(want) == want
