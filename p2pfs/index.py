@@ -20,7 +20,12 @@ Invariants (checked by the readers where a peer could break them):
 * A node's children have smaller block indices than the node itself (a commit
   appends children before parents), so every descent terminates even on a
   malicious drive; a node breaking this is a `VerificationError`.
-* Encoded nodes never exceed the drive's block size.
+* Readers check each stored node's keys against the range its parent gives
+  it, and that leaves below the root are not empty; so no subtree can be
+  reached twice and a scan costs at most what its keys cost.
+* Encoded nodes never exceed the drive's block size (split by encoded size).
+  Every separator key fits twice in a node, so each internal node holds at
+  least two children and building the levels above always converges.
 
 Copy-on-write: `IndexWriter` copies a node into memory the first time a change
 touches it and keeps every dirty node in memory until `finish`, which encodes
