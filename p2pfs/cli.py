@@ -24,7 +24,7 @@ import trio
 
 from . import __version__, crypto, drive as drive_mod
 from .errors import P2pfsError, UsageError
-from .index import KIND_DIR, KIND_FILE, KIND_SYMLINK, Entry
+from .index import KIND_DIR, KIND_SYMLINK, Entry
 from .node import DEFAULT_TIMEOUT, local_drive, open_drive, open_store, parse_drive_ref
 
 CAT_CHUNK = 4 << 20

@@ -36,10 +36,9 @@ from __future__ import annotations
 
 import os
 import stat as stat_mod
-import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Protocol
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
 
 from . import crypto, flat, index, tree
 from .errors import (
@@ -644,7 +643,6 @@ class WriteResult:
     index_blocks: int = 0
     files: int = 0
     bytes: int = 0
-    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass

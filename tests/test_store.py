@@ -126,7 +126,6 @@ def test_handles_in_one_process_share_the_environment(home):
 
 
 def test_writer_lock_and_orphans(home):
-    from p2pfs.errors import StoreError
     with Store(home) as s:
         s.put_blocks(K1, 0, [b"unsigned"] * 3)  # a create that never signed
         s.put_blocks(K2, 0, [b"signed"])
