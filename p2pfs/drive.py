@@ -336,10 +336,15 @@ class Drive:
     async def _sync(self, fn, path: bytes | None = None):
         """Run synchronous index code, fetching blocks it misses, until done."""
         tried_path = False
+        last: list[int] | None = None
         while True:
             try:
                 return fn()
             except MissingBlock as missing:
+                if missing.indices == last:  # the source said yes but did not store it
+                    raise BlockUnavailableError(
+                        f"block {last[0]} of drive {self.key_text} could not be fetched") from None
+                last = missing.indices
                 await self._fetch(missing.indices, None if tried_path else path)
                 tried_path = True
 

@@ -247,3 +247,23 @@ def test_concurrent_import_is_refused(owner):
     with store.writer_lock(key):
         r = run_cli(store.home, "import", crypto.encode_key(key), src, check=False)
         assert r.returncode == 1 and "another p2pfs process is writing" in r.stderr
+
+
+async def test_a_source_that_stores_nothing_cannot_loop_forever(owner, home2):
+    store, key, src = owner
+
+    class Empty:
+        calls = 0
+
+        async def fetch(self, drive, blocks):
+            Empty.calls += 1
+
+        async def fetch_path(self, drive, path):
+            pass
+
+    with Store(home2) as store2:
+        d = Drive(store2, key, Empty())
+        d.accept_head(Drive(store, key).head)
+        with pytest.raises(BlockUnavailableError, match="could not be fetched"):
+            await d.open()
+        assert Empty.calls == 1
