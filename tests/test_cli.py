@@ -336,3 +336,24 @@ def test_kill_9_create_and_import(home, tmp_path):
     # and the next import after all that completes
     run_cli(home, "import", "-q", key, b if version % 2 else a)
     run_cli(home, "verify", key)
+
+
+def test_progress_plain_without_a_terminal_and_bar_on_one(home, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_random(src / "f", 80 << 20, seed=3)
+    r = run_cli(home, "create", src)
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("create: 80.0 MiB to hash") and lines[-1] == "create: 100%"
+    assert run_cli(home, "create", "-q", src).stderr == ""
+    # on a terminal: a rich progress bar (needs util-linux `script` for a pty)
+    import shutil
+    if shutil.which("script") is None:
+        return
+    cmd = " ".join(f"'{c}'" for c in cli_command(home, "create", src))
+    p = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, env=cli_env(),
+                       cwd=REPO)
+    assert p.returncode == 0
+    out = p.stdout.decode("utf-8", "replace")
+    assert "\x1b[" in out and "create" in out  # drawn with terminal escapes
+    assert re.search(r"[ybndrfg8ejkmcpqxot1uwisza345h769]{52}", out)
