@@ -425,3 +425,31 @@ def test_big_directory_listing(tmp_path, home):
             sizes = {e.name: e.stat().st_size for e in os.scandir(mnt / "many")}
             assert sizes == {n: len(str(int(n[5:]))) for n in names}
         assert (mnt / "many" / "file-02999").read_bytes() == b"2999"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+@pytest.mark.parametrize("allow_other", [False, True], ids=["owner-only", "allow-other"])
+def test_allow_other(tmp_path, home, allow_other):
+    import tempfile
+
+    from helpers import as_nobody
+    src = make_tree(tmp_path / "src", files=5)
+    (src / "public.txt").write_bytes(b"for everyone\n")
+    (src / "public.txt").chmod(0o644)
+    key = create(home, src)
+    # pytest's tmp dirs are private to root: mount where another user can walk to.
+    top = Path(tempfile.mkdtemp(prefix="p2pfs-allow-other-"))
+    try:
+        top.chmod(0o755)
+        mnt = top / "mnt"
+        with mounted(home, key, mnt, *(["--allow-other"] if allow_other else [])):
+            other = subprocess.run([*as_nobody(), "cat", str(mnt / "public.txt")],
+                                   capture_output=True)
+            if allow_other:
+                assert other.returncode == 0 and other.stdout == b"for everyone\n", other.stderr
+            else:
+                assert other.returncode != 0 and b"Permission denied" in other.stderr
+            assert (mnt / "public.txt").read_bytes() == b"for everyone\n"  # the owner always can
+    finally:
+        force_unmount(top / "mnt")
+        shutil.rmtree(top, ignore_errors=True)
