@@ -20,7 +20,7 @@ removed on exit, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import shutil
 import statistics
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +78,8 @@ class P2pfs:
         self.lab = lab
         self.work = work
         self._homes = 0
+        self.seeds = 0  # seeder processes stopped so far
+        self.faults: list[str] = []  # seeders that crashed or did not stop cleanly
 
     def argv(self, home: Path, *args: str) -> list[str]:
         return [sys.executable, "-m", "p2pfs", "--home", str(home), *args]
@@ -100,9 +102,13 @@ class P2pfs:
         return None
 
     def check(self, done: subprocess.CompletedProcess, what: str) -> None:
+        """Raise LabError if the command failed: its first line names the
+        command and its last stderr line, the rest is the stderr tail."""
         if done.returncode != 0:
             err = done.stderr if isinstance(done.stderr, str) else (done.stderr or b"").decode(errors="replace")
-            raise LabError(f"{what} exited with {done.returncode}: {err.strip()[-400:]}")
+            lines = [ln for ln in err.splitlines() if ln.strip()]
+            last = lines[-1].strip() if lines else "(no stderr)"
+            raise LabError(f"{what} exited with {done.returncode}: {last}\n" + "\n".join(lines[-15:]))
 
     def create(self, ns: Netns, home: Path, src: Path) -> tuple[str, float]:
         seconds, done = self.lab.timed(ns, self.argv(home, "create", str(src), "--quiet"),
@@ -123,27 +129,49 @@ class P2pfs:
         try:
             stdout = subprocess.PIPE if expect is not None else subprocess.DEVNULL
             seconds, done = self.lab.timed(ns, argv, stdout=stdout, stderr=subprocess.PIPE, timeout=timeout)
-            self.check(done, f"p2pfs {' '.join(args[:1])}")
+            try:
+                self.check(done, f"p2pfs {' '.join(args[:1])}")
+            except LabError as exc:
+                dead = [f"peer {p.address} had exited with {p.proc.returncode}:\n{p.log_tail(40)}"
+                        for p in peers if p.proc.poll() is not None]
+                raise LabError("\n".join([str(exc), f"peers: {' '.join(p.address for p in peers)}", *dead])) from None
             if expect is not None and done.stdout != expect:
                 raise LabError(f"p2pfs {' '.join(args)} printed {len(done.stdout)} bytes, not the expected {len(expect)}")
             return seconds
         finally:
             shutil.rmtree(home, ignore_errors=True)
 
-    def stop(self, seeders: Sequence[Service], notes: list[str]) -> None:
-        for s in seeders:
-            code = s.stop()
-            if code != 0:
-                notes.append(f"a seeder stopped by SIGTERM exited with {code}:\n{s.log_tail(5)}")
+    @contextlib.contextmanager
+    def seeders(self, key: str, home: Path, where: Sequence[tuple[Netns, str]]) -> Iterator[list[Service]]:
+        """Fresh `p2pfs seed` processes, one per (namespace, host), all sharing
+        `home`; stopped with SIGTERM on exit.  A seeder that exited on its own
+        or did not stop cleanly is recorded in `self.faults`."""
+        started: list[Service] = []
+        try:
+            for ns, host in where:
+                started.append(self.seed(ns, home, key, host))
+            yield started
+        finally:
+            for s in started:
+                self.seeds += 1
+                early = s.proc.poll()
+                code = s.stop()
+                if early is not None:
+                    self.faults.append(f"seeder {s.address} exited on its own with {early} while in use:\n{s.log_tail(40)}")
+                elif code != 0:
+                    self.faults.append(f"seeder {s.address} exited with {code} on SIGTERM:\n{s.log_tail(40)}")
 
 
-def guarded(rows: list[Row], names: Sequence[str], goals: Sequence[str], fn: Callable[[], list[Row]]) -> None:
-    """Run a group of rows; on failure, record each of its rows as FAILED with the reason."""
+def guarded(rows: list[Row], notes: list[str], names: Sequence[str], goals: Sequence[str],
+            fn: Callable[[], list[Row]]) -> None:
+    """Run a group of rows; on failure, record each of its rows as FAILED with
+    the reason's first line, and the whole reason as a note."""
     try:
         rows.extend(fn())
     except (LabError, subprocess.TimeoutExpired, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        rows.extend(Row(n, goal=g, verdict=f"FAILED: {reason}") for n, g in zip(names, goals))
+        text = str(exc).strip() or type(exc).__name__
+        rows.extend(Row(n, goal=g, verdict=f"FAILED: {text.splitlines()[0]}") for n, g in zip(names, goals))
+        notes.append(f"{names[0]}: {text}")
 
 
 def judge(ratio: float, goal: float) -> str:
@@ -233,20 +261,21 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
     ls_expect = lab.run(lo, p2p.argv(seed_home, "ls", key, "/docs"), capture_output=True, timeout=60)
     p2p.check(ls_expect, "p2pfs ls (seeder's own home)")
 
-    # 1 and 3: one seeder on the loopback of namespace `lo`.
-    seeder = p2p.seed(lo, seed_home, key, "127.0.0.1")
-    try:
-        def cold() -> list[Row]:
+    # Every group gets fresh seeders, so that one seeder's failure shows in
+    # the seeder row and does not skew the other groups' figures.
+    def cold() -> list[Row]:
+        with p2p.seeders(key, seed_home, [(lo, "127.0.0.1")]) as (seeder,):
             s = p2p.timed_read(lo, key, ["cat", key, "/big.bin"], [seeder])
-            rate = args.size * MiB / s
-            return [Row(cold_name, mbs(rate), f"raw TCP {mbs(raw)}", f"{rate / raw:.3f}", ">= 0.2",
-                        judge(rate / raw, 0.2))]
+        rate = args.size * MiB / s
+        return [Row(cold_name, mbs(rate), f"raw TCP {mbs(raw)}", f"{rate / raw:.3f}", ">= 0.2",
+                    judge(rate / raw, 0.2))]
 
-        guarded(rows, [cold_name], [">= 0.2"], cold)
+    guarded(rows, notes, [cold_name], [">= 0.2"], cold)
 
-        def latency() -> list[Row]:
+    def latency() -> list[Row]:
+        out = []
+        with p2p.seeders(key, seed_home, [(lo, "127.0.0.1")]) as (seeder,):
             proxy = lab.delay_proxy(lo, seeder.addr, rtt)
-            out = []
             try:
                 for name, cmd, expect in ((lat_names[0], ["cat", key, "/small.txt"], small),
                                           (lat_names[1], ["ls", key, "/docs"], ls_expect.stdout)):
@@ -259,26 +288,21 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
                                    f"{(w - d) / rtt:.1f} round trips", "report"))
             finally:
                 proxy.stop()
-            return out
+        return out
 
-        guarded(rows, lat_names, ["report", "report"], latency)
-    finally:
-        p2p.stop([seeder], notes)
+    guarded(rows, notes, lat_names, ["report", "report"], latency)
 
     # 2: several seeders behind rate-limited links, one reader.
     def multi() -> list[Row]:
-        seeders = []
-        try:
-            for link in links:
-                seeders.append(p2p.seed(link.a, seed_home, key, link.a_ip))
-            one = p2p.timed_read(reader, key, ["cat", key, "/mid.bin"], seeders[:1])
-            many = p2p.timed_read(reader, key, ["cat", key, "/mid.bin"], seeders)
-            start_one = statistics.median(p2p.timed_read(reader, key, ["cat", key, "/small.txt"], seeders[:1],
-                                                         expect=small, timeout=120) for _ in range(3))
-            start_many = statistics.median(p2p.timed_read(reader, key, ["cat", key, "/small.txt"], seeders,
-                                                          expect=small, timeout=120) for _ in range(3))
-        finally:
-            p2p.stop(seeders, notes)
+        def measure(peers: list[Service]) -> tuple[float, float]:
+            start = statistics.median(p2p.timed_read(reader, key, ["cat", key, "/small.txt"], peers,
+                                                     expect=small, timeout=120) for _ in range(3))
+            return p2p.timed_read(reader, key, ["cat", key, "/mid.bin"], peers), start
+
+        with p2p.seeders(key, seed_home, [(links[0].a, links[0].a_ip)]) as peers:
+            one, start_one = measure(peers)
+        with p2p.seeders(key, seed_home, [(l.a, l.a_ip) for l in links]) as peers:
+            many, start_many = measure(peers)
         size = args.multi_size * MiB
         r1, rn = size / one, size / many
         t1, tn = size / max(one - start_one, 1e-9), size / max(many - start_many, 1e-9)
@@ -289,7 +313,13 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
             Row(multi_names[2], mbs(r1), f"raw TCP {mbs(one_raw)}", f"{r1 / one_raw:.2f}", "report"),
         ]
 
-    guarded(rows, multi_names, [">= 3.5x", ">= 3.5x", "report"], multi)
+    guarded(rows, notes, multi_names, [">= 3.5x", ">= 3.5x", "report"], multi)
+
+    ok = p2p.seeds - len(p2p.faults)
+    first = p2p.faults[0].splitlines()[0] if p2p.faults else ""
+    rows.append(Row("seeders: no crash when readers leave, clean stop on SIGTERM", f"{ok}/{p2p.seeds} seeders",
+                    goal="all", verdict=f"FAILED: {first}" if p2p.faults else "ok"))
+    notes.extend(p2p.faults)
 
 
 if __name__ == "__main__":

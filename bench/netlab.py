@@ -493,11 +493,17 @@ class Lab:
         """Start a raw TCP sink process listening on `host` in `ns`."""
         return self.service(ns, self.python("-m", "bench.netlab", "sink", "--listen", f"{host}:0"), "sink", timeout=15.0)
 
-    def source(self, ns: Netns, addr: tuple[str, int], nbytes: int, write_size: int = WRITE_SIZE) -> subprocess.Popen:
-        """Start a raw TCP source process in `ns` writing `nbytes` to `addr`."""
-        return self.spawn(ns, self.python("-m", "bench.netlab", "source", "--connect", format_addr(addr),
-                                          "--bytes", str(nbytes), "--write-size", str(write_size)),
-                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    def source(self, ns: Netns, addr: tuple[str, int], nbytes: int, write_size: int = WRITE_SIZE,
+               wait_go: bool = False) -> subprocess.Popen:
+        """Start a raw TCP source process in `ns` writing `nbytes` to `addr`.
+        With `wait_go` it connects, prints `connected`, and writes only after
+        a line arrives on its stdin (see `raw_tcp_parallel`)."""
+        argv = self.python("-m", "bench.netlab", "source", "--connect", format_addr(addr),
+                           "--bytes", str(nbytes), "--write-size", str(write_size))
+        if wait_go:
+            argv.append("--wait-go")
+        pipe = subprocess.PIPE if wait_go else subprocess.DEVNULL
+        return self.spawn(ns, argv, stdin=pipe, stdout=pipe, stderr=subprocess.PIPE)
 
     @staticmethod
     def sink_result(sink: Service, timeout: float = 60.0) -> dict:
@@ -517,13 +523,25 @@ class Lab:
         each, `nbytes` apiece; returns the aggregate (all bytes over the span
         from the first sink's first byte to the last sink's EOF)."""
         sinks = [self.sink(ns, host) for ns, host, _ in pairs]
-        sources = [self.source(src_ns, sink.addr, nbytes, write_size) for sink, (_, _, src_ns) in zip(sinks, pairs)]
+        sources = [self.source(src_ns, sink.addr, nbytes, write_size, wait_go=True)
+                   for sink, (_, _, src_ns) in zip(sinks, pairs)]
+        # Start every transfer at once, not as each process happens to start.
+        for source in sources:
+            if source.stdout.readline().strip() != b"connected":  # b"" if it exited
+                source.wait()
+                raise LabError(f"raw TCP source failed to connect: {source.stderr.read().decode(errors='replace').strip()}")
+        for source in sources:
+            source.stdin.write(b"go\n")
+            source.stdin.close()
         deadline = time.monotonic() + timeout
         for source in sources:
             try:
-                _, err = source.communicate(timeout=max(0.0, deadline - time.monotonic()))
+                source.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 raise LabError(f"raw TCP source did not finish within {timeout:g} s") from None
+            err = source.stderr.read()  # a few lines at most: only a failing source writes there
+            source.stderr.close()
+            source.stdout.close()
             if source.returncode != 0:
                 raise LabError(f"raw TCP source failed: {err.decode(errors='replace').strip()}")
         results = [self.sink_result(sink, max(0.0, deadline - time.monotonic())) for sink in sinks]
@@ -618,8 +636,11 @@ async def _sink_main(listen: tuple[str, int]) -> None:
     print(json.dumps({"bytes": nbytes, "start": start, "end": end}), flush=True)
 
 
-async def _source_main(connect: tuple[str, int], nbytes: int, write_size: int) -> None:
+async def _source_main(connect: tuple[str, int], nbytes: int, write_size: int, wait_go: bool) -> None:
     async with await trio.open_tcp_stream(*connect) as stream:
+        if wait_go:
+            print("connected", flush=True)
+            await trio.to_thread.run_sync(sys.stdin.readline)
         await tcp_source(stream, nbytes, write_size)
 
 
@@ -637,13 +658,14 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--connect", type=parse_addr, required=True)
     c.add_argument("--bytes", type=int, required=True)
     c.add_argument("--write-size", type=int, default=WRITE_SIZE)
+    c.add_argument("--wait-go", action="store_true", help="after connecting, print 'connected' and wait for a stdin line")
     args = parser.parse_args(argv)
     if args.cmd == "proxy":
         trio.run(_proxy_main, args.listen, args.target, args.rtt, not args.no_handshake)
     elif args.cmd == "sink":
         trio.run(_sink_main, args.listen)
     else:
-        trio.run(_source_main, args.connect, args.bytes, args.write_size)
+        trio.run(_source_main, args.connect, args.bytes, args.write_size, args.wait_go)
     return 0
 
 
