@@ -71,9 +71,10 @@ from p2pfs.errors import (
     BlockUnavailableError,
     NotFoundError,
     P2pfsError,
+    UsageError,
     VerificationError,
 )
-from p2pfs.index import KIND_DIR, KIND_FILE, KIND_SYMLINK, Entry
+from p2pfs.index import KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_PATH, Entry
 
 __all__ = ["DriveFS", "XATTR_KEY", "XATTR_VERSION", "XATTR_BLOCKS_HELD"]
 
@@ -258,6 +259,8 @@ class DriveFS(pyfuse3.Operations):
 
     async def lookup(self, parent_inode, name, ctx=None):
         parent = self._path(parent_inode)
+        if len(name) > MAX_NAME or len(parent) + 1 + len(name) > MAX_PATH:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         if name == b".":
             path = parent
         elif name == b"..":
@@ -645,6 +648,8 @@ def _fuse_error(exc: P2pfsError, path: bytes) -> pyfuse3.FUSEError:
     """The boundary: a domain error becomes an errno (and a log line for EIO)."""
     if isinstance(exc, NotFoundError):
         return pyfuse3.FUSEError(errno.ENOENT)
+    if isinstance(exc, UsageError):  # a name the drive cannot hold (NUL, too long)
+        return pyfuse3.FUSEError(errno.EINVAL)
     if isinstance(exc, (BlockUnavailableError, VerificationError)):
         log.warning("%s: %s", path.decode(errors="replace"), exc)
         return pyfuse3.FUSEError(errno.EIO)

@@ -265,6 +265,11 @@ def test_writes_are_refused_with_erofs(tmp_path, home):
                 attempt()
             assert info.value.errno == errno.EROFS, (attempt, info.value)
         assert os.access(mnt / "run.sh", os.R_OK) and not os.access(mnt / "run.sh", os.W_OK)
+        for missing, code in (("nothing-here", errno.ENOENT), ("x" * 300, errno.ENAMETOOLONG),
+                              ("run.sh/below", errno.ENOTDIR)):
+            with pytest.raises(OSError) as info:
+                os.stat(mnt / missing)
+            assert info.value.errno == code, missing
         same_tree(src, mnt)
 
 
