@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.netlab import Lab, LabError, Netns, Service, format_addr, sigterm_raises
+from bench.netlab import Lab, LabError, Netns, Service, sigterm_raises, tc_rate
 
 MiB = 1024 * 1024
 
@@ -181,14 +181,23 @@ def judge(ratio: float, goal: float) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_net", description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024, help="MiB of the cold-fetch file (default 1024)")
-    parser.add_argument("--multi-size", type=int, default=512, help="MiB of the file read from rate-limited seeders")
+    parser.add_argument("--multi-size", type=int, default=None,
+                        help="MiB of the file read from rate-limited seeders (default: 20 s at one link's rate)")
     parser.add_argument("--rate", default="200mbit", help="tbf rate of each seeder's link (tc syntax)")
     parser.add_argument("--seeders", type=int, default=4)
     parser.add_argument("--rtt-ms", type=float, default=20.0)
-    parser.add_argument("--runs", type=int, default=5, help="runs of each latency measurement (median)")
+    parser.add_argument("--count-rtt-ms", type=float, default=200.0,
+                        help="a second, long RTT at which round trips are counted with less noise")
+    parser.add_argument("--runs", type=int, default=7, help="runs of each latency measurement (median)")
     args = parser.parse_args(list(argv) if argv is not None else [])
     if not 1 <= args.seeders <= 200:
         parser.error("--seeders must be 1..200")
+    try:
+        link_rate = tc_rate(args.rate)
+    except ValueError as exc:
+        parser.error(f"--rate: {exc}")
+    if args.multi_size is None:
+        args.multi_size = max(16, round(link_rate * 20 / MiB / 16) * 16)
 
     rows: list[Row] = []
     notes: list[str] = []
@@ -216,15 +225,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         one_raw = lab.raw_tcp(reader, links[0].a, host=links[0].b_ip, nbytes=probe).rate
         all_raw = lab.raw_tcp_parallel([(reader, l.b_ip, l.a) for l in links], nbytes=probe).rate
         rows.append(Row(f"raw TCP, {args.seeders} tbf links vs 1 (lab check)", mbs(all_raw), mbs(one_raw),
-                        f"{all_raw / one_raw:.2f}x", f">= {args.seeders * 0.9:.1f}x",
-                        judge(all_raw / one_raw, args.seeders * 0.9)))
+                        f"{all_raw / one_raw:.2f}x", f">= {args.seeders * 0.85:.1f}x",
+                        judge(all_raw / one_raw, args.seeders * 0.85)))
 
         why_not = p2p.missing()
         cold_name = f"cold cat {args.size} MiB, 1 seeder, loopback"
         multi_names = [f"cat {args.multi_size} MiB, {args.seeders} seeders vs 1 ({args.rate} each)",
                        "  same, excluding start-up (small cat)",
                        f"  1 seeder vs raw TCP over the same link"]
-        lat_names = [f"cold cat small file @{args.rtt_ms:g} ms RTT", f"cold ls @{args.rtt_ms:g} ms RTT"]
+        lat_names = [f"cold cat small file @{args.rtt_ms:g} ms RTT", f"  same @{args.count_rtt_ms:g} ms RTT",
+                     f"cold ls @{args.rtt_ms:g} ms RTT", f"  same @{args.count_rtt_ms:g} ms RTT"]
         if why_not:
             rows.append(Row(cold_name, baseline=f"raw TCP {mbs(raw)}", goal=">= 0.2", verdict=f"FAILED: {why_not}"))
             rows.extend(Row(n, verdict=f"FAILED: {why_not}") for n in multi_names + lat_names)
@@ -263,10 +273,13 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
 
     # Every group gets fresh seeders, so that one seeder's failure shows in
     # the seeder row and does not skew the other groups' figures.
+    cold_rate: list[float] = []
+
     def cold() -> list[Row]:
         with p2p.seeders(key, seed_home, [(lo, "127.0.0.1")]) as (seeder,):
             s = p2p.timed_read(lo, key, ["cat", key, "/big.bin"], [seeder])
         rate = args.size * MiB / s
+        cold_rate.append(rate)
         return [Row(cold_name, mbs(rate), f"raw TCP {mbs(raw)}", f"{rate / raw:.3f}", ">= 0.2",
                     judge(rate / raw, 0.2))]
 
@@ -274,23 +287,33 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
 
     def latency() -> list[Row]:
         out = []
+        long_rtt = args.count_rtt_ms / 1000
         with p2p.seeders(key, seed_home, [(lo, "127.0.0.1")]) as (seeder,):
             proxy = lab.delay_proxy(lo, seeder.addr, rtt)
+            slow = lab.delay_proxy(lo, seeder.addr, long_rtt)
             try:
-                for name, cmd, expect in ((lat_names[0], ["cat", key, "/small.txt"], small),
-                                          (lat_names[1], ["ls", key, "/docs"], ls_expect.stdout)):
-                    direct, delayed = [], []
-                    for _ in range(args.runs):  # interleaved, so drift hits both alike
+                for names, cmd, expect in ((lat_names[0:2], ["cat", key, "/small.txt"], small),
+                                           (lat_names[2:4], ["ls", key, "/docs"], ls_expect.stdout)):
+                    direct, delayed, slowed = [], [], []
+                    for i in range(args.runs):  # interleaved, so drift hits all alike
                         direct.append(p2p.timed_read(lo, key, cmd, [seeder], expect=expect, timeout=120))
                         delayed.append(p2p.timed_read(lo, key, cmd, [proxy], expect=expect, timeout=120))
-                    d, w = statistics.median(direct), statistics.median(delayed)
-                    out.append(Row(name, f"{w:.3f} s = {w / rtt:.1f} RTT", f"{d:.3f} s without proxy",
+                        if i < 3:
+                            slowed.append(p2p.timed_read(lo, key, cmd, [slow], expect=expect, timeout=120))
+                    d, w, v = (statistics.median(x) for x in (direct, delayed, slowed))
+                    out.append(Row(names[0], f"{w:.3f} s = {w / rtt:.1f} RTT", f"{d:.3f} s without proxy",
                                    f"{(w - d) / rtt:.1f} round trips", "report"))
+                    out.append(Row(names[1], f"{v:.3f} s = {v / long_rtt:.1f} RTT", f"{d:.3f} s without proxy",
+                                   f"{(v - d) / long_rtt:.1f} round trips", "report"))
             finally:
                 proxy.stop()
+                slow.stop()
+        notes.append("round trips = (median wall time through the delay proxy - without it) / RTT, in fresh "
+                     "homes; the proxy charges the TCP handshake too (1 RTT); the count at the long RTT "
+                     "is the less noisy one (process start-up varies by tens of ms here)")
         return out
 
-    guarded(rows, notes, lat_names, ["report", "report"], latency)
+    guarded(rows, notes, lat_names, ["report"] * 4, latency)
 
     # 2: several seeders behind rate-limited links, one reader.
     def multi() -> list[Row]:
@@ -307,6 +330,10 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
         r1, rn = size / one, size / many
         t1, tn = size / max(one - start_one, 1e-9), size / max(many - start_many, 1e-9)
         goal = 3.5 * args.seeders / 4
+        if cold_rate and rn > 0.8 * cold_rate[0]:
+            notes.append(f"the {args.seeders}-seeder read ({mbs(rn)}) is near p2pfs's own loopback speed "
+                         f"({mbs(cold_rate[0])}): it is bound by the reader, not by the links; "
+                         f"a lower --rate measures the spreading")
         return [
             Row(multi_names[0], mbs(rn), mbs(r1), f"{rn / r1:.2f}x", f">= {goal:.2f}x", judge(rn / r1, goal)),
             Row(multi_names[1], mbs(tn), mbs(t1), f"{tn / t1:.2f}x", f">= {goal:.2f}x", judge(tn / t1, goal)),

@@ -82,6 +82,24 @@ def format_addr(addr: tuple[str, int]) -> str:
     return f"{addr[0]}:{addr[1]}"
 
 
+def tc_rate(text: str) -> float:
+    """Bytes per second of a tc rate such as '200mbit' or '25mbps' (tc's SI units)."""
+    units = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8,
+             "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9}
+    low = text.strip().lower()
+    for unit in sorted(units, key=len, reverse=True):
+        number = low.removesuffix(unit)
+        if number != low:
+            try:
+                value = float(number)
+            except ValueError:
+                break
+            if value > 0 and math.isfinite(value):
+                return value * units[unit]
+            break
+    raise ValueError(f"expected a tc rate such as 200mbit or 25mbps, got {text!r}")
+
+
 # --------------------------------------------------------------------------
 # the delay proxy (in-process, trio)
 

@@ -58,6 +58,17 @@ def test_parse_addr():
             parse_addr(bad)
 
 
+def test_tc_rate():
+    assert netlab.tc_rate("200mbit") == 25_000_000
+    assert netlab.tc_rate("200Mbit") == 25_000_000
+    assert netlab.tc_rate("25mbps") == 25_000_000
+    assert netlab.tc_rate("1gbit") == 125_000_000
+    assert netlab.tc_rate("8kbit") == 1000
+    for bad in ("x", "mbit", "-1mbit", "0mbit", "200"):
+        with pytest.raises(ValueError):
+            netlab.tc_rate(bad)
+
+
 @pytest.mark.parametrize("rtt", [0.02, 0.25])
 async def test_proxy_adds_the_configured_rtt_to_each_round_trip(autojump_clock, rtt):
     async with trio.open_nursery() as nursery:
