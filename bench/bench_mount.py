@@ -25,7 +25,6 @@ import random
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -202,7 +201,6 @@ def has_seed() -> bool:
 
 def bench_remote(table: Table, work: Path, size: int) -> None:
     """Seeder and reader on loopback (inside this process's namespace)."""
-    src = work / "seq"
     seed_home = work / "home-seq"
     key = run(p2pfs(seed_home, "drives")).stdout.decode().split()[0]
     log = open(work / "seed.log", "w+")

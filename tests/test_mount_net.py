@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import pytest
 
 from helpers import REPO, cli_command, cli_env, create, file_digest, make_tree, run_cli, write_random
-from test_mount import DEADLINE, mount_layers, mounted, wait_until
+from test_mount import mounted, same_tree, wait_until
 
 BS = 65536
 
@@ -92,7 +92,6 @@ def test_remote_mount_reads_everything_verified(tmp_path, home, home2):
     src = make_tree(tmp_path / "src", files=80, big=5 << 20)
     key = create(home, src)
     with seeding(home, key) as addr, mounted(home2, key, tmp_path / "mnt", "--peer", addr):
-        from test_mount import same_tree
         same_tree(src, tmp_path / "mnt")
 
 
