@@ -457,3 +457,27 @@ def test_allow_other(tmp_path, home, allow_other):
     finally:
         force_unmount(top / "mnt")
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop the kernel's caches")
+def test_forgotten_inodes_come_back_with_the_same_numbers(tmp_path, home):
+    """After the kernel forgets every inode (FORGET for each), lookups start
+    over and every path gets the number it had: inode numbers are stable."""
+    src = make_tree(tmp_path / "src", files=60)
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt):
+        def inodes():
+            out = {}
+            for dirpath, dirnames, filenames in os.walk(mnt):
+                for name in dirnames + filenames:
+                    p = os.path.join(dirpath, name)
+                    out[os.path.relpath(p, mnt)] = os.lstat(p).st_ino
+            return out
+        before = inodes()
+        assert len(set(before.values())) == len(before)  # unique
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2\n")  # dentries and inodes: the kernel sends FORGET
+        assert inodes() == before
+        same_tree(src, mnt)
