@@ -20,17 +20,17 @@ SIGKILL: fusermount3 stays behind as a watchdog and unmounts when our
 A mount left behind anyway (a watchdog killed too, a crash of an older
 build) answers `Transport endpoint is not connected`.  Mounting over it
 would stack a second mount, so `prepare_mountpoint` first clears every
-stale layer with `fusermount3 -uz`.  A mount point that is live (another
+stale layer with `fusermount3 -uz` (found with `statfs`, which unlike
+`stat` is never answered from the kernel's attribute cache).  A mount point that is live (another
 p2pfs mount answering) is refused with a message saying to unmount it.
 
-Readiness: the mount is ready once a `stat` of the mount point, which the
-kernel passes to our own main loop, has returned.  `--daemon` re-executes
+Readiness: the mount is ready once a `statfs` of the mount point, which the
+kernel always passes to our own main loop, has returned.  `--daemon` re-executes
 the same command line in a new session with `P2PFS_MOUNT_READY_FD` naming
 the write end of a pipe; the child writes its "mounted" line there when
 ready (after pointing stdout at /dev/null and stderr at HOME/mount.log),
-and the parent returns 0.  If
-the pipe closes without that byte, the parent prints what the child wrote
-on stderr and returns its exit status.
+and the parent returns 0.  If the pipe closes without that line, the
+parent prints what the child wrote on stderr and returns its exit status.
 """
 
 from __future__ import annotations
@@ -220,8 +220,10 @@ def _fuse_init(ops: DriveFS, mountpoint: str, options: set[str]) -> None:
             os.close(saved)
 
 
-def _tune_read_ahead(mountpoint: str) -> None:
-    """Ask the kernel for 1 MiB reads (default 128 KiB): far fewer round trips."""
+def _answering(mountpoint: str) -> None:
+    """Return once the mount answers (from a worker thread: our loop serves it),
+    after asking the kernel for 1 MiB reads (default 128 KiB)."""
+    os.statvfs(mountpoint)
     dev = os.stat(mountpoint).st_dev
     path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
     try:
@@ -265,7 +267,7 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                         await nursery.start(ops.run)
 
                         async def announce():
-                            await trio.to_thread.run_sync(_tune_read_ahead, mountpoint)
+                            await trio.to_thread.run_sync(_answering, mountpoint)
                             if ready is not None:
                                 ready(ops)
 
