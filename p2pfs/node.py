@@ -67,7 +67,9 @@ async def open_drive(store: Store, key: bytes | str, version: int | None = None,
     # With peers: a swarm for the life of the block; the Drive fetches what it
     # misses through it, and follows heads the peers announce.
     from .net.swarm import open_swarm, unavailable
-    from .net.transport import load_node_key
+    from .net.transport import load_node_key, parse_address
+    for address in peers:
+        parse_address(address)  # UsageError before anything starts
     async with open_swarm(store, load_node_key(store.home), timeout=timeout) as swarm:
         drive = Drive(store, key, source=swarm)
         swarm.add_drive(drive)

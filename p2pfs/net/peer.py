@@ -36,14 +36,37 @@ from ..wire.connection import (
 if TYPE_CHECKING:
     from .swarm import Swarm
 
-RECV_SIZE = 256 << 10
+RECV_SIZE = 1 << 20
 HIGH_WATER = 4 << 20
 HANDSHAKE_TIMEOUT = 10.0
 MAX_HAVE_RANGES_KEPT = 1 << 16
 
 
+def raise_single(group: BaseExceptionGroup):
+    """Re-raise a nursery's lone exception as itself (Cancelled aside), else the group."""
+    leaves = _leaves(group)
+    if len(leaves) == 1:
+        raise leaves[0] from None
+    raise group
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_leaves(exc))
+        elif not isinstance(exc, trio.Cancelled):
+            out.append(exc)
+    return out
+
+
 class PeerDropped(Exception):
     """Raised inside a peer's tasks to disconnect it; str() says why."""
+
+
+# what a misbehaving or vanishing peer can cause, most telling first
+_PEER_TROUBLE = (PeerDropped, VerificationError, ProtocolError,
+                 trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class Inflight:
@@ -76,7 +99,8 @@ class Peer:
         self.closed = False
         self.blocks_received = 0
         self._next_id = 0
-        self._out = bytearray()
+        self._out: list[bytes] = []
+        self._out_bytes = 0
         self._out_event = trio.Event()
         self._drained = trio.Event()
         self._serve: deque = deque()
@@ -89,11 +113,12 @@ class Peer:
 
     def write(self, data: bytes) -> None:
         if data and not self.closed:
-            self._out += data
+            self._out.append(data)
+            self._out_bytes += len(data)
             self._out_event.set()
 
     async def _wait_writable(self) -> None:
-        while len(self._out) > HIGH_WATER:
+        while self._out_bytes > HIGH_WATER:
             self._drained = trio.Event()
             await self._drained.wait()
 
@@ -103,8 +128,8 @@ class Peer:
                 self._out_event = trio.Event()
                 await self._out_event.wait()
                 continue
-            data = bytes(self._out)
-            self._out.clear()
+            pieces, self._out, self._out_bytes = self._out, [], 0
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
             self._drained.set()
             await self.stream.send_all(data)
 
@@ -118,7 +143,8 @@ class Peer:
         return i >= 0 and ranges[i][0] <= block < ranges[i][1]
 
     def can_request(self, key: bytes) -> bool:
-        return self.connected.is_set() and not self.closed and key in self.announced and self.conn.is_open(key)
+        return (self.connected.is_set() and not self.closed and self.conn.can_send
+                and key in self.announced and self.conn.is_open(key))
 
     def request_block(self, key: bytes, block: int, length: int, siblings: int, peaks: bool) -> None:
         rid = self._next_id
@@ -162,14 +188,25 @@ class Peer:
         for peer trouble; cancellation propagates)."""
         reason = "disconnected"
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._server)
-                nursery.start_soon(self._handshake_watchdog)
-                self.write(self.conn.data_to_send())
-                await self._reader()
-                reason = "closed the connection"
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    nursery.start_soon(self._server)
+                    nursery.start_soon(self._handshake_watchdog)
+                    self.write(self.conn.data_to_send())
+                    await self._reader()
+                    reason = "closed the connection"
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # reader and writer may fail together (a reset): report the
+                # most telling one; anything else is a bug and propagates
+                leaves = _leaves(group)
+                for kind in _PEER_TROUBLE:
+                    for exc in leaves:
+                        if isinstance(exc, kind):
+                            if all(isinstance(e, _PEER_TROUBLE) for e in leaves):
+                                raise exc from None
+                raise_single(group)
         except (ProtocolError, PeerDropped) as exc:
             reason = str(exc)
         except VerificationError as exc:

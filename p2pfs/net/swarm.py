@@ -55,9 +55,12 @@ from ..store import Store
 from ..types import Head
 from ..wire import messages as m
 from . import transport
-from .peer import Inflight, Peer, PeerDropped
+from .peer import Inflight, Peer, PeerDropped, raise_single
 
 PIPELINE = 64              # requests in flight per peer
+READAHEAD_MIN = 8          # a fetch of this many contiguous blocks ...
+READAHEAD_MAX = 256        # ... also queues as many following blocks (at most this many)
+MAX_CACHED_NODES = 1 << 20
 POLL_INTERVAL = 0.15       # seconds between polls of the store's latest heads
 STALL_TIMEOUT = 3.0        # a peer with requests out and silent this long is stalled
 DEFAULT_TIMEOUT = 30.0
@@ -122,6 +125,8 @@ class Swarm:
         self.banned_addresses: set[str] = set()
         self.banned_keys: set[bytes] = set()
         self._fetches: dict[bytes, _Fetches] = {}
+        self._nodes: dict[bytes, dict[int, object]] = {}   # verified tree nodes, per drive
+        self._batch: dict[bytes, tuple[list, list]] = {}   # verified, not yet stored
         self._dialers = 0
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -140,7 +145,7 @@ class Swarm:
         self._dk[crypto.discovery_key(drive.key)] = drive.key
         self._unsubscribe[drive.key] = drive.subscribe(lambda head, d=drive: self._announce(d))
         for peer in self.peers:
-            if peer.initiator and not peer.closed:
+            if peer.initiator and not peer.closed and peer.conn.can_send:
                 peer.write(peer.conn.open_channel(drive.key))
         return drive
 
@@ -313,12 +318,10 @@ class Swarm:
             except PeerDropped:
                 self._requeue(peer, inf)
                 raise
-            self._done(drive.key, msg.block)
         elif isinstance(msg, m.IndexData):
             try:
                 for item in msg.blocks:
                     self._accept(peer, drive, item.block, item.data, item.nodes, inf.length)
-                    self._done(drive.key, item.block)
             finally:
                 inf.done.set()
         else:  # NoData
@@ -329,9 +332,20 @@ class Swarm:
         self.schedule()
 
     def after_input(self, peer: Peer) -> None:
-        """Called after each chunk a peer sent has been handled."""
+        """Called after each chunk a peer sent has been handled: store what
+        arrived in one transaction per drive, then wake the waiters."""
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._batch:
+            key, (items, nodes) = self._batch.popitem()
+            self.store.put_block_items(key, items, nodes)
+            for block, _data in items:
+                self._done(key, block)
+        self.schedule()
 
     def _peer_gone(self, peer: Peer) -> None:
+        self._flush()  # what it sent before it went is verified: keep it
         for inf in peer.inflight.values():
             if inf.path is not None:
                 inf.done.set()
@@ -358,14 +372,33 @@ class Swarm:
             else self.store.get_head(key, length)
         if head is None:
             return  # we never held that version's head: cannot check, do not store
-        store = self.store
         try:
-            nodes = tree.verify_block(block, data, proof, length, head.root,
-                                      lambda n: store.get_node(key, n))
+            nodes = tree.verify_block(block, data, proof, length, head.root, self._trusted_getter(key))
         except VerificationError as exc:
             self._ban(peer, f"sent block {block} of drive {drive.key_text} that fails verification ({exc})")
-        store.put_block_items(key, [(block, data)], nodes)
+        cache = self._nodes[key]
+        for n in nodes:
+            cache[n.index] = n
+        items, batch_nodes = self._batch.setdefault(key, ([], []))
+        items.append((block, data))
+        batch_nodes.extend(nodes)
         peer.blocks_received += 1
+
+    def _trusted_getter(self, key: bytes):
+        """get(n) -> verified Node or None: this session's cache, then the store."""
+        cache = self._nodes.setdefault(key, {})
+        if len(cache) > MAX_CACHED_NODES:
+            cache.clear()
+        store = self.store
+
+        def get(n: int):
+            node = cache.get(n)
+            if node is None:
+                node = store.get_node(key, n)
+                if node is not None:
+                    cache[n] = node
+            return node
+        return get
 
     def _done(self, key: bytes, block: int) -> None:
         f = self._fetches.get(key)
@@ -403,6 +436,7 @@ class Swarm:
                 continue
             deferred = []
             length = drive.head.length
+            get_trusted = self._trusted_getter(key)
             while f.queue:
                 free = [p for p in peers if len(p.inflight) < PIPELINE]
                 if not free:
@@ -422,8 +456,7 @@ class Swarm:
                     deferred.append(block)
                     continue
                 peer = min(cands, key=lambda p: len(p.inflight))
-                siblings, peaks = tree.proof_request(block, length,
-                                                     lambda n: self.store.get_node(key, n) is not None)
+                siblings, peaks = tree.proof_request(block, length, lambda n: get_trusted(n) is not None)
                 peer.request_block(key, block, length, siblings, peaks)
             f.queue.extendleft(reversed(deferred))
 
@@ -455,6 +488,7 @@ class Swarm:
                 f.queue.append(b)
             want.waiters += 1
             wants.append(want)
+        self._readahead(drive, f, blocks)
         if not wants:
             return
         f.last_progress = trio.current_time()
@@ -482,6 +516,18 @@ class Swarm:
                         f.queue.remove(want.block)
                     except ValueError:
                         pass
+
+    def _readahead(self, drive: Drive, f: _Fetches, blocks: list[int]) -> None:
+        """A long contiguous fetch (a sequential read) queues as many blocks
+        after it, unwaited, so that the pipeline does not drain between reads."""
+        n = len(blocks)
+        if n < READAHEAD_MIN or blocks[-1] - blocks[0] != n - 1 or drive.head is None:
+            return
+        end = min(blocks[-1] + 1 + min(n, READAHEAD_MAX), drive.head.length)
+        for b in range(blocks[-1] + 1, end):
+            if b not in f.wants and not drive.has_block(b):
+                f.wants[b] = _Want(b)
+                f.queue.append(b)
 
     async def fetch_path(self, drive: Drive, path: bytes) -> None:
         """Best effort: every index block on `path` from one peer, one round trip."""
@@ -534,7 +580,7 @@ class Swarm:
         if head is None:
             return
         for peer in self.peers:
-            if not peer.closed and peer.conn.is_open(drive.key):
+            if not peer.closed and peer.conn.can_send and peer.conn.is_open(drive.key):
                 ch = peer.conn.local_channel(drive.key)
                 peer.write(peer.conn.send(m.Head(ch, head.length, head.root, head.signature)))
                 self._send_have(peer, drive)
@@ -582,14 +628,19 @@ class Swarm:
 async def open_swarm(store: Store, node_key: bytes, **kwargs) -> AsyncIterator[Swarm]:
     """A running swarm; every connection and task ends when the block exits."""
     swarm = Swarm(store, node_key, **kwargs)
-    async with trio.open_nursery() as nursery:
-        swarm._nursery = nursery
-        nursery.start_soon(swarm._poll_heads)
-        nursery.start_soon(swarm._watch_stalls)
-        try:
-            yield swarm
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            swarm._nursery = nursery
+            nursery.start_soon(swarm._poll_heads)
+            nursery.start_soon(swarm._watch_stalls)
+            try:
+                yield swarm
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The caller's error (say BlockUnavailableError) comes out of the
+        # nursery wrapped in a group: give it back as itself.
+        raise_single(group)
 
 
 def unavailable(drive_text: str, swarm: Swarm, timeout: float) -> P2pfsError:

@@ -51,7 +51,7 @@ from typing import Callable
 from .. import crypto
 from ..errors import ProtocolError
 from . import messages as m
-from .frames import MAX_FRAME, FrameDecoder, encode_frame
+from .frames import MAX_FRAME, PREFIX as FRAME_PREFIX, FrameDecoder, encode_frame
 from .noise import Handshake
 
 PROLOGUE = b"p2pfs/noise/v1"
@@ -147,7 +147,7 @@ class Connection:
         self._max_frame = max_frame
         self._state = _HANDSHAKE
         self._error: ProtocolError | None = None
-        self._out = bytearray()
+        self._out: list[bytes] = []   # queued output pieces, joined once by data_to_send
         self._events: deque[Event] = deque()
         self._encryptor: crypto.StreamEncryptor | None = None
         self._decryptor: crypto.StreamDecryptor | None = None
@@ -162,7 +162,7 @@ class Connection:
         # id -> channel for requests the peer sent and we have not answered
         self._remote_pending: dict[int, _Channel] = {}
         if initiator:
-            self._out += encode_frame(self._hs.write_message(), MAX_HANDSHAKE_FRAME)
+            self._out.append(encode_frame(self._hs.write_message(), MAX_HANDSHAKE_FRAME))
 
     # --- state -------------------------------------------------------------
 
@@ -190,13 +190,18 @@ class Connection:
 
     def data_to_send(self) -> bytes:
         """Bytes queued by the protocol itself (handshake, replies); write them out."""
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def _queue(self, message: m.Message) -> None:
-        payload = m.encode(message)
-        self._out += encode_frame(self._encryptor.encrypt(payload), self._max_frame)
+        ciphertext = self._encryptor.encrypt(m.encode(message))
+        if len(ciphertext) > self._max_frame:
+            raise ValueError(f"message of {len(ciphertext)} bytes exceeds the frame limit")
+        self._out.append(FRAME_PREFIX.pack(len(ciphertext)))
+        self._out.append(ciphertext)
 
     def open_channel(self, drive_key: bytes) -> bytes:
         """Open the drive on this connection (no-op if already opened by us)."""
@@ -309,7 +314,7 @@ class Connection:
     def _handle_handshake(self, frame: bytes) -> None:
         self._hs.read_message(frame)  # the payload is ignored (reserved)
         if not self._hs.complete:
-            self._out += encode_frame(self._hs.write_message(), MAX_HANDSHAKE_FRAME)
+            self._out.append(encode_frame(self._hs.write_message(), MAX_HANDSHAKE_FRAME))
         if self._hs.complete:
             self.handshake_hash = self._hs.handshake_hash
             self.remote_static = self._hs.remote_static
@@ -318,7 +323,7 @@ class Connection:
                 send_key, recv_key = recv_key, send_key
             self._recv_key = recv_key
             self._encryptor = crypto.StreamEncryptor(send_key)
-            self._out += encode_frame(_stream_id(self.handshake_hash, self.initiator) + self._encryptor.header)
+            self._out.append(encode_frame(_stream_id(self.handshake_hash, self.initiator) + self._encryptor.header))
             self._state = _HEADERS
             self._frames.max_size = HEADER_FRAME_BYTES
             self._events.append(HandshakeComplete(self.remote_static))

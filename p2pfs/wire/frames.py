@@ -68,7 +68,8 @@ class FrameDecoder:
             if avail >= PREFIX_BYTES + size:
                 start = self._pos + PREFIX_BYTES
                 self._pos = start + size
-                payload = bytes(self._buf[start:self._pos])
+                with memoryview(self._buf) as view:  # one copy, not two
+                    payload = bytes(view[start:self._pos])
                 if self._pos == len(self._buf):
                     self._buf.clear()
                     self._pos = 0
