@@ -23,7 +23,7 @@ from typing import Callable
 import trio
 
 from . import __version__, crypto, drive as drive_mod
-from .errors import P2pfsError, UsageError
+from .errors import BlockUnavailableError, P2pfsError, UsageError, VerificationError
 from .index import KIND_DIR, KIND_SYMLINK, Entry
 from .node import DEFAULT_TIMEOUT, local_drive, open_drive, open_store, parse_drive_ref
 
@@ -264,7 +264,9 @@ def cmd_verify(args) -> int:
     return 0
 
 
-def _info(store, key: bytes) -> dict:
+def _info(store, key: bytes, strict: bool = True) -> dict:
+    """What `info` shows.  A damaged drive raises VerificationError, or with
+    strict=False is marked "damaged" (so `drives` still lists the others)."""
     drive = local_drive(store, key)
     blocks, nbytes = store.held(key)
     info = {"key": drive.key_text, "version": 0, "length": drive.head.length,
@@ -276,8 +278,12 @@ def _info(store, key: bytes) -> dict:
         drive.open_local()
         info.update(version=drive.version, block_size=drive.block_size,
                     files=drive.commit.files, bytes=drive.commit.bytes)
-    except P2pfsError:
+    except BlockUnavailableError:
         pass  # a partial copy without the newest commit: version unknown
+    except VerificationError as exc:
+        if strict:
+            raise
+        info["damaged"] = str(exc)
     return info
 
 
@@ -315,9 +321,13 @@ def cmd_info(args) -> int:
 def cmd_drives(args) -> int:
     store = _store(args)
     for key, record in store.list_drives():
-        info = _info(store, key)
+        try:
+            info = _info(store, key, strict=False)
+        except P2pfsError as exc:
+            print(f"{crypto.encode_key(key)}  damaged: {exc}")
+            continue
         print(f"{info['key']}  v{info['version']:<4} {_size(info['bytes_held']):>10}  "
-              f"{'rw' if info['writable'] else 'ro'}")
+              f"{'rw' if info['writable'] else 'ro'}" + ("  damaged" if "damaged" in info else ""))
     return 0
 
 

@@ -1010,7 +1010,10 @@ def verify_drive(drive: Drive, report: Callable[[str], None] | None = None) -> l
     """Check every signed head, held block and stored tree node.  Returns the problems."""
     problems: list[str] = []
 
+    advice = f" (run 'p2pfs verify {drive.key_text}')"
+
     def bad(msg: str) -> None:
+        msg = msg.replace(advice, "")
         problems.append(msg)
         if report is not None:
             report(msg)

@@ -209,6 +209,20 @@ def find_once(path, needle: bytes) -> int:
         return first
 
 
+def find_all(path, needle: bytes) -> list[int]:
+    """Every offset of `needle` in a file (LMDB leaves stale copies of small
+    values in freed pages after copy-on-write; flipping all is safe)."""
+    import mmap
+    out = []
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        i = m.find(needle)
+        while i >= 0:
+            out.append(i)
+            i = m.find(needle, i + 1)
+    assert out, "bytes not found in the store file"
+    return out
+
+
 def flip_byte(path, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from helpers import (as_nobody, cat_digest, cli_command, cli_env, create, file_digest,
-                     find_once, flip_byte, make_tree, parse_ls_lR, run_cli, source_listing,
+                     find_all, find_once, flip_byte, make_tree, parse_ls_lR, run_cli, source_listing,
                      write_random, REPO)
 
 GiB = 1 << 30
@@ -357,3 +357,18 @@ def test_progress_plain_without_a_terminal_and_bar_on_one(home, tmp_path):
     out = p.stdout.decode("utf-8", "replace")
     assert "\x1b[" in out and "create" in out  # drawn with terminal escapes
     assert re.search(r"[ybndrfg8ejkmcpqxot1uwisza345h769]{52}", out)
+
+
+def test_flipped_commit_record(home, sample):
+    key = create(home, sample, "-m", "a-unique-message-3141592653")
+    other = create(home, sample)
+    mdb = home / "store" / "data.mdb"
+    for offset in find_all(mdb, b"a-unique-message-3141592653"):
+        flip_byte(mdb, offset)
+    for args in (["ls", key], ["info", key], ["log", key], ["verify", key]):
+        line = run_cli(home, *args, check=False).stderr.strip().splitlines()[0]
+        assert "block" in line and "damaged" in line, (args, line)
+    listing = run_cli(home, "drives").out
+    assert f"{key}  " in listing and "damaged" in listing.split(key)[1].splitlines()[0]
+    assert "damaged" not in listing.split(other)[1].splitlines()[0]
+    run_cli(home, "verify", other)
