@@ -555,7 +555,7 @@ class Drive:
 
     def _trust_leaves(self, blocks: list[int]) -> None:
         """Trust the leaf nodes of `blocks` in bulk: for each aligned group of
-        TRUST_GROUP blocks inside the tree, one cursor scan of its subtree's
+        2**TRUST_DEPTH blocks inside the tree, one cursor scan of its subtree's
         nodes checked top-down from the (climbed, trusted) subtree root."""
         assert self.head is not None
         limit = self.head.length
