@@ -8,7 +8,13 @@ measured in the same run:
    under the same limit (and raw TCP over the same links, as a lab check);
 3. round trips of a cold `p2pfs cat` of a small file and of `p2pfs ls`
    through the delay proxy at 20 ms RTT: the extra wall time over the same
-   commands without the proxy, divided by the RTT.
+   commands without the proxy, divided by the RTT (counted again at 200 ms,
+   where process start-up noise matters less).
+
+Diagnostic rows say where the time goes: CPU cores used by the reader and
+the seeders during the big reads, the share of bytes each seeder's link
+sent (kernel counters), and whether every seeder survived its readers and
+stopped cleanly on SIGTERM (a failure there fails the benchmark).
 
 Run as root (it creates network namespaces): `scripts/bench net`, or
 `.venv/bin/python -m bench.bench_net [--size MIB] [--rate 200mbit] ...`.
@@ -30,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from bench.netlab import Lab, LabError, Netns, Service, sigterm_raises, tc_rate
@@ -69,6 +76,19 @@ def write_random(path: Path, size: int) -> None:
             n = min(left, 16 * MiB)
             f.write(os.urandom(n))
             left -= n
+
+
+class Run(NamedTuple):
+    wall: float  # seconds
+    cpu: float  # user + system seconds of the p2pfs process
+
+
+def cpu_of(services: Sequence[Service]) -> float:
+    return sum(s.cpu_seconds() for s in services)
+
+
+def cores(cpu: float, wall: float) -> str:
+    return f"{cpu / wall:.2f}"
 
 
 class P2pfs:
@@ -111,7 +131,7 @@ class P2pfs:
             raise LabError(f"{what} exited with {done.returncode}: {last}\n" + "\n".join(lines[-15:]))
 
     def create(self, ns: Netns, home: Path, src: Path) -> tuple[str, float]:
-        seconds, done = self.lab.timed(ns, self.argv(home, "create", str(src), "--quiet"),
+        seconds, _, done = self.lab.timed(ns, self.argv(home, "create", str(src), "--quiet"),
                                        capture_output=True, text=True, timeout=1800)
         self.check(done, "p2pfs create")
         return done.stdout.strip().splitlines()[-1].strip(), seconds
@@ -120,15 +140,15 @@ class P2pfs:
         return self.lab.service(ns, self.argv(home, "seed", key, "--listen", f"{host}:0"), "seed", timeout=60.0)
 
     def timed_read(self, ns: Netns, key: str, args: Sequence[str], peers: Sequence[Service],
-                   expect: bytes | None = None, timeout: float = 900.0) -> float:
-        """Wall seconds of one `p2pfs ARGS --peer ...` in a fresh home.  With
-        `expect`, stdout must equal it; otherwise stdout goes to /dev/null."""
+                   expect: bytes | None = None, timeout: float = 900.0) -> Run:
+        """Wall and CPU seconds of one `p2pfs ARGS --peer ...` in a fresh home.
+        With `expect`, stdout must equal it; otherwise stdout goes to /dev/null."""
         home = self.fresh_home()
         peer_args = [a for p in peers for a in ("--peer", p.address)]
         argv = self.argv(home, *args, *peer_args, "--timeout", "30")
         try:
             stdout = subprocess.PIPE if expect is not None else subprocess.DEVNULL
-            seconds, done = self.lab.timed(ns, argv, stdout=stdout, stderr=subprocess.PIPE, timeout=timeout)
+            seconds, cpu, done = self.lab.timed(ns, argv, stdout=stdout, stderr=subprocess.PIPE, timeout=timeout)
             try:
                 self.check(done, f"p2pfs {' '.join(args[:1])}")
             except LabError as exc:
@@ -137,7 +157,7 @@ class P2pfs:
                 raise LabError("\n".join([str(exc), f"peers: {' '.join(p.address for p in peers)}", *dead])) from None
             if expect is not None and done.stdout != expect:
                 raise LabError(f"p2pfs {' '.join(args)} printed {len(done.stdout)} bytes, not the expected {len(expect)}")
-            return seconds
+            return Run(seconds, cpu)
         finally:
             shutil.rmtree(home, ignore_errors=True)
 
@@ -232,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         cold_name = f"cold cat {args.size} MiB, 1 seeder, loopback"
         multi_names = [f"cat {args.multi_size} MiB, {args.seeders} seeders vs 1 ({args.rate} each)",
                        "  same, excluding start-up (small cat)",
-                       f"  1 seeder vs raw TCP over the same link"]
+                       "  1 seeder vs raw TCP over the same link",
+                       "  share of the bytes each seeder's link sent"]
         lat_names = [f"cold cat small file @{args.rtt_ms:g} ms RTT", f"  same @{args.count_rtt_ms:g} ms RTT",
                      f"cold ls @{args.rtt_ms:g} ms RTT", f"  same @{args.count_rtt_ms:g} ms RTT"]
         if why_not:
@@ -277,13 +298,18 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
 
     def cold() -> list[Row]:
         with p2p.seeders(key, seed_home, [(lo, "127.0.0.1")]) as (seeder,):
-            s = p2p.timed_read(lo, key, ["cat", key, "/big.bin"], [seeder])
-        rate = args.size * MiB / s
+            seeder_cpu = seeder.cpu_seconds()
+            run = p2p.timed_read(lo, key, ["cat", key, "/big.bin"], [seeder])
+            seeder_cpu = seeder.cpu_seconds() - seeder_cpu
+        rate = args.size * MiB / run.wall
         cold_rate.append(rate)
         return [Row(cold_name, mbs(rate), f"raw TCP {mbs(raw)}", f"{rate / raw:.3f}", ">= 0.2",
-                    judge(rate / raw, 0.2))]
+                    judge(rate / raw, 0.2)),
+                Row(cpu_names[0], f"{cores(run.cpu, run.wall)} / {cores(seeder_cpu, run.wall)} cores",
+                    f"{run.wall:.1f} s wall", goal="report")]
 
-    guarded(rows, notes, [cold_name], [">= 0.2"], cold)
+    cpu_names = ["  CPU of reader / seeder", f"  CPU of reader / {args.seeders} seeders"]
+    guarded(rows, notes, [cold_name, cpu_names[0]], [">= 0.2", "report"], cold)
 
     def latency() -> list[Row]:
         out = []
@@ -296,10 +322,10 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
                                            (lat_names[2:4], ["ls", key, "/docs"], ls_expect.stdout)):
                     direct, delayed, slowed = [], [], []
                     for i in range(args.runs):  # interleaved, so drift hits all alike
-                        direct.append(p2p.timed_read(lo, key, cmd, [seeder], expect=expect, timeout=120))
-                        delayed.append(p2p.timed_read(lo, key, cmd, [proxy], expect=expect, timeout=120))
+                        direct.append(p2p.timed_read(lo, key, cmd, [seeder], expect=expect, timeout=120).wall)
+                        delayed.append(p2p.timed_read(lo, key, cmd, [proxy], expect=expect, timeout=120).wall)
                         if i < 3:
-                            slowed.append(p2p.timed_read(lo, key, cmd, [slow], expect=expect, timeout=120))
+                            slowed.append(p2p.timed_read(lo, key, cmd, [slow], expect=expect, timeout=120).wall)
                     d, w, v = (statistics.median(x) for x in (direct, delayed, slowed))
                     out.append(Row(names[0], f"{w:.3f} s = {w / rtt:.1f} RTT", f"{d:.3f} s without proxy",
                                    f"{(w - d) / rtt:.1f} round trips", "report"))
@@ -317,15 +343,20 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
 
     # 2: several seeders behind rate-limited links, one reader.
     def multi() -> list[Row]:
-        def measure(peers: list[Service]) -> tuple[float, float]:
+        def measure(peers: list[Service]) -> tuple[float, float, Run, float]:
+            """(wall of the big read, median wall of a small cat, the big Run, seeders' CPU)"""
             start = statistics.median(p2p.timed_read(reader, key, ["cat", key, "/small.txt"], peers,
-                                                     expect=small, timeout=120) for _ in range(3))
-            return p2p.timed_read(reader, key, ["cat", key, "/mid.bin"], peers), start
+                                                     expect=small, timeout=120).wall for _ in range(3))
+            seeders_cpu = cpu_of(peers)
+            run = p2p.timed_read(reader, key, ["cat", key, "/mid.bin"], peers)
+            return run.wall, start, run, cpu_of(peers) - seeders_cpu
 
         with p2p.seeders(key, seed_home, [(links[0].a, links[0].a_ip)]) as peers:
-            one, start_one = measure(peers)
+            one, start_one, _, _ = measure(peers)
         with p2p.seeders(key, seed_home, [(l.a, l.a_ip) for l in links]) as peers:
-            many, start_many = measure(peers)
+            before = [lab.counters(l.a, l.a_dev)["tx_bytes"] for l in links]
+            many, start_many, many_run, many_seeders_cpu = measure(peers)
+            sent = [lab.counters(l.a, l.a_dev)["tx_bytes"] - b for l, b in zip(links, before)]
         size = args.multi_size * MiB
         r1, rn = size / one, size / many
         t1, tn = size / max(one - start_one, 1e-9), size / max(many - start_many, 1e-9)
@@ -338,9 +369,13 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
             Row(multi_names[0], mbs(rn), mbs(r1), f"{rn / r1:.2f}x", f">= {goal:.2f}x", judge(rn / r1, goal)),
             Row(multi_names[1], mbs(tn), mbs(t1), f"{tn / t1:.2f}x", f">= {goal:.2f}x", judge(tn / t1, goal)),
             Row(multi_names[2], mbs(r1), f"raw TCP {mbs(one_raw)}", f"{r1 / one_raw:.2f}", "report"),
+            Row(multi_names[3], " / ".join(f"{100 * b / max(sum(sent), 1):.0f}" for b in sent) + " %",
+                f"{sum(sent) / MiB:,.0f} MiB sent", f"{sum(sent) / size:.2f} of file", "report"),
+            Row(cpu_names[1], f"{cores(many_run.cpu, many)} / {cores(many_seeders_cpu, many)} cores",
+                f"{many:.1f} s wall", goal="report"),
         ]
 
-    guarded(rows, notes, multi_names, [">= 3.5x", ">= 3.5x", "report"], multi)
+    guarded(rows, notes, multi_names + cpu_names[1:], [">= 3.5x", ">= 3.5x", "report", "report", "report"], multi)
 
     ok = p2p.seeds - len(p2p.faults)
     first = p2p.faults[0].splitlines()[0] if p2p.faults else ""

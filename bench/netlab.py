@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -268,6 +269,14 @@ class Service:
                 self.proc.wait()
         return self.proc.returncode
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the running process has used so far."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            raise LabError(f"process {self.proc.pid} is gone: cannot read its CPU time") from None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             text = self.log.read_text(errors="replace")
@@ -448,6 +457,12 @@ class Lab:
         )
         _sh("ip", "netns", "exec", ns.name, "nft", "-f", "-", input=rules.encode())
 
+    def counters(self, ns: Netns, dev: str) -> dict[str, int]:
+        """Kernel counters of `dev` in `ns`: tx_bytes, tx_packets, rx_bytes, rx_packets."""
+        out = _sh("ip", "-n", ns.name, "-s", "-j", "link", "show", "dev", dev).stdout
+        stats = json.loads(out)[0]["stats64"]
+        return {f"{d}_{k}": stats[d][k] for d in ("tx", "rx") for k in ("bytes", "packets")}
+
     # processes --------------------------------------------------------------
 
     def run(self, ns: Netns, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
@@ -455,11 +470,15 @@ class Lab:
         kw.setdefault("cwd", REPO)
         return subprocess.run(ns.argv(*argv), **kw)
 
-    def timed(self, ns: Netns, argv: Sequence[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
-        """Run argv in `ns`; return (wall seconds, result)."""
+    def timed(self, ns: Netns, argv: Sequence[str], **kw) -> tuple[float, float, subprocess.CompletedProcess]:
+        """Run argv in `ns`; return (wall seconds, CPU seconds (user + system)
+        of the process and anything it waited for, result).  The CPU figure
+        assumes no other child of ours is reaped meanwhile."""
+        cpu_before = _children_cpu()
         started = time.perf_counter()
         done = self.run(ns, argv, **kw)
-        return time.perf_counter() - started, done
+        wall = time.perf_counter() - started
+        return wall, _children_cpu() - cpu_before, done
 
     def spawn(self, ns: Netns, argv: Sequence[str], **kw) -> subprocess.Popen:
         """Start argv in `ns`; the lab kills it on close."""
@@ -596,6 +615,11 @@ class Lab:
                 shutil.rmtree(self._tmp, ignore_errors=True)
         finally:
             _restore_signals(old)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _ignore_signals() -> dict[int, object]:

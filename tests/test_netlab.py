@@ -194,9 +194,14 @@ def test_link_carries_raw_tcp_between_namespaces():
     with Lab() as lab:
         a, b = lab.namespace("a"), lab.namespace("b")
         link = lab.link(a, b)
+        sent_before = lab.counters(a, link.a_dev)["tx_bytes"]
+        got_before = lab.counters(b, link.b_dev)["rx_bytes"]
         moved = lab.raw_tcp(b, a, host=link.b_ip, nbytes=5 * 1024 * 1024 + 3)
         assert moved.nbytes == 5 * 1024 * 1024 + 3
         assert moved.seconds > 0
+        # The bytes crossed the veth (plus TCP/IP headers), from a to b.
+        assert lab.counters(a, link.a_dev)["tx_bytes"] - sent_before >= moved.nbytes
+        assert lab.counters(b, link.b_dev)["rx_bytes"] - got_before >= moved.nbytes
         both = lab.raw_tcp_parallel([(b, link.b_ip, a), (a, link.a_ip, b)], nbytes=1024 * 1024)
         assert both.nbytes == 2 * 1024 * 1024
 
