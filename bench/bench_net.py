@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             link = lab.link(ns, reader)
             lab.rate_limit(ns, link.a_dev, args.rate)
             links.append(link)
-        probe = 64 * MiB
+        probe = min(256 * MiB, max(8 * MiB, round(link_rate * 3)))  # about 3 s per link
         one_raw = lab.raw_tcp(reader, links[0].a, host=links[0].b_ip, nbytes=probe).rate
         all_raw = lab.raw_tcp_parallel([(reader, l.b_ip, l.a) for l in links], nbytes=probe).rate
         rows.append(Row(f"raw TCP, {args.seeders} tbf links vs 1 (lab check)", mbs(all_raw), mbs(one_raw),
@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      f"cold ls @{args.rtt_ms:g} ms RTT", f"  same @{args.count_rtt_ms:g} ms RTT"]
         if why_not:
             rows.append(Row(cold_name, baseline=f"raw TCP {mbs(raw)}", goal=">= 0.2", verdict=f"FAILED: {why_not}"))
-            rows.extend(Row(n, verdict=f"FAILED: {why_not}") for n in multi_names + lat_names)
+            rows.extend(Row(n, verdict=f"FAILED: {why_not}") for n in lat_names + multi_names)
         else:
             run_p2pfs(args, lab, p2p, work, lo, reader, links, raw, one_raw, rtt,
                       rows, notes, cold_name, multi_names, lat_names)
