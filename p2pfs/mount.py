@@ -64,6 +64,7 @@ LOG_NAME = "mount.log"  # in the home: what a --daemon mount would have printed
 READ_AHEAD_KB = 1024  # kernel read-ahead for the mount: 1 MiB reads (the FUSE maximum)
 FUSERMOUNT = "fusermount3"
 _MAX_STALE_LAYERS = 16
+STOP_GRACE = 1.0  # s that requests in flight get to finish after SIGINT/SIGTERM
 # A FUSE mount whose server died answers ENOTCONN (ECONNABORTED while the
 # kernel is still aborting requests that were in flight).
 _DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
@@ -242,15 +243,20 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
     end the FUSE main loop, and the mount is undone in a `finally`."""
     mountpoint = prepare_mountpoint(mountpoint)
     mounted = False
+    session = trio.CancelScope()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as outer:
 
             async def stop_on_signal():
                 async for _ in signals:
-                    if mounted:
-                        pyfuse3.terminate()
-                    else:
+                    if not mounted:
                         outer.cancel_scope.cancel()
+                        return
+                    # Let requests in flight finish, but not wait a whole
+                    # fetch timeout for a read no peer answers.
+                    pyfuse3.terminate()
+                    await trio.sleep(STOP_GRACE)
+                    session.cancel()
                     return
 
             outer.start_soon(stop_on_signal)
@@ -272,7 +278,8 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                                 ready(ops)
 
                         nursery.start_soon(announce)
-                        await pyfuse3.main()
+                        with session:
+                            await pyfuse3.main()
                         nursery.cancel_scope.cancel()
                 finally:
                     mounted = False

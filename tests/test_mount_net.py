@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import platform
 import random
 import re
 import signal
@@ -187,3 +188,51 @@ def test_sequential_reader_reads_ahead_random_reader_does_not(tmp_path, home, ho
             for block in offsets:
                 os.pread(f.fileno(), 4096, block * BS + 100)
         assert xheld(mnt / "rand.bin") <= len(offsets) + 2
+
+
+READ_SYSCALL = {"x86_64": "0", "aarch64": "63"}.get(platform.machine())
+
+
+@pytest.mark.skipif(READ_SYSCALL is None, reason="read(2)'s number on this machine is not known here")
+def test_sigterm_while_a_read_waits_for_a_silent_peer(tmp_path, home, home2):
+    """A read stuck on a peer that accepts but never answers does not hold
+    the unmount hostage for the whole fetch timeout."""
+    from test_mount import foreground, mount_layers
+    src = tmp_path / "src"
+    src.mkdir()
+    write_random(src / "file.bin", 4 * BS, seed=11)
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    seeder = seeding(home, key)
+    addr = seeder.__enter__()
+    try:
+        seeder_pid = int(subprocess.run(["pgrep", "-f", f"seed {key}"], capture_output=True,
+                                        text=True).stdout.split()[0])
+        with foreground(home2, key, mnt, "--peer", addr, "--timeout", "60") as proc:
+            os.listdir(mnt)
+            os.kill(seeder_pid, signal.SIGSTOP)  # connected, silent
+            reader = subprocess.Popen(["cat", str(mnt / "file.bin")], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+            try:
+                def blocked():  # cat sleeps inside read(2)
+                    with open(f"/proc/{reader.pid}/syscall") as f:
+                        return f.read().split()[0] == READ_SYSCALL
+                wait_until(blocked, what="the reader to wait on the mount")
+                assert reader.poll() is None, "the read should be waiting on the silent peer"
+                start = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=15) == 0
+                took = time.monotonic() - start
+                assert took < 10, f"unmount took {took:.1f} s"
+                assert mount_layers(mnt) == []
+                assert reader.wait(timeout=10) != 0  # the reader gets an error, not zeros
+            finally:
+                if reader.poll() is None:
+                    reader.kill()
+                reader.wait()
+    finally:
+        try:
+            os.kill(seeder_pid, signal.SIGCONT)
+        except (ProcessLookupError, UnboundLocalError):
+            pass
+        seeder.__exit__(None, None, None)
