@@ -234,6 +234,7 @@ class Peer:
         conn = self.conn
         while True:
             await self._wait_writable()
+            await swarm.input_room()
             data = await self.stream.receive_some(RECV_SIZE)
             conn.receive_data(data)
             while True:

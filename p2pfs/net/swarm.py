@@ -60,7 +60,8 @@ from .peer import Inflight, Peer, PeerDropped, raise_single
 PIPELINE = 64              # requests in flight per peer
 READAHEAD_MIN = 8          # a fetch of this many contiguous blocks ...
 READAHEAD_MAX = 256        # ... also queues as many following blocks (at most this many)
-MAX_CACHED_NODES = 1 << 20
+MAX_CACHED_NODES = 1 << 21   # tree nodes kept in memory per drive (~300 MiB at most)
+MAX_UNWRITTEN = 32 << 20     # verified block bytes waiting for the store before reads pause
 POLL_INTERVAL = 0.15       # seconds between polls of the store's latest heads
 STALL_TIMEOUT = 3.0        # a peer with requests out and silent this long is stalled
 DEFAULT_TIMEOUT = 30.0
@@ -127,6 +128,10 @@ class Swarm:
         self._fetches: dict[bytes, _Fetches] = {}
         self._nodes: dict[bytes, dict[int, object]] = {}   # verified tree nodes, per drive
         self._batch: dict[bytes, tuple[list, list]] = {}   # verified, not yet stored
+        self._batch_bytes = 0
+        self._writing_bytes = 0
+        self._batch_event = trio.Event()
+        self._room_event = trio.Event()
         self._dialers = 0
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -332,20 +337,44 @@ class Swarm:
         self.schedule()
 
     def after_input(self, peer: Peer) -> None:
-        """Called after each chunk a peer sent has been handled: store what
-        arrived in one transaction per drive, then wake the waiters."""
-        self._flush()
+        """Called after each chunk a peer sent has been handled."""
+        if self._batch:
+            self._batch_event.set()
 
-    def _flush(self) -> None:
-        while self._batch:
-            key, (items, nodes) = self._batch.popitem()
+    async def input_room(self) -> None:
+        """Wait while too many verified blocks wait to be written."""
+        while self._batch_bytes + self._writing_bytes > MAX_UNWRITTEN:
+            self._room_event = trio.Event()
+            await self._room_event.wait()
+
+    async def _writer(self) -> None:
+        """Store verified blocks in a worker thread (LMDB releases the GIL), a
+        transaction per drive per round, then wake their waiters.  Blocks
+        that arrive meanwhile gather into the next, larger, round."""
+        while True:
+            if not self._batch:
+                self._batch_event = trio.Event()
+                await self._batch_event.wait()
+                continue
+            batch, self._batch = self._batch, {}
+            self._writing_bytes, self._batch_bytes = self._batch_bytes, 0
+            try:
+                await trio.to_thread.run_sync(self._write, batch)
+            finally:
+                self._writing_bytes = 0
+                self._room_event.set()
+            for key, (items, _nodes) in batch.items():
+                for block, _data in items:
+                    self._done(key, block)
+            self.schedule()
+
+    def _write(self, batch: dict) -> None:
+        for key, (items, nodes) in batch.items():
             self.store.put_block_items(key, items, nodes)
-            for block, _data in items:
-                self._done(key, block)
-        self.schedule()
 
     def _peer_gone(self, peer: Peer) -> None:
-        self._flush()  # what it sent before it went is verified: keep it
+        if self._batch:  # what it sent before it went is verified: keep it
+            self._batch_event.set()
         for inf in peer.inflight.values():
             if inf.path is not None:
                 inf.done.set()
@@ -382,22 +411,42 @@ class Swarm:
         items, batch_nodes = self._batch.setdefault(key, ([], []))
         items.append((block, data))
         batch_nodes.extend(nodes)
+        self._batch_bytes += len(data)
         peer.blocks_received += 1
 
-    def _trusted_getter(self, key: bytes):
-        """get(n) -> verified Node or None: this session's cache, then the store."""
-        cache = self._nodes.setdefault(key, {})
-        if len(cache) > MAX_CACHED_NODES:
-            cache.clear()
+    def _serving_getter(self, key: bytes):
+        """Stored nodes for proofs: the cache, then the store (an owner's
+        import in another process adds nodes the cache has not seen)."""
+        self._trusted_getter(key)  # fills the cache on first use
+        cache = self._nodes[key]
         store = self.store
 
         def get(n: int):
             node = cache.get(n)
             if node is None:
                 node = store.get_node(key, n)
-                if node is not None:
+                if node is not None and len(cache) <= MAX_CACHED_NODES:
                     cache[n] = node
             return node
+        return get
+
+    def _trusted_getter(self, key: bytes):
+        """get(n) -> verified Node or None: this session's cache, then the store."""
+        cache = self._nodes.get(key)
+        if cache is None or len(cache) > MAX_CACHED_NODES:
+            # Start from every node held: one cursor scan, then dict lookups.
+            cache = self._nodes[key] = {}
+            for node in self.store.iter_nodes(key):
+                cache[node.index] = node
+                if len(cache) > MAX_CACHED_NODES:
+                    break
+        if len(cache) <= MAX_CACHED_NODES:
+            return cache.get
+        store = self.store
+
+        def get(n: int):  # a huge drive: the store answers what the cache lacks
+            node = cache.get(n)
+            return node if node is not None else store.get_node(key, n)
         return get
 
     def _done(self, key: bytes, block: int) -> None:
@@ -601,7 +650,8 @@ class Swarm:
                 data = self.store.get_block(key, msg.block)
                 if data is None or len(data) > m.MAX_BLOCK_DATA:
                     return m.NoData(ch, msg.id)
-                proof = drive.make_proof(msg.block, msg.length, msg.siblings, msg.peaks)
+                proof = tree.make_proof(msg.block, msg.length, msg.siblings, msg.peaks,
+                                        self._serving_getter(key))
                 return m.Data(ch, msg.id, msg.block, data, proof)
             return self._answer_path(drive, ch, msg)
         except (LookupError, MissingBlock, P2pfsError):
@@ -620,7 +670,7 @@ class Swarm:
             total += len(data)
             if total > INDEX_REPLY_BUDGET or len(items) == m.MAX_INDEX_BLOCKS:
                 break
-            items.append(m.BlockItem(b, data, drive.make_proof(b, length, 64, True)))
+            items.append(m.BlockItem(b, data, tree.make_proof(b, length, 64, True, self._serving_getter(key))))
         return m.IndexData(ch, msg.id, items)
 
 
@@ -633,6 +683,7 @@ async def open_swarm(store: Store, node_key: bytes, **kwargs) -> AsyncIterator[S
             swarm._nursery = nursery
             nursery.start_soon(swarm._poll_heads)
             nursery.start_soon(swarm._watch_stalls)
+            nursery.start_soon(swarm._writer)
             try:
                 yield swarm
             finally:
