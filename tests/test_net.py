@@ -52,10 +52,10 @@ class Seeder:
         assert line.startswith(b"listening on "), line
         self.address = line.split()[-1].decode()
 
-    def stop(self) -> str:
-        """SIGINT, then its stderr; it must exit cleanly (0)."""
+    def stop(self, sig=signal.SIGINT) -> str:
+        """A signal (SIGINT or SIGTERM), then its stderr; it must exit cleanly (0)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(sig)
         out, err = self.proc.communicate(timeout=15)
         assert self.proc.returncode == 0, err.decode()
         return err.decode()
@@ -443,5 +443,6 @@ async def test_garbage_peers_are_dropped_and_others_still_served(tmp_path, seede
             pass
     res = run_cli(tmp_path / "b", "cat", key, "/docs/f3.txt", "--peer", seeder.address)
     assert res.stdout == (src / "docs" / "f3.txt").read_bytes()
-    err = seeder.stop()
+    err = seeder.stop(signal.SIGTERM)
     assert "fails authentication" in err or "malformed" in err
+    assert "stopped" in err
