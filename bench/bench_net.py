@@ -310,35 +310,34 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
     cpu_names = ["  CPU of reader / seeder", f"  CPU of reader / {args.seeders} seeders"]
     guarded(rows, notes, [cold_name, cpu_names[0]], [">= 0.2", "report"], cold)
 
-    def latency() -> list[Row]:
-        out = []
+    def latency(names: list[str], cmd: list[str], expect: bytes) -> list[Row]:
         long_rtt = args.count_rtt_ms / 1000
         with p2p.seeders(key, seed_home, [(lo, "127.0.0.1")]) as (seeder,):
             proxy = lab.delay_proxy(lo, seeder.addr, rtt)
             slow = lab.delay_proxy(lo, seeder.addr, long_rtt)
             try:
-                for names, cmd, expect in ((lat_names[0:2], ["cat", key, "/small.txt"], small),
-                                           (lat_names[2:4], ["ls", key, "/docs"], ls_expect.stdout)):
-                    direct, delayed, slowed = [], [], []
-                    for i in range(args.runs):  # interleaved, so drift hits all alike
-                        direct.append(p2p.timed_read(lo, key, cmd, [seeder], expect=expect, timeout=120).wall)
-                        delayed.append(p2p.timed_read(lo, key, cmd, [proxy], expect=expect, timeout=120).wall)
-                        if i < 3:
-                            slowed.append(p2p.timed_read(lo, key, cmd, [slow], expect=expect, timeout=120).wall)
-                    d, w, v = (statistics.median(x) for x in (direct, delayed, slowed))
-                    out.append(Row(names[0], f"{w:.3f} s = {w / rtt:.1f} RTT", f"{d:.3f} s without proxy",
-                                   f"{(w - d) / rtt:.1f} round trips", "report"))
-                    out.append(Row(names[1], f"{v:.3f} s = {v / long_rtt:.1f} RTT", f"{d:.3f} s without proxy",
-                                   f"{(v - d) / long_rtt:.1f} round trips", "report"))
+                direct, delayed, slowed = [], [], []
+                for i in range(args.runs):  # interleaved, so drift hits all alike
+                    direct.append(p2p.timed_read(lo, key, cmd, [seeder], expect=expect, timeout=120).wall)
+                    delayed.append(p2p.timed_read(lo, key, cmd, [proxy], expect=expect, timeout=120).wall)
+                    if i < 3:
+                        slowed.append(p2p.timed_read(lo, key, cmd, [slow], expect=expect, timeout=120).wall)
             finally:
                 proxy.stop()
                 slow.stop()
-        notes.append("round trips = (median wall time through the delay proxy - without it) / RTT, in fresh "
-                     "homes; the proxy charges the TCP handshake too (1 RTT); the count at the long RTT "
-                     "is the less noisy one (process start-up varies by tens of ms here)")
-        return out
+        d, w, v = (statistics.median(x) for x in (direct, delayed, slowed))
+        return [Row(names[0], f"{w:.3f} s = {w / rtt:.1f} RTT", f"{d:.3f} s without proxy",
+                    f"{(w - d) / rtt:.1f} round trips", "report"),
+                Row(names[1], f"{v:.3f} s = {v / long_rtt:.1f} RTT", f"{d:.3f} s without proxy",
+                    f"{(v - d) / long_rtt:.1f} round trips", "report")]
 
-    guarded(rows, notes, lat_names, ["report"] * 4, latency)
+    guarded(rows, notes, lat_names[0:2], ["report"] * 2,
+            lambda: latency(lat_names[0:2], ["cat", key, "/small.txt"], small))
+    guarded(rows, notes, lat_names[2:4], ["report"] * 2,
+            lambda: latency(lat_names[2:4], ["ls", key, "/docs"], ls_expect.stdout))
+    notes.append("round trips = (median wall time through the delay proxy - without it) / RTT, in fresh "
+                 "homes; the proxy charges the TCP handshake too (1 RTT); the count at the long RTT "
+                 "is the less noisy one (process start-up varies by tens of ms here)")
 
     # 2: several seeders behind rate-limited links, one reader.
     def multi() -> list[Row]:
