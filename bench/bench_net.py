@@ -35,8 +35,8 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 from bench.netlab import Lab, LabError, Netns, Service, sigterm_raises, tc_rate
 
@@ -259,8 +259,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             rows.append(Row(cold_name, baseline=f"raw TCP {mbs(raw)}", goal=">= 0.2", verdict=f"FAILED: {why_not}"))
             rows.extend(Row(n, verdict=f"FAILED: {why_not}") for n in lat_names + multi_names)
         else:
-            run_p2pfs(args, lab, p2p, work, lo, reader, links, raw, one_raw, rtt,
-                      rows, notes, cold_name, multi_names, lat_names)
+            try:
+                run_p2pfs(args, lab, p2p, work, lo, reader, links, raw, one_raw, rtt,
+                          rows, notes, cold_name, multi_names, lat_names)
+            except (LabError, subprocess.TimeoutExpired, OSError) as exc:  # the shared set-up failed
+                text = str(exc).strip() or type(exc).__name__
+                rows.extend(Row(n, verdict=f"FAILED: {text.splitlines()[0]}")
+                            for n in [cold_name] + lat_names + multi_names)
+                notes.append(text)
 
     print()
     print_table(rows)
