@@ -605,7 +605,7 @@ class DriveFS(pyfuse3.Operations):
             if len(children) >= _MANY_LIVE:
                 try:
                     listing = dict(await self.drive.listdir(parent))
-                except NotFoundError:
+                except (NotFoundError, UsageError):  # gone, or no longer a directory
                     continue
                 for ino, name in children:
                     if name in listing:

@@ -481,3 +481,25 @@ def test_forgotten_inodes_come_back_with_the_same_numbers(tmp_path, home):
             f.write("2\n")  # dentries and inodes: the kernel sends FORGET
         assert inodes() == before
         same_tree(src, mnt)
+
+
+def test_live_update_replaces_a_directory_by_a_file(tmp_path, home):
+    """A path that changes kind gets a new inode; the old one's children vanish."""
+    src = tmp_path / "src"
+    (src / "thing").mkdir(parents=True)
+    for i in range(10):
+        (src / "thing" / f"child{i}").write_bytes(b"c%d" % i)
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt):
+        assert len(os.listdir(mnt / "thing")) == 10
+        children = [os.stat(mnt / "thing" / n).st_ino for n in os.listdir(mnt / "thing")]
+        old_ino = os.stat(mnt / "thing").st_ino
+        shutil.rmtree(src / "thing")
+        (src / "thing").write_bytes(b"now a file\n")
+        import_dir(home, key, src)
+        wait_until(lambda: os.path.isfile(mnt / "thing"), what="the directory to become a file")
+        assert (mnt / "thing").read_bytes() == b"now a file\n"
+        assert os.stat(mnt / "thing").st_ino != old_ino
+        assert os.stat(mnt / "thing").st_ino not in children
+        same_tree(src, mnt)
