@@ -151,6 +151,7 @@ class DriveFS(pyfuse3.Operations):
         self._paths: dict[int, bytes] = {ROOT: b"/"}
         self._inos: dict[bytes, int] = {}  # (kind byte + path) -> ino, live inodes only
         self._entries: dict[int, Entry] = {}
+        self._attrs: dict[int, tuple[Entry, pyfuse3.EntryAttributes]] = {}  # live inodes
         self._nlookup: dict[int, int] = defaultdict(int)
         self._files: dict[int, _File] = {}
         self._dirs: dict[int, tuple[bytes, int, list[tuple[bytes, int, Entry]]]] = {}
@@ -187,6 +188,7 @@ class DriveFS(pyfuse3.Operations):
         self._entries[ino] = entry
 
     def _drop(self, ino: int) -> None:
+        self._attrs.pop(ino, None)
         path = self._paths.pop(ino, None)
         entry = self._entries.pop(ino, None)
         self._nlookup.pop(ino, None)
@@ -202,6 +204,9 @@ class DriveFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE) from None
 
     def _attr(self, ino: int, entry: Entry) -> pyfuse3.EntryAttributes:
+        hit = self._attrs.get(ino)
+        if hit is not None and hit[0] is entry:
+            return hit[1]  # listing a directory again: the same objects
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         a.generation = 0
@@ -222,6 +227,8 @@ class DriveFS(pyfuse3.Operations):
         a.st_blksize = self.drive.block_size
         a.st_blocks = (size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = entry.mtime_ns
+        if ino in self._entries:  # cached for live inodes only, dropped with them
+            self._attrs[ino] = (entry, a)
         return a
 
     # ---------------------------------------------------------- drive calls
@@ -335,11 +342,11 @@ class DriveFS(pyfuse3.Operations):
             # The kernel now holds this inode (readdirplus counts as a lookup).
             # An entry listed before a version switch may be stale; the kernel
             # still gets the count, and the current entry is looked up anew.
-            child = _join(path, name)
             if generation == self._generation:
-                self._remember(ino, child, entry)
+                if self._entries.get(ino) is not entry:
+                    self._remember(ino, _join(path, name), entry)
             elif ino not in self._entries:
-                self._remember(ino, child, entry)
+                self._remember(ino, _join(path, name), entry)
                 self._recheck.add(ino)
                 self._wakeup.set()
             self._nlookup[ino] += 1
