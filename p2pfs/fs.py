@@ -87,6 +87,7 @@ XATTR_BLOCKS_HELD = b"user.p2pfs.blocks_held"
 ROOT = pyfuse3.ROOT_INODE
 _INO_MASK = (1 << 63) - 1
 _TYPE = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK}
+_UNSUPPORTED_XATTRS = (b"system.", b"security.", b"trusted.")
 _MANY_LIVE = 8  # live children of one directory above which a switch lists it whole
 
 DIR_SIZE = 4096  # what ext4 and most disk file systems report for a small directory
@@ -435,6 +436,11 @@ class DriveFS(pyfuse3.Operations):
         for key, value in (entry.xattrs if entry is not None else ()):
             if key == name:
                 return value
+        if name.startswith(_UNSUPPORTED_XATTRS):
+            # No ACLs or security labels here.  Saying so (rather than "no
+            # such attribute") lets `ls -l` stop asking for every file: two
+            # round trips per entry otherwise.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(self, inode, ctx=None):

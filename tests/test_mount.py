@@ -294,6 +294,11 @@ def test_xattrs(tmp_path, home):
         with pytest.raises(OSError) as info:
             os.getxattr(f, "user.nothing")
         assert info.value.errno == errno.ENODATA
+        # No ACLs or security labels: "not supported", so `ls -l` stops asking
+        for name in ("system.posix_acl_access", "security.selinux", "trusted.x"):
+            with pytest.raises(OSError) as info:
+                os.getxattr(f, name, follow_symlinks=False)
+            assert info.value.errno == errno.EOPNOTSUPP, name
         vfs = os.statvfs(mnt)
         assert vfs.f_bsize == 65536 and vfs.f_files == 2 and vfs.f_blocks == 3
 
