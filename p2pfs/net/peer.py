@@ -94,6 +94,7 @@ class Peer:
         self.announced: set[bytes] = set()   # drives whose first Have arrived
         self.inflight: dict[int, Inflight] = {}
         self.stalled = False
+        self.paused = False
         self.last_progress = trio.current_time()
         self.connected = trio.Event()
         self.closed = False
@@ -119,7 +120,9 @@ class Peer:
 
     async def _wait_writable(self) -> None:
         while self._out_bytes > HIGH_WATER:
-            self._drained = trio.Event()
+            # the reader and the server may both wait: share one event
+            if self._drained.is_set():
+                self._drained = trio.Event()
             await self._drained.wait()
 
     async def _writer(self) -> None:
@@ -160,13 +163,6 @@ class Peer:
         self.write(self.conn.send(m.IndexRequest(ch, rid, path, length)))
         inf = self.inflight[rid] = Inflight(key, -1, length, trio.current_time(), path)
         return inf
-
-    def cancel_all(self, key: bytes | None = None) -> None:
-        for rid, inf in list(self.inflight.items()):
-            if key is None or inf.key == key:
-                ch = self.conn.local_channel(inf.key)
-                if ch is not None and not self.closed:
-                    self.write(self.conn.send(m.Cancel(ch, rid)))
 
     def _merge_have(self, key: bytes, ranges: list[tuple[int, int]]) -> None:
         merged = sorted(self.haves.get(key, []) + [tuple(r) for r in ranges])
@@ -233,9 +229,12 @@ class Peer:
         swarm = self.swarm
         conn = self.conn
         while True:
+            self.paused = True  # not reading on our account: the peer is not stalling
             await self._wait_writable()
             await swarm.input_room()
+            self.paused = False
             data = await self.stream.receive_some(RECV_SIZE)
+            self.last_progress = trio.current_time()
             conn.receive_data(data)
             while True:
                 ev = conn.next_event()

@@ -57,11 +57,11 @@ from ..wire import messages as m
 from . import transport
 from .peer import Inflight, Peer, PeerDropped, raise_single
 
-PIPELINE = 64              # requests in flight per peer
+PIPELINE = 128             # requests in flight per peer
 READAHEAD_MIN = 8          # a fetch of this many contiguous blocks ...
-READAHEAD_MAX = 256        # ... also queues as many following blocks (at most this many)
+READAHEAD_MAX = 256        # ... also queues twice as many following blocks (at most this many)
 MAX_CACHED_NODES = 1 << 21   # tree nodes kept in memory per drive (~300 MiB at most)
-MAX_UNWRITTEN = 32 << 20     # verified block bytes waiting for the store before reads pause
+MAX_UNWRITTEN = 64 << 20     # verified block bytes waiting for the store before reads pause
 POLL_INTERVAL = 0.15       # seconds between polls of the store's latest heads
 STALL_TIMEOUT = 3.0        # a peer with requests out and silent this long is stalled
 DEFAULT_TIMEOUT = 30.0
@@ -246,7 +246,9 @@ class Swarm:
             await trio.sleep(0.25)
             now = trio.current_time()
             for peer in list(self.peers):
-                if peer.inflight and not peer.stalled and now - peer.last_progress > STALL_TIMEOUT:
+                if peer.paused:
+                    peer.last_progress = now
+                elif peer.inflight and not peer.stalled and now - peer.last_progress > STALL_TIMEOUT:
                     peer.stalled = True
                     for inf in peer.inflight.values():
                         self._requeue(peer, inf)
@@ -344,7 +346,9 @@ class Swarm:
     async def input_room(self) -> None:
         """Wait while too many verified blocks wait to be written."""
         while self._batch_bytes + self._writing_bytes > MAX_UNWRITTEN:
-            self._room_event = trio.Event()
+            # every peer's reader may wait here: share one event
+            if self._room_event.is_set():
+                self._room_event = trio.Event()
             await self._room_event.wait()
 
     async def _writer(self) -> None:
@@ -567,12 +571,13 @@ class Swarm:
                         pass
 
     def _readahead(self, drive: Drive, f: _Fetches, blocks: list[int]) -> None:
-        """A long contiguous fetch (a sequential read) queues as many blocks
-        after it, unwaited, so that the pipeline does not drain between reads."""
+        """A long contiguous fetch (a sequential read) queues twice as many
+        blocks after it, unwaited, so that the pipelines (several peers') do
+        not drain between reads."""
         n = len(blocks)
         if n < READAHEAD_MIN or blocks[-1] - blocks[0] != n - 1 or drive.head is None:
             return
-        end = min(blocks[-1] + 1 + min(n, READAHEAD_MAX), drive.head.length)
+        end = min(blocks[-1] + 1 + min(2 * n, READAHEAD_MAX), drive.head.length)
         for b in range(blocks[-1] + 1, end):
             if b not in f.wants and not drive.has_block(b):
                 f.wants[b] = _Want(b)
