@@ -280,7 +280,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.no_remote:
             pass
         elif has_seed():
-            bench_remote(table, work, size, args.runs)
+            try:
+                bench_remote(table, work, size, args.runs)
+            except (subprocess.CalledProcessError, RuntimeError) as exc:
+                # Keep the local rows; say which remote step failed.
+                table.rows.append(("remote rows", "FAILED", str(exc)[:100], "", ""))
+                print(f"  remote rows FAILED: {exc}", flush=True)
         else:
             print("  (no `p2pfs seed` in this build: remote rows skipped)")
     finally:
