@@ -43,15 +43,9 @@ Recipes for the drive
       proof = make_proof(block, length, siblings, peaks, store.get_node)
       # LookupError -> answer no-data
 
-* Checking a locally stored block cheaply (reads, ``cat``): keep one
-  ``verified: set[int]`` of node indices per open drive and call
-  ``verify_stored(b, data, length, root, store.get_node, verified)``.  The
-  first block of a region climbs to the signed root; later blocks stop at
-  their first verified ancestor, so the cost per block is the leaf hash
-  plus O(1) node reads on average.
-
-* ``p2pfs verify``: ``check_tree(length, root, store.get_node,
-  store.get_block_or_none, complete=owner_or_seed)`` lists every problem.
+* Checking locally stored blocks (reads, ``cat``, ``p2pfs verify``) is the
+  drive's job (`Drive.trusted_node`): it trusts stored nodes top-down from
+  a signed root with `parent_node` and caches what it has checked.
 
 This module is pure: it imports only blake3 and p2pfs's pure core.
 """
@@ -75,8 +69,6 @@ __all__ = [
     "proof_request",
     "make_proof",
     "verify_block",
-    "verify_stored",
-    "check_tree",
     "slow_root",
     "slow_node",
     "slow_proof",
@@ -352,148 +344,6 @@ def _add_unless_trusted(block: int, node: Node, get_trusted: GetNode, new: list[
     elif trusted.hash != node.hash or trusted.size != node.size:
         raise VerificationError(
             f"block {block}: proof node {node.index} does not match the trusted node (hash or size differs)")
-
-
-def verify_stored(
-    block: int,
-    data: bytes,
-    length: int,
-    root: bytes,
-    get_node: GetNode,
-    verified: set[int],
-) -> None:
-    """Check a locally stored block against the stored tree; cheap when repeated.
-
-    `verified` holds node indices already checked in this process (the
-    caller keeps one set per open drive and passes it every time; this
-    function adds to it).  The leaf must be stored and match `data`; then
-    the path climbs with stored siblings and stored parents, checking each
-    parent against its children, until it meets a node in `verified`, or
-    the block's peak (then, if every peak of `length` is stored, the root
-    must equal `root`), or a level whose nodes are not stored (a cached
-    drive only holds the nodes of the proofs it received; what is stored
-    was verified when it arrived).  Raises VerificationError naming the
-    block if anything differs or the leaf is missing.
-    """
-    if not 0 <= block < length:
-        raise VerificationError(f"block {block} is past the drive's length {length}")
-    stored = get_node(2 * block)
-    if stored is None:
-        raise VerificationError(f"block {block}: its tree node {2 * block} is not stored; run p2pfs verify")
-    node = leaf_node(block, data)
-    if stored.hash != node.hash or stored.size != node.size:
-        raise VerificationError(f"block {block}: stored data does not match its tree node")
-    peak, height = _peak_path(block, length)
-    path = []
-    n = node.index
-    for _ in range(height):
-        if n in verified:
-            break
-        path.append(n)
-        sib = get_node(flat.sibling(n))
-        par = get_node(flat.parent(n))
-        if sib is None or par is None:
-            verified.update(path)
-            return
-        left, right = (node, sib) if sib.index > n else (sib, node)
-        computed = _parent(block, left, right)
-        if computed.hash != par.hash or computed.size != par.size:
-            raise VerificationError(
-                f"block {block}: stored tree node {par.index} does not match its children")
-        path.append(sib.index)
-        node = par
-        n = par.index
-    else:
-        if n not in verified:
-            path.append(n)
-            peaks = [get_node(p) for p in flat.full_roots(length)]
-            if all(p is not None for p in peaks) and root_hash(peaks) != root:
-                raise VerificationError(
-                    f"block {block}: stored tree peaks do not match the signed root of length {length}")
-    verified.update(path)
-
-
-def check_tree(
-    length: int,
-    root: bytes,
-    get_node: GetNode,
-    get_block: Callable[[int], "bytes | None"],
-    *,
-    complete: bool = False,
-    max_problems: int = 100,
-) -> list[str]:
-    """Recheck a stored tree of a signed `length`; return the problems found.
-
-    Reads every node of the tree once with `get_node` (None = not stored)
-    and every block once, in order, with `get_block` (None = not held).
-    Problems, one line each, naming the node and the blocks it covers:
-
-    * a held block whose leaf is missing or does not match its data;
-    * a stored parent that does not match its children (stored, or
-      recomputed from held blocks when not stored);
-    * every peak known but their root differs from `root`;
-    * with ``complete=True`` (the caller should hold every block: owner or
-      seed), any missing block or node.
-
-    Without `complete`, nodes and blocks that are not stored are not
-    problems: a cached drive holds only what its proofs brought.  Stops
-    after `max_problems` problems (the last line says so).
-    """
-    problems: list[str] = []
-
-    def problem(text: str) -> bool:
-        problems.append(text)
-        if len(problems) >= max_problems:
-            problems.append(f"(stopped after {max_problems} problems)")
-            return True
-        return False
-
-    # Like TreeBuilder: a stack of the subtrees finished so far; None = unknown.
-    stack: list[Node | None] = []
-    for block in range(length):
-        n = 2 * block
-        stored = get_node(n)
-        data = get_block(block)
-        cur: Node | None = stored
-        if data is not None:
-            leaf = leaf_node(block, data)
-            if stored is None:
-                cur = leaf
-                if problem(f"block {block}: held, but its tree node {n} is missing"):
-                    return problems
-            elif stored.hash != leaf.hash or stored.size != leaf.size:
-                if problem(f"block {block}: stored data does not match its tree node {n}"):
-                    return problems
-        elif complete:
-            if problem(f"block {block}: missing from the store"):
-                return problems
-        merges = ((block + 1) & -(block + 1)).bit_length() - 1
-        for _ in range(merges):
-            left = stack.pop()
-            pidx = flat.parent(n)
-            par = get_node(pidx)
-            first, end = flat.span(pidx)
-            where = f"tree node {pidx} (blocks {first}-{end - 1})"
-            computed = None
-            if left is not None and cur is not None:
-                try:
-                    computed = _parent(block, left, cur)
-                except VerificationError:
-                    if problem(f"{where}: its children's sizes overflow"):
-                        return problems
-            if par is None:
-                if complete and problem(f"{where} is missing"):
-                    return problems
-                par = computed
-            elif computed is not None and (par.hash != computed.hash or par.size != computed.size):
-                if problem(f"{where} does not match its children"):
-                    return problems
-            cur = par
-            n = pidx
-        stack.append(cur)
-    if all(p is not None for p in stack) and root_hash(stack) != root:
-        problem(f"the tree's peaks do not match the signed root of length {length}")
-    return problems
 
 
 # --- slow reference, for tests only ------------------------------------------

@@ -340,60 +340,6 @@ def test_fuzz_verify_block_only_raises_verification_error(length, data):
         assert f"block {block}" in str(e)
 
 
-# --- local checks ------------------------------------------------------------
-
-def test_verify_stored_and_check_tree():
-    n = 21
-    blocks = blocks_of(n)
-    b, nodes = build(blocks)
-    root = b.root()
-    verified: set[int] = set()
-    for block in range(n):
-        tree.verify_stored(block, blocks[block], n, root, nodes.get, verified)
-    assert verified >= set(flat.full_roots(n)) | {2 * i for i in range(n)}
-    assert tree.check_tree(n, root, nodes.get, lambda i: blocks[i], complete=True) == []
-    assert tree.check_tree(0, tree.slow_root([]), {}.get, lambda i: None, complete=True) == []
-
-    # a flipped byte in a block
-    bad_blocks = list(blocks)
-    bad_blocks[7] = b"X" + blocks[7][1:]
-    with pytest.raises(VerificationError, match="block 7"):
-        tree.verify_stored(7, bad_blocks[7], n, root, nodes.get, set())
-    problems = tree.check_tree(n, root, nodes.get, lambda i: bad_blocks[i], complete=True)
-    assert problems == ["block 7: stored data does not match its tree node 14"]
-
-    # a flipped byte in an inner node: caught by its parent / children
-    for idx in (13, 3, 19, 40):
-        bad = dict(nodes)
-        bad[idx] = bad[idx]._replace(hash=bytes([bad[idx].hash[0] ^ 1]) + bad[idx].hash[1:])
-        problems = tree.check_tree(n, root, bad.get, lambda i: blocks[i], complete=True)
-        assert problems and all("not match" in p for p in problems), (idx, problems)
-        first, end = flat.span(idx)
-        with pytest.raises(VerificationError):
-            for block in range(first, end):
-                tree.verify_stored(block, blocks[block], n, root, bad.get, set())
-
-    # wrong root
-    assert tree.check_tree(n, bytes(32), nodes.get, lambda i: blocks[i]) == [
-        f"the tree's peaks do not match the signed root of length {n}"]
-
-    # a partial cache: only what verified proofs stored; missing nodes are fine
-    cache: dict[int, Node] = {}
-    held = {3, 4, 17}
-    for block in sorted(held):
-        req = tree.proof_request(block, n, cache.__contains__)
-        proof = tree.make_proof(block, n, *req, nodes.get)
-        cache.update((x.index, x) for x in tree.verify_block(block, blocks[block], proof, n, root, cache.get))
-    get = lambda i: blocks[i] if i in held else None  # noqa: E731
-    assert tree.check_tree(n, root, cache.get, get) == []
-    assert any("missing" in p for p in tree.check_tree(n, root, cache.get, get, complete=True))
-    verified = set()
-    for block in held:
-        tree.verify_stored(block, blocks[block], n, root, cache.get, verified)
-    del cache[2 * 4]
-    assert tree.check_tree(n, root, cache.get, get) == ["block 4: held, but its tree node 8 is missing"]
-
-
 @settings(max_examples=200, deadline=None)
 @given(logs, st.data())
 def test_tampering_fails_with_partial_trusted_sets(blocks, data):
@@ -448,23 +394,6 @@ def test_malformed_arguments_are_verification_errors():
             tree.verify_block(*args, lambda i: None)
 
 
-def test_verify_stored_reads_few_nodes_once_warm():
-    n = 1000
-    blocks = [i.to_bytes(4, "little") for i in range(n)]
-    b, nodes = build(blocks)
-    reads = []
-
-    def get(i):
-        reads.append(i)
-        return nodes.get(i)
-
-    verified: set[int] = set()
-    for block in range(n):
-        tree.verify_stored(block, blocks[block], n, b.root(), get, verified)
-    # each node read about once (leaf + sibling + parent per level), not log n per block
-    assert len(reads) < 4 * n
-
-
 def test_pure_core_imports():
     import ast
     import pathlib
@@ -479,29 +408,6 @@ def test_pure_core_imports():
                 names.add("." * node.level + (node.module or ""))
         allowed = {"__future__", "typing", "blake3", ".", ".errors", ".types"}
         assert names <= allowed, (mod, names - allowed)
-
-
-def test_check_tree_complete_and_limits():
-    n = 9
-    blocks = blocks_of(n)
-    b, nodes = build(blocks)
-    root = b.root()
-    missing = dict(nodes)
-    del missing[5]
-    assert tree.check_tree(n, root, missing.get, lambda i: blocks[i]) == []
-    assert tree.check_tree(n, root, missing.get, lambda i: blocks[i], complete=True) == [
-        "tree node 5 (blocks 2-3) is missing"]
-    get = lambda i: None if i == 4 else blocks[i]  # noqa: E731
-    assert tree.check_tree(n, root, nodes.get, get) == []
-    assert tree.check_tree(n, root, nodes.get, get, complete=True) == ["block 4: missing from the store"]
-    # a lying size that overflows u64 when summed
-    huge = dict(nodes)
-    huge[0] = huge[0]._replace(size=2**64 - 1)
-    problems = tree.check_tree(n, root, huge.get, lambda i: None)
-    assert problems and all(isinstance(p, str) for p in problems)
-    everything_wrong = {i: x._replace(hash=bytes(32)) for i, x in nodes.items()}
-    problems = tree.check_tree(n, root, everything_wrong.get, lambda i: blocks[i], max_problems=5)
-    assert len(problems) == 6 and problems[-1] == "(stopped after 5 problems)"
 
 
 @settings(max_examples=100, deadline=None)
