@@ -9,7 +9,8 @@
 3. With a seeder (when the CLI has `seed`): cold remote read through the
    mount against `p2pfs cat` of the same file from the same seeder (goal >=
    0.8), and the mount's read with read-ahead against without it
-   (P2PFS_READAHEAD=0 in the mount's environment).
+   (P2PFS_READAHEAD=0 in the mount's environment), on loopback and through
+   `bench.netlab`'s delay proxy (50 ms RTT).
 
 Run as root: `scripts/bench mount` or `.venv/bin/python -m bench.bench_mount
 [--size MIB] [--entries N] [--runs N]`.  Every mount is unmounted and the
@@ -34,6 +35,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
+RTT = 0.05  # s added by the delay proxy for the read-ahead row
+DELAYED_BYTES = 256 * MiB  # read through the proxy (the link is slow)
 
 
 def p2pfs(home, *args) -> list[str]:
@@ -245,10 +248,55 @@ def bench_remote(table: Table, work: Path, size: int, runs: int) -> None:
             none.append(mount_once({"P2PFS_READAHEAD": "0"}))
         cat_s = min(cats)
         results = {"read-ahead": min(ahead), "no read-ahead": min(none)}
+        # The same through a delay proxy: where read-ahead should pay.
+        proxy_log = open(work / "proxy.log", "w+")
+        proxy = subprocess.Popen([sys.executable, "-m", "bench.netlab", "proxy", "--listen",
+                                  "127.0.0.1:0", "--target", addr, "--rtt", str(RTT)],
+                                 stdout=proxy_log, stderr=subprocess.STDOUT, env=env(), cwd=REPO)
+        try:
+            deadline = time.monotonic() + 30
+            paddr = None
+            while paddr is None and time.monotonic() < deadline:
+                proxy_log.seek(0)
+                m = re.search(r"listening on ([0-9.]+:\d+)", proxy_log.read())
+                paddr = m.group(1) if m else None
+                time.sleep(0.05)
+            if paddr is None:
+                raise RuntimeError("delay proxy did not start")
+            part = min(size, DELAYED_BYTES)
+
+            def delayed_once(environ) -> float:
+                home = cold_home("home-mnt")
+                mnt = work / "mnt-remote"
+                with mounted(home, key, mnt, "--peer", paddr, environ=environ):
+                    t = time.perf_counter()
+                    with open(mnt / "big.bin", "rb") as f:
+                        left = part
+                        while left > 0:
+                            n = len(f.read(min(left, 1 << 20)))
+                            if not n:
+                                break
+                            left -= n
+                    return time.perf_counter() - t
+
+            lat_ahead, lat_none = [], []
+            for _ in range(runs):
+                lat_ahead.append(delayed_once({}))
+                lat_none.append(delayed_once({"P2PFS_READAHEAD": "0"}))
+        finally:
+            proxy.send_signal(signal.SIGTERM)
+            try:
+                proxy.wait(10)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+            proxy_log.close()
         table.add(f"cold remote read {size // MiB} MiB via mount", rate(size, results["read-ahead"]),
                   f"p2pfs cat {rate(size, cat_s)}", cat_s / results["read-ahead"], ">= 0.8")
         table.add("remote mount read, read-ahead vs none", rate(size, results["read-ahead"]),
                   rate(size, results["no read-ahead"]), results["no read-ahead"] / results["read-ahead"])
+        table.add(f"same, {part // MiB} MiB at {RTT * 1000:.0f} ms RTT (proxy)",
+                  rate(part, min(lat_ahead)), rate(part, min(lat_none)),
+                  min(lat_none) / min(lat_ahead))
     finally:
         seeder.send_signal(signal.SIGTERM)
         try:
