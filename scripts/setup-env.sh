@@ -25,7 +25,12 @@ p2pfs_setup() {
     local stamp=".venv/.p2pfs-installed-${extras:-base}"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         echo "p2pfs: installing Python packages into .venv (pyfuse3 builds from source, ~30 s)" >&2
-        .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
+        if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec" \
+                > .venv/pip-install.log 2>&1; then
+            cat .venv/pip-install.log >&2
+            echo "p2pfs: pip install failed (log above, also in .venv/pip-install.log)" >&2
+            return 1
+        fi
         touch "$stamp"
     fi
     export P2PFS_PYTHON="$PWD/.venv/bin/python"
