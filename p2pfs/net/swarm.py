@@ -24,10 +24,14 @@ drive) and the peer stays, an older head changes nothing.
 wants, queued in request order.  `schedule` hands queued wants to peers
 that announced the block and have a free pipeline slot (`PIPELINE`
 requests per peer), least-loaded first, skipping peers that already failed
-that want.  Each Request asks for the proof nodes the store does not hold
-(`Drive.proof_request`) against our head's length; the reply is verified
-against the signed head of exactly that length, so adopting a newer head
-meanwhile cannot make an honest reply look bad.  A NoData moves the want
+that want.  A long sequential fetch also queues the blocks after it
+(read-ahead), so the pipelines do not drain between reads.  Each Request
+asks for the proof nodes we do not hold (a per-drive cache of verified
+nodes, filled from the store once) against our head's length; the reply is
+verified against the signed head of exactly that length, so adopting a
+newer head meanwhile cannot make an honest reply look bad.  Verified blocks
+are written by a worker thread, many per transaction; their waiters wake
+once they are stored.  A NoData moves the want
 to another peer; a peer that disconnects or stalls (in-flight requests and
 nothing received for `STALL_TIMEOUT`) has its wants queued again for the
 others.  Anything failing verification (a block, a proof, a head
@@ -86,12 +90,13 @@ class _Want:
 class _Fetches:
     """Per-drive fetch state."""
 
-    __slots__ = ("wants", "queue", "last_progress")
+    __slots__ = ("wants", "queue", "last_progress", "ahead_start", "ahead_end", "window")
 
     def __init__(self):
         self.wants: dict[int, _Want] = {}
         self.queue: deque[int] = deque()
         self.last_progress = 0.0
+        self.ahead_start = self.ahead_end = self.window = 0  # the read-ahead window
 
 
 class _StoreReader:
@@ -571,14 +576,24 @@ class Swarm:
                         pass
 
     def _readahead(self, drive: Drive, f: _Fetches, blocks: list[int]) -> None:
-        """A long contiguous fetch (a sequential read) queues twice as many
-        blocks after it, unwaited, so that the pipelines (several peers') do
-        not drain between reads."""
+        """Sequential reads get read-ahead, so that the pipelines (several
+        peers') do not drain between reads: a contiguous fetch of at least
+        READAHEAD_MIN blocks queues twice as many after it, unwaited; a fetch
+        inside the last read-ahead window doubles the window (up to
+        READAHEAD_MAX) and moves it past this fetch."""
         n = len(blocks)
-        if n < READAHEAD_MIN or blocks[-1] - blocks[0] != n - 1 or drive.head is None:
+        if not n or blocks[-1] - blocks[0] != n - 1 or drive.head is None:
             return
-        end = min(blocks[-1] + 1 + min(2 * n, READAHEAD_MAX), drive.head.length)
-        for b in range(blocks[-1] + 1, end):
+        if f.ahead_start <= blocks[0] < f.ahead_end:
+            window = min(READAHEAD_MAX, max(f.window * 2, 2 * n))
+        elif n >= READAHEAD_MIN:
+            window = min(READAHEAD_MAX, 2 * n)
+        else:
+            return
+        start = blocks[-1] + 1
+        end = min(start + window, drive.head.length)
+        f.ahead_start, f.ahead_end, f.window = blocks[0], end, window
+        for b in range(start, end):
             if b not in f.wants and not drive.has_block(b):
                 f.wants[b] = _Want(b)
                 f.queue.append(b)
