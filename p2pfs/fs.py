@@ -475,9 +475,12 @@ class DriveFS(pyfuse3.Operations):
         """Track sequential reads; grow the window and kick the prefetcher."""
         if off == f.expected and off > 0:
             f.window = min(READAHEAD_MAX, f.window * 2 if f.window else READAHEAD_FIRST)
-        else:
+        elif f.window or f.ahead_running:
+            # A seek: stop fetching ahead of where the reader used to be.
             f.window = 0
-            f.ahead_until = 0
+            f.ahead_until = f.ahead_target = 0
+            if f.cancel is not None:
+                f.cancel.cancel()
         f.expected = off + size
         if not self.prefetch or f.window == 0 or self._nursery is None or f.closed:
             return
