@@ -247,6 +247,24 @@ def test_seeder_killed_mid_transfer_finishes_from_another(tmp_path, seeders):
     assert hashlib.sha256(head + rest).hexdigest() == sha(src / "big.bin")
 
 
+def test_frozen_seeder_is_worked_around(tmp_path, seeders):
+    """A seeder that stops answering (SIGSTOP) without closing: its requests
+    go to the other seeder after the stall timeout, and the read completes."""
+    src = drive_tree(tmp_path / "src", big=24 << 20)
+    a = tmp_path / "a"
+    key = create(a, src)
+    c = copy_home(a, tmp_path / "c")
+    s_a, s_c = seeders(a, key), seeders(c, key)
+    proc, head = _cat_until(tmp_path / "b", key, "/big.bin", [s_a.address, s_c.address], 1 << 20)
+    s_a.proc.send_signal(signal.SIGSTOP)
+    try:
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+    finally:
+        s_a.proc.send_signal(signal.SIGCONT)
+    assert hashlib.sha256(head + rest).hexdigest() == sha(src / "big.bin")
+
+
 def test_no_seeder_left_fails_within_timeout(tmp_path, seeders):
     src = drive_tree(tmp_path / "src", big=24 << 20)
     a = tmp_path / "a"
