@@ -35,6 +35,17 @@ async def _connect(nursery, server_swarm, client_swarm, address="memory:1"):
 
 
 async def test_fetch_a_whole_file_between_two_swarms(tmp_path):
+    await _fetch_whole_file(tmp_path)
+
+
+async def test_fetch_with_a_node_cache_too_small_for_the_drive(tmp_path, monkeypatch):
+    """Past MAX_CACHED_NODES both sides fall back to the store for nodes."""
+    from p2pfs.net import swarm as swarm_mod
+    monkeypatch.setattr(swarm_mod, "MAX_CACHED_NODES", 8)
+    await _fetch_whole_file(tmp_path)
+
+
+async def _fetch_whole_file(tmp_path):
     store_a, key, data = _owner(tmp_path, 5 << 20)
     store_b = Store(tmp_path / "b")
     async with open_swarm(store_a, crypto.x25519_keypair()[0], serve_all=True) as sa, \
@@ -50,6 +61,9 @@ async def test_fetch_a_whole_file_between_two_swarms(tmp_path):
         assert await drive.read(await drive.lookup("/small.txt"), 0, 100) == b"small\n"
         [info] = sb.peer_info(key)
         assert info["blocks"] == drive.head.length and info["blocks_received"] > 80
+        from p2pfs.net import swarm as swarm_mod
+        small = swarm_mod.MAX_CACHED_NODES < 100
+        assert sb._nodes_complete[key] is not small and sa._nodes_complete[key] is not small
     blocks, nbytes = store_b.held(key)
     assert nbytes >= len(data)
     store_a.close()

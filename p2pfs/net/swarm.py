@@ -64,7 +64,7 @@ from .peer import Inflight, Peer, PeerDropped, raise_single
 PIPELINE = 128             # requests in flight per peer
 READAHEAD_MIN = 8          # a fetch of this many contiguous blocks ...
 READAHEAD_MAX = 256        # ... also queues twice as many following blocks (at most this many)
-MAX_CACHED_NODES = 1 << 21   # tree nodes kept in memory per drive (~300 MiB at most)
+MAX_CACHED_NODES = 1 << 18   # tree nodes kept in memory per drive (an 8 GiB drive; ~40 MiB)
 MAX_UNWRITTEN = 64 << 20     # verified block bytes waiting for the store before reads pause
 POLL_INTERVAL = 0.15       # seconds between polls of the store's latest heads
 STALL_TIMEOUT = 3.0        # a peer with requests out and silent this long is stalled
@@ -132,6 +132,7 @@ class Swarm:
         self.banned_keys: set[bytes] = set()
         self._fetches: dict[bytes, _Fetches] = {}
         self._nodes: dict[bytes, dict[int, object]] = {}   # verified tree nodes, per drive
+        self._nodes_complete: dict[bytes, bool] = {}        # ... and whether that is all we hold
         self._batch: dict[bytes, tuple[list, list]] = {}   # verified, not yet stored
         self._batch_bytes = 0
         self._writing_bytes = 0
@@ -414,9 +415,7 @@ class Swarm:
             nodes = tree.verify_block(block, data, proof, length, head.root, self._trusted_getter(key))
         except VerificationError as exc:
             self._ban(peer, f"sent block {block} of drive {drive.key_text} that fails verification ({exc})")
-        cache = self._nodes[key]
-        for n in nodes:
-            cache[n.index] = n
+        self._remember(key, nodes)
         items, batch_nodes = self._batch.setdefault(key, ([], []))
         items.append((block, data))
         batch_nodes.extend(nodes)
@@ -426,34 +425,50 @@ class Swarm:
     def _serving_getter(self, key: bytes):
         """Stored nodes for proofs: the cache, then the store (an owner's
         import in another process adds nodes the cache has not seen)."""
-        self._trusted_getter(key)  # fills the cache on first use
-        cache = self._nodes[key]
+        cache = self._node_cache(key)
         store = self.store
 
         def get(n: int):
             node = cache.get(n)
             if node is None:
                 node = store.get_node(key, n)
-                if node is not None and len(cache) <= MAX_CACHED_NODES:
+                if node is not None and len(cache) < MAX_CACHED_NODES:
                     cache[n] = node
             return node
         return get
 
-    def _trusted_getter(self, key: bytes):
-        """get(n) -> verified Node or None: this session's cache, then the store."""
+    def _node_cache(self, key: bytes) -> dict:
+        """Verified tree nodes of a drive: filled from the store by one cursor
+        scan on first use (up to MAX_CACHED_NODES), then by what we verify."""
         cache = self._nodes.get(key)
-        if cache is None or len(cache) > MAX_CACHED_NODES:
-            # Start from every node held: one cursor scan, then dict lookups.
+        if cache is None:
             cache = self._nodes[key] = {}
+            complete = True
             for node in self.store.iter_nodes(key):
-                cache[node.index] = node
-                if len(cache) > MAX_CACHED_NODES:
+                if len(cache) >= MAX_CACHED_NODES:
+                    complete = False
                     break
-        if len(cache) <= MAX_CACHED_NODES:
+                cache[node.index] = node
+            self._nodes_complete[key] = complete
+        return cache
+
+    def _remember(self, key: bytes, nodes) -> None:
+        cache = self._node_cache(key)
+        for n in nodes:
+            if len(cache) >= MAX_CACHED_NODES:
+                self._nodes_complete[key] = False
+                return
+            cache[n.index] = n
+
+    def _trusted_getter(self, key: bytes):
+        """get(n) -> verified Node or None.  A dict lookup while the cache
+        holds every node we have; else the store answers what it lacks."""
+        cache = self._node_cache(key)
+        if self._nodes_complete[key]:
             return cache.get
         store = self.store
 
-        def get(n: int):  # a huge drive: the store answers what the cache lacks
+        def get(n: int):
             node = cache.get(n)
             return node if node is not None else store.get_node(key, n)
         return get
