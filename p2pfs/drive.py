@@ -50,6 +50,10 @@ from .store import WRITE_BATCH_BYTES, DriveRecord, Store
 from .types import Head, Node
 
 DEFAULT_BLOCK_SIZE = 65536
+# The largest block size `create` accepts: a power of two whose blocks still
+# fit one wire Data message (wire.messages.MAX_BLOCK_DATA), so every drive
+# made here can be replicated.
+MAX_CREATE_BLOCK_SIZE = 1 << 19
 TRUST_DEPTH = 6  # leaves are trusted in aligned groups of 2**6 blocks
 TRUSTED_MAX = 1 << 20  # verified nodes cached per Drive (about 32 GiB of 64 KiB blocks)
 
@@ -811,8 +815,9 @@ def create_drive(store: Store, directory: str | os.PathLike, *, message: str = "
 
     The key file is written first; the drive exists only once its signed head
     is committed, so an interrupted create leaves no drive."""
-    if not 4096 <= block_size <= index.MAX_BLOCK_SIZE or block_size & (block_size - 1):
-        raise UsageError("block size must be a power of two between 4096 and 16777216")
+    if not 4096 <= block_size <= MAX_CREATE_BLOCK_SIZE or block_size & (block_size - 1):
+        raise UsageError(
+            f"block size must be a power of two between 4096 and {MAX_CREATE_BLOCK_SIZE}")
     items = scan_directory(directory, warn)
     total = sum(it.size for it in items if it.kind == KIND_FILE)
     if on_scan is not None:
