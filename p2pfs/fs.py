@@ -234,34 +234,30 @@ class DriveFS(pyfuse3.Operations):
 
     # ---------------------------------------------------------- drive calls
 
+    async def _current(self, ask, path: bytes):
+        """`await ask(path)` on the drive, answered by the current version.
+
+        A version switch while we waited means the answer may be of the old
+        version: ask again.  Domain errors become FUSEError here."""
+        while True:
+            generation = self._generation
+            try:
+                answer = await ask(path)
+            except NotFoundError:
+                if generation == self._generation:
+                    raise pyfuse3.FUSEError(errno.ENOENT) from None
+                continue
+            except P2pfsError as exc:
+                raise _fuse_error(exc, path) from None
+            if generation == self._generation:
+                return answer
+
     async def _lookup(self, path: bytes) -> Entry:
         """The current version's entry for `path`; FUSEError on failure."""
-        while True:
-            generation = self._generation
-            try:
-                entry = await self.drive.lookup(path)
-            except NotFoundError:
-                if generation == self._generation:
-                    raise pyfuse3.FUSEError(errno.ENOENT) from None
-                continue
-            except P2pfsError as exc:
-                raise _fuse_error(exc, path) from None
-            if generation == self._generation:
-                return entry
+        return await self._current(self.drive.lookup, path)
 
     async def _listdir(self, path: bytes) -> list[tuple[bytes, Entry]]:
-        while True:
-            generation = self._generation
-            try:
-                items = await self.drive.listdir(path)
-            except NotFoundError:
-                if generation == self._generation:
-                    raise pyfuse3.FUSEError(errno.ENOENT) from None
-                continue
-            except P2pfsError as exc:
-                raise _fuse_error(exc, path) from None
-            if generation == self._generation:
-                return items
+        return await self._current(self.drive.listdir, path)
 
     # -------------------------------------------------------------- handlers
 

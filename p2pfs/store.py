@@ -512,18 +512,10 @@ class Store:
         """Write a drive's secret seed to keys/<key>.key, mode 0600, durably."""
         if len(seed) != 32:
             raise ValueError("secret seed must be 32 bytes")
+        path = self.key_path(key_text)
         try:
             self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path = self.key_path(key_text)
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)
-                os.write(fd, seed.hex().encode() + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            write_key_file(path, seed)
         except OSError as exc:
             raise StoreError(f"cannot write the secret key file in {self.keys_dir}: "
                              f"{exc.strerror}") from None
@@ -534,27 +526,58 @@ class Store:
 
         Raises KeyFileError if the file is readable by group or others, or malformed.
         """
-        path = self.key_path(key_text)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise KeyFileError(f"cannot read secret key file {path}: {exc.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if st.st_mode & 0o077:
-                raise KeyFileError(
-                    f"secret key file {path} is accessible by others "
-                    f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod 600 {path}"
-                )
-            raw = os.read(fd, 200)
-        finally:
-            os.close(fd)
-        try:
-            seed = bytes.fromhex(raw.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            seed = b""
-        if len(seed) != 32:
-            raise KeyFileError(f"secret key file {path} is malformed (expected 64 hex digits)")
-        return seed
+        return read_key_file(self.key_path(key_text), "secret key file")
+
+
+# --- key files -------------------------------------------------------------------
+
+def write_key_file(path: Path, secret: bytes, *, keep_existing: bool = False) -> None:
+    """Write `secret` as hex to `path`, mode 0600, fsynced, atomically.
+
+    With keep_existing, a file another process wrote first wins.  Raises OSError."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, secret.hex().encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if not keep_existing:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    os.unlink(tmp)
+
+
+def read_key_file(path: Path, what: str, size: int = 32) -> bytes | None:
+    """The secret in a key file (64 hex digits), or None if there is none.
+
+    Raises KeyFileError, naming `what` and `path`, if the file is accessible
+    by group or others (with the chmod that fixes it), unreadable or malformed."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise KeyFileError(
+                f"{what} {path} is accessible by others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod 600 {path}"
+            )
+        raw = os.read(fd, 200)
+    finally:
+        os.close(fd)
+    try:
+        secret = bytes.fromhex(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        secret = b""
+    if len(secret) != size:
+        raise KeyFileError(f"{what} {path} is malformed (expected {2 * size} hex digits)")
+    return secret

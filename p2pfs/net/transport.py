@@ -7,13 +7,13 @@ A node's static X25519 key (its identity in Noise handshakes) lives in
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 import trio
 
 from .. import crypto
 from ..errors import KeyFileError, UsageError
+from ..store import read_key_file, write_key_file
 
 NODE_KEY_FILE = "node.key"
 DEFAULT_PORT = 7640
@@ -26,46 +26,16 @@ def load_node_key(home: str | os.PathLike) -> bytes:
 
     Raises KeyFileError if the file is readable by others or malformed."""
     path = Path(home) / NODE_KEY_FILE
+    key = read_key_file(path, "node key", crypto.DH_BYTES)
+    if key is not None:
+        return key
+    private, _ = crypto.x25519_keypair()
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        private, _ = crypto.x25519_keypair()
-        try:
-            Path(home).mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)
-                os.write(fd, private.hex().encode() + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmp, path)  # first writer wins if two processes race
-            except FileExistsError:
-                pass
-            os.unlink(tmp)
-        except OSError as exc:
-            raise KeyFileError(f"cannot write the node key {path}: {exc.strerror}") from None
-        return load_node_key(home)
+        Path(home).mkdir(parents=True, exist_ok=True)
+        write_key_file(path, private, keep_existing=True)  # first writer wins a race
     except OSError as exc:
-        raise KeyFileError(f"cannot read the node key {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if st.st_mode & 0o077:
-            raise KeyFileError(f"node key {path} is accessible by others "
-                               f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod 600 {path}")
-        raw = os.read(fd, 200)
-    finally:
-        os.close(fd)
-    try:
-        key = bytes.fromhex(raw.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        key = b""
-    if len(key) != crypto.DH_BYTES:
-        raise KeyFileError(f"node key {path} is malformed (expected 64 hex digits); "
-                           "delete it to make a new one")
-    return key
+        raise KeyFileError(f"cannot write the node key {path}: {exc.strerror}") from None
+    return load_node_key(home)
 
 
 def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
