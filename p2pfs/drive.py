@@ -10,7 +10,9 @@ parent.  Full subtrees never change in an append-only log, so a node trusted
 under one head is trusted under every later one.  `Drive._trusted` caches
 the nodes verified in this process (index -> Node); everything read from
 the local store is checked again, once per process, because the store is a
-file anyone could damage.
+file anyone could damage.  The one exception: blocks this process itself
+fetched, verified with a proof and stored (`note_stored`) are not hashed
+again when read back by this process.
 
 *Reading a block.*  Blocks below the latest signed length are served only
 after their leaf hash equals the trusted leaf node `2*i`.  A block that is
@@ -56,6 +58,7 @@ DEFAULT_BLOCK_SIZE = 65536
 MAX_CREATE_BLOCK_SIZE = 1 << 19
 TRUST_DEPTH = 6  # leaves are trusted in aligned groups of 2**6 blocks
 TRUSTED_MAX = 1 << 20  # verified nodes cached per Drive (about 32 GiB of 64 KiB blocks)
+STORED_MAX = 1 << 20  # blocks remembered as verified and stored by this process
 
 
 class BlockSource(Protocol):
@@ -103,6 +106,7 @@ class Drive:
         # the secret is read (and its file's mode checked) only to write
         self.writable = store.key_path(self.key_text).exists()
         self._trusted: dict[int, Node] = {}
+        self._stored: set[int] = set()  # see note_stored
         self._heads_checked: set[tuple[int, bytes]] = set()
         self._subscribers: list[Callable[[Head], None]] = []
         self.head: Head | None = None
@@ -599,13 +603,23 @@ class Drive:
             for n in nodes.values():
                 trusted[n.index] = n
 
+    def note_stored(self, blocks) -> None:
+        """Record blocks this process verified against a signed head with a
+        proof (`tree.verify_block`) and then wrote to the store: reading them
+        back here skips hashing them again (bounded; forgotten blocks are
+        simply checked)."""
+        if len(self._stored) > STORED_MAX:
+            self._stored.clear()
+        self._stored.update(blocks)
+
     def _get_verified(self, blocks: list[int]) -> bytes | list[int]:
         """The verified blocks joined, or the list of blocks not held."""
         assert self.head is not None
         limit = self.head.length
         if len(self._trusted) > TRUSTED_MAX:
             self._trusted.clear()  # bounded memory; re-verified on demand
-        self._trust_leaves(blocks)
+        stored = self._stored
+        self._trust_leaves([b for b in blocks if b not in stored])
         trusted = self._trusted
         leaf_node = tree.leaf_node
 
@@ -614,6 +628,8 @@ class Drive:
             if missing:
                 return missing
             for b, v in zip(blocks, views):
+                if b in stored:
+                    continue
                 node = trusted.get(2 * b)
                 if node is None:
                     self.check_block(b, v)
@@ -1039,6 +1055,7 @@ def verify_drive(drive: Drive, report: Callable[[str], None] | None = None) -> l
         bad(f"fork evidence: a second signed root for length {f.length}")
     drive.head = good_heads[-1]
     drive._trusted.clear()
+    drive._stored.clear()
     limit = drive.head.length
     # every head: its peaks (where held) hash to its root
     for h in good_heads:

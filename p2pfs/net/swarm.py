@@ -374,6 +374,9 @@ class Swarm:
                 self._writing_bytes = 0
                 self._room_event.set()
             for key, (items, _nodes) in batch.items():
+                drive = self.drives.get(key)
+                if drive is not None:  # verified by _accept, now stored
+                    drive.note_stored([block for block, _data in items])
                 for block, _data in items:
                     self._done(key, block)
             self.schedule()
