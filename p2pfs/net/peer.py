@@ -5,7 +5,10 @@ Three tasks share a peer and end together:
 * the reader reads at most `RECV_SIZE` bytes at a time, feeds the
   Connection, and hands each event to the swarm (synchronously: verifying
   and storing a block happens here, so a peer's next bytes are not read
-  before its last block is dealt with);
+  before its last block is dealt with); a read of at least
+  `DECRYPT_IN_THREAD` bytes is first decrypted in a worker thread
+  (`Connection.decrypt_ahead`: libsodium drops the GIL), so the other tasks
+  of the node run meanwhile;
 * the server answers the peer's requests one by one, in order;
 * the writer owns the socket's sending side and writes whatever the other
   two queued, in the order they queued it (each `Connection.send` returns
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 
 RECV_SIZE = 1 << 20
 HIGH_WATER = 4 << 20
+DECRYPT_IN_THREAD = 64 << 10  # a read this big is decrypted in a worker thread
 HANDSHAKE_TIMEOUT = 10.0
 MAX_HAVE_RANGES_KEPT = 1 << 16
 
@@ -236,6 +240,9 @@ class Peer:
             data = await self.stream.receive_some(RECV_SIZE)
             self.last_progress = trio.current_time()
             conn.receive_data(data)
+            if len(data) >= DECRYPT_IN_THREAD and conn.can_decrypt_ahead:
+                # libsodium drops the GIL: our other tasks run meanwhile
+                await trio.to_thread.run_sync(conn.decrypt_ahead)
             while True:
                 ev = conn.next_event()
                 if ev is None:

@@ -8,7 +8,10 @@ returns None, then writes `data_to_send()`.  Everything the application
 wants to say goes through `open_channel`, `close_channel` and `send`, which
 return the bytes to write (including any protocol replies queued before, so
 that ciphertexts always leave in order).  Any ProtocolError raised by
-`next_event` is final: the connection is dead and must be dropped.
+`next_event` is final: the connection is dead and must be dropped.  Once
+open, a driver may call `decrypt_ahead` (in a worker thread) between
+`receive_data` and `next_event`: it decrypts the buffered frames in order
+and touches only the receiving half.
 
 Phases::
 
@@ -149,6 +152,8 @@ class Connection:
         self._error: ProtocolError | None = None
         self._out: list[bytes] = []   # queued output pieces, joined once by data_to_send
         self._events: deque[Event] = deque()
+        self._plain: deque[bytes] = deque()  # decrypted by decrypt_ahead, not yet handled
+        self._plain_error: ProtocolError | None = None  # met by decrypt_ahead after _plain
         self._encryptor: crypto.StreamEncryptor | None = None
         self._decryptor: crypto.StreamDecryptor | None = None
         self.handshake_hash: bytes | None = None
@@ -280,6 +285,26 @@ class Connection:
             return
         self._frames.feed(data)
 
+    @property
+    def can_decrypt_ahead(self) -> bool:
+        return self._state == _OPEN and self._plain_error is None
+
+    def decrypt_ahead(self) -> None:
+        """Decrypt every whole frame buffered, in order, for `next_event`.
+
+        It touches only the receiving half (the frame buffer and the
+        decryptor), so a driver may run it in a worker thread while its other
+        tasks send; nothing may call `receive_data`/`next_event` meanwhile.
+        A bad frame is kept and raised by `next_event` in its turn."""
+        if not self.can_decrypt_ahead:
+            return
+        frames, decrypt, plain = self._frames, self._decryptor.decrypt, self._plain
+        try:
+            while (frame := frames.next_frame()) is not None:
+                plain.append(decrypt(frame))
+        except ProtocolError as exc:
+            self._plain_error = exc
+
     def next_event(self) -> Event | None:
         """The next event, or None if more bytes are needed.  Raises ProtocolError."""
         if self._state == _ERROR:
@@ -288,6 +313,11 @@ class Connection:
             while not self._events:
                 if self._state == _CLOSED:
                     return None
+                if self._plain:
+                    self._handle_message(m.decode(self._plain.popleft()))
+                    continue
+                if self._plain_error is not None:
+                    raise self._plain_error
                 frame = self._frames.next_frame()
                 if frame is None:
                     if self._frames._eof:
