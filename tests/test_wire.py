@@ -313,3 +313,57 @@ def test_sending_before_handshake_is_our_bug():
     a = Side(True)
     with pytest.raises(RuntimeError):
         a.conn.open_channel(KEY_A)
+
+
+# --- decrypting ahead (the driver runs it in a worker thread) -----------------
+
+def _channel_and_heads(n):
+    a, b = connected(known_b=[KEY_A])
+    deliver(a, b, a.conn.open_channel(KEY_A))
+    lb = b.conn.local_channel(KEY_A)
+    heads = [m.Head(lb, i + 1, ROOT, SIG) for i in range(n)]
+    return a, b, heads
+
+
+@pytest.mark.parametrize("split", [1, 7, 13, 15])
+def test_decrypt_ahead_keeps_order_and_partial_frames(split):
+    a, b, heads = _channel_and_heads(5)
+    wire = b"".join(b.conn.send(h) for h in heads)
+    a.events.clear()
+    # part of the stream, decrypted ahead, then the rest (a frame may be cut)
+    cut = len(wire) * split // 16  # never 0 or all: b"" would mean end of stream
+    a.conn.receive_data(wire[:cut])
+    if a.conn.can_decrypt_ahead:
+        a.conn.decrypt_ahead()
+    a.conn.receive_data(wire[cut:])
+    a.conn.decrypt_ahead()
+    while (ev := a.conn.next_event()) is not None:
+        a.events.append(ev)
+    assert [e.message for e in a.events] == heads
+
+
+def test_decrypt_ahead_raises_a_bad_frame_in_its_turn():
+    a, b, heads = _channel_and_heads(3)
+    frames = [bytearray(b.conn.send(h)) for h in heads]
+    frames[1][-3] ^= 0x40  # the second message is damaged
+    a.events.clear()
+    a.conn.receive_data(b"".join(bytes(f) for f in frames))
+    a.conn.decrypt_ahead()
+    first = a.conn.next_event()
+    assert isinstance(first, Received) and first.message == heads[0]
+    with pytest.raises(ProtocolError):
+        a.conn.next_event()
+    with pytest.raises(ProtocolError):  # the connection stays failed
+        a.conn.next_event()
+
+
+def test_decrypt_ahead_then_end_of_stream():
+    a, b, heads = _channel_and_heads(2)
+    a.events.clear()
+    a.conn.receive_data(b"".join(b.conn.send(h) for h in heads))
+    a.conn.decrypt_ahead()
+    a.conn.receive_data(b"")
+    events = []
+    while (ev := a.conn.next_event()) is not None:
+        events.append(ev)
+    assert [e.message for e in events[:2]] == heads and events[2:] == [EndOfStream()]
