@@ -480,6 +480,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_noise(exc: BaseException) -> bool:
+    """Exceptions that ride along with a real error out of a nursery."""
+    return isinstance(exc, (KeyboardInterrupt, trio.Cancelled))
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
@@ -495,6 +507,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("p2pfs: interrupted")
         return 130
+    except BaseExceptionGroup as group:
+        # A trio nursery wraps what its tasks raised.  A user-facing error in
+        # it is reported like any other; anything else keeps its traceback.
+        errors, rest = group.split(P2pfsError)
+        if errors is None or (rest is not None and rest.split(_is_noise)[1] is not None):
+            raise
+        first = _first_leaf(errors)
+        _err(f"p2pfs: {first}")
+        return first.exit_code
     finally:
         while _open_stores:
             _open_stores.pop().close()

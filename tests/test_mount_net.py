@@ -236,3 +236,19 @@ def test_sigterm_while_a_read_waits_for_a_silent_peer(tmp_path, home, home2):
         except (ProcessLookupError, UnboundLocalError):
             pass
         seeder.__exit__(None, None, None)
+
+
+def test_mount_with_no_reachable_peer_is_one_clear_line(tmp_path, home):
+    """The drive cannot be opened: one line on stderr, exit 1, no traceback."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    key = create(home, src)
+    other = tmp_path / "other-home"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = run_cli(other, "mount", key, mnt, "--peer", "127.0.0.1:9", "--timeout", "1", check=False)
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("p2pfs: no peer sent a signed version"), res.stderr
+    assert not os.path.ismount(mnt)
