@@ -334,6 +334,12 @@ def main(argv: list[str] | None = None) -> None:
                 # Keep the local rows; say which remote step failed.
                 table.rows.append(("remote rows", "FAILED", str(exc)[:100], "", ""))
                 print(f"  remote rows FAILED: {exc}", flush=True)
+                # the seeder says why it dropped peers (or how it crashed)
+                seed_log = work / "seed.log"
+                if seed_log.exists():
+                    tail = seed_log.read_text(errors="replace").splitlines()[-30:]
+                    print("  seeder's log, last lines:\n" + "\n".join(f"    {t}" for t in tail),
+                          flush=True)
         else:
             print("  (no `p2pfs seed` in this build: remote rows skipped)")
     finally:

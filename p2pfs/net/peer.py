@@ -250,6 +250,7 @@ class Peer:
                 if isinstance(ev, Received):
                     self._received(ev.drive_key, ev.message)
                 elif isinstance(ev, EndOfStream):
+                    self._serve.clear()  # void: nobody will read the replies
                     return
                 elif isinstance(ev, HandshakeComplete):
                     self.remote_key = ev.remote_static
@@ -289,6 +290,11 @@ class Peer:
                 await self._serve_event.wait()
                 continue
             key, msg = self._serve.popleft()
+            if not self.conn.can_send:
+                # the peer ended its side (its requests are void) while we were
+                # woken or at a checkpoint; the reader is ending the connection
+                self._serve.clear()
+                continue
             reply = self.swarm.answer(self, key, msg)
             self.write(self.conn.send(reply))
             await self._wait_writable()
