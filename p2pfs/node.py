@@ -1,9 +1,9 @@
-"""Wiring: open a node's store and drives for the CLI (and, later, the swarm).
+"""Wiring: open a node's store and drives for the CLI, the seeder and the mount.
 
 `open_drive` is the one place that decides where a drive's blocks come
-from.  Today: the local store only.  The network layer extends it: with
-peers given it starts a swarm, passes it to the Drive as its BlockSource,
-and waits for the first signed head of a drive not yet held.
+from: without peers, the local store only; with peers it starts a swarm,
+passes it to the Drive as its BlockSource, and waits for the first signed
+head of a drive not yet held.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Sequence
+
+import trio
 
 from . import crypto
 from .drive import Drive
@@ -75,9 +77,10 @@ async def open_drive(store: Store, key: bytes | str, version: int | None = None,
         swarm.add_drive(drive)
         for address in peers:
             swarm.add_peer(address)
+        started = trio.current_time()
         await swarm.wait_for_peers(drive, timeout)
         if drive.head is None:
-            raise unavailable(drive.key_text, swarm, timeout)
+            raise unavailable(drive.key_text, swarm, timeout, trio.current_time() - started)
         # the header, the newest commit and the index root in one round trip
         # (in a small drive the root is the whole index: no more trips to look up)
         await swarm.fetch_path(drive, b"/")

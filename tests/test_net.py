@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -464,3 +465,46 @@ async def test_garbage_peers_are_dropped_and_others_still_served(tmp_path, seede
     err = seeder.stop(signal.SIGTERM)
     assert "fails authentication" in err or "malformed" in err
     assert "stopped" in err
+
+
+async def test_a_peer_that_drops_the_first_connection_is_redialled(tmp_path, seeders):
+    """A connection ended before the head arrived (a restarting seeder) is not
+    the end: the reader redials and reads, instead of failing at once."""
+    src = drive_tree(tmp_path / "src")
+    a, b = tmp_path / "a", tmp_path / "b"
+    key = create(a, src)
+    seeder = seeders(a, key)
+    host, port = seeder.address.rsplit(":", 1)
+    accepted = 0
+
+    async def relay(src_stream, dst_stream):
+        try:
+            while data := await src_stream.receive_some(1 << 16):
+                await dst_stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await dst_stream.aclose()
+
+    async def handle(client):
+        nonlocal accepted
+        accepted += 1
+        if accepted == 1:
+            await client.aclose()  # the first connection ends at once
+            return
+        upstream = await trio.open_tcp_stream(host, int(port))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay, client, upstream)
+            nursery.start_soon(relay, upstream, client)
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        proxy = f"127.0.0.1:{listener.socket.getsockname()[1]}"
+        res = await trio.run_process(cli_command(b, "cat", key, "/docs/f7.txt", "--peer", proxy,
+                                                 "--timeout", "20"),
+                                     capture_stdout=True, capture_stderr=True, check=False,
+                                     env=cli_env(), cwd=REPO)
+        nursery.cancel_scope.cancel()
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stdout == (src / "docs" / "f7.txt").read_bytes()
+    assert accepted >= 2

@@ -632,11 +632,14 @@ class Swarm:
 
     async def wait_for_peers(self, drive: Drive, timeout: float) -> None:
         """Until every static peer has announced the drive, refused it or failed
-        (or `timeout` passes)."""
+        (or `timeout` passes).  A peer whose connection ended is redialled, so
+        it is still waited for; an unreachable one is not."""
         self.add_drive(drive)
         with trio.move_on_after(timeout):
             while True:
-                pending = [a for a, s in self.status.items() if s in ("connecting", "connected")
+                pending = [a for a, s in self.status.items()
+                           if (s in ("connecting", "connected", "closed the connection")
+                               or s.startswith("connection lost"))
                            and not any(p.address == a and drive.key in p.announced for p in self.peers)]
                 if not pending:
                     return
@@ -732,9 +735,10 @@ async def open_swarm(store: Store, node_key: bytes, **kwargs) -> AsyncIterator[S
         raise_single(group)
 
 
-def unavailable(drive_text: str, swarm: Swarm, timeout: float) -> P2pfsError:
-    """The error for a drive no peer sent a signed head of."""
+def unavailable(drive_text: str, swarm: Swarm, timeout: float, waited: float) -> P2pfsError:
+    """The error for a drive no peer sent a signed head of, after `waited` seconds."""
     if swarm.status and all(s == "does not have the drive" for s in swarm.status.values()):
         return NotFoundError(f"no peer has drive {drive_text} ({swarm.describe_peers()})")
-    return BlockUnavailableError(f"no peer sent a signed version of drive {drive_text} within "
-                                 f"{timeout:g} s ({swarm.describe_peers()})")
+    when = f" within {timeout:g} s" if waited >= timeout else ""
+    return BlockUnavailableError(f"no peer sent a signed version of drive {drive_text}{when} "
+                                 f"({swarm.describe_peers()})")
