@@ -305,17 +305,32 @@ class Drive:
         self._notify(head)
         return True
 
+    def verify_received(self, block: int, data: bytes, proof: list[Node], length: int,
+                        get_trusted: Callable[[int], Node | None] | None = None,
+                        ) -> list[Node] | None:
+        """Check a block a peer sent against our signed head of `length` (the
+        one the request named: a head adopted meanwhile must not fail an
+        honest reply) and the trusted nodes `get_trusted` knows (default: the
+        store).  Returns the nodes it proves, for the caller to store with the
+        block; None if we hold no signed head of that length (nothing can be
+        checked, so nothing may be stored).  Raises VerificationError."""
+        head = self.head if self.head is not None and self.head.length == length \
+            else self.store.get_head(self.key, length)
+        if head is None:
+            return None
+        if get_trusted is None:
+            get_trusted = lambda n: self.store.get_node(self.key, n)  # noqa: E731
+        return tree.verify_block(block, data, proof, length, head.root, get_trusted)
+
     def accept_block(self, block: int, data: bytes, proof: list[Node]) -> None:
-        """Verify a block from a peer against the latest head and trusted nodes,
-        then store it with the nodes it proves, in one transaction.
+        """Verify a block from a peer against the latest head, then store it
+        with the nodes it proves, in one transaction.  (The swarm verifies
+        with `verify_received` and stores in batches instead.)
 
         Raises VerificationError (never stores anything then)."""
         if self.head is None:
             raise VerificationError(f"block {block} arrived before any signed head")
-        if block >= self.head.length:
-            raise VerificationError(f"block {block} is past the signed length {self.head.length}")
-        nodes = tree.verify_block(block, data, proof, self.head.length, self.head.root,
-                                  lambda n: self.store.get_node(self.key, n))
+        nodes = self.verify_received(block, data, proof, self.head.length)
         self.store.put_block_items(self.key, [(block, data)], nodes)
         leaf = nodes[0] if nodes and nodes[0].index == 2 * block else None
         if leaf is not None:

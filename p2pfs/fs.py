@@ -161,7 +161,6 @@ class DriveFS(pyfuse3.Operations):
         self._generation = 0
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self.switches = 0  # versions followed (for tests and `info`)
 
     # ---------------------------------------------------------------- inodes
 
@@ -594,8 +593,6 @@ class DriveFS(pyfuse3.Operations):
             new = None if current is None else current.get(f.ino)
             if new is not None and new.kind == KIND_FILE:
                 f.entry = new
-        if moved:
-            self.switches += 1
         if changed or gone:
             await trio.to_thread.run_sync(_invalidate, changed, gone, abandon_on_cancel=True)
         return moved

@@ -201,11 +201,6 @@ class Store:
             raw = txn.get(key)
         return None if raw is None else _record_decoder.decode(raw)
 
-    def put_drive(self, key: bytes, record: DriveRecord) -> None:
-        _check_key(key)
-        with self._write() as txn:
-            txn.put(key, _record_encoder.encode(record), db=self._drives)
-
     def list_drives(self) -> list[tuple[bytes, DriveRecord]]:
         with self.env.begin(db=self._drives) as txn:
             return [(bytes(k), _record_decoder.decode(v)) for k, v in txn.cursor()]

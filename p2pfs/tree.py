@@ -36,7 +36,8 @@ Recipes for the drive
 * Accepting a block from a peer::
 
       new = verify_block(b, data, proof, head.length, head.root, store.get_node)
-      store.put_nodes(new); store.put_block(b, data)
+      # store the block with `new` in one transaction (Drive.verify_received,
+      # Drive.accept_block)
 
 * Serving a request ``(block, length, siblings, peaks)``::
 

@@ -410,14 +410,12 @@ class Swarm:
 
     def _accept(self, peer: Peer, drive: Drive, block: int, data: bytes, proof, length: int) -> None:
         key = drive.key
-        head = drive.head if drive.head is not None and drive.head.length == length \
-            else self.store.get_head(key, length)
-        if head is None:
-            return  # we never held that version's head: cannot check, do not store
         try:
-            nodes = tree.verify_block(block, data, proof, length, head.root, self._trusted_getter(key))
+            nodes = drive.verify_received(block, data, proof, length, self._trusted_getter(key))
         except VerificationError as exc:
             self._ban(peer, f"sent block {block} of drive {drive.key_text} that fails verification ({exc})")
+        if nodes is None:
+            return  # we never held that version's head: cannot check, do not store
         self._remember(key, nodes)
         items, batch_nodes = self._batch.setdefault(key, ([], []))
         items.append((block, data))
