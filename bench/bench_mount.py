@@ -202,6 +202,18 @@ def has_seed() -> bool:
     return res.returncode == 0
 
 
+def listening_address(log, what: str, wait: float = 30) -> str:
+    """The HOST:PORT a process prints as 'listening on HOST:PORT' in `log`."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        log.seek(0)
+        m = re.search(r"listening on ([0-9.]+:\d+)", log.read())
+        if m:
+            return m.group(1)
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start")
+
+
 def bench_remote(table: Table, work: Path, size: int, runs: int) -> None:
     """Seeder and reader on loopback (inside this process's namespace)."""
     seed_home = work / "home-seq"
@@ -210,15 +222,7 @@ def bench_remote(table: Table, work: Path, size: int, runs: int) -> None:
     seeder = subprocess.Popen(p2pfs(seed_home, "seed", key, "--listen", "127.0.0.1:0"),
                               stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=REPO)
     try:
-        deadline = time.monotonic() + 30
-        addr = None
-        while addr is None and time.monotonic() < deadline:
-            log.seek(0)
-            m = re.search(r"listening on ([0-9.]+:\d+)", log.read())
-            addr = m.group(1) if m else None
-            time.sleep(0.05)
-        if addr is None:
-            raise RuntimeError("seeder did not start")
+        addr = listening_address(log, "seeder")
 
         def cold_home(name):
             home = work / name
@@ -254,15 +258,7 @@ def bench_remote(table: Table, work: Path, size: int, runs: int) -> None:
                                   "127.0.0.1:0", "--target", addr, "--rtt", str(RTT)],
                                  stdout=proxy_log, stderr=subprocess.STDOUT, env=env(), cwd=REPO)
         try:
-            deadline = time.monotonic() + 30
-            paddr = None
-            while paddr is None and time.monotonic() < deadline:
-                proxy_log.seek(0)
-                m = re.search(r"listening on ([0-9.]+:\d+)", proxy_log.read())
-                paddr = m.group(1) if m else None
-                time.sleep(0.05)
-            if paddr is None:
-                raise RuntimeError("delay proxy did not start")
+            paddr = listening_address(proxy_log, "delay proxy")
             part = min(size, DELAYED_BYTES)
 
             def delayed_once(environ) -> float:
