@@ -25,7 +25,8 @@ import blake3
 import trio
 
 from p2pfs import crypto, index
-from p2pfs.drive import Drive, _Appender, create_drive
+from p2pfs.drive import Drive
+from p2pfs.publish import _Appender, create_drive
 from p2pfs.index import KIND_DIR, KIND_FILE, Commit, Entry, Header
 from p2pfs.store import DriveRecord, Store
 
@@ -165,9 +166,9 @@ def bench_lookup(scratch: str) -> None:
         class Counting:
             def read_block(self, i: int) -> bytes:
                 reads.append(i)
-                return drive._reader.read_block(i)
-        drive._cache.clear()
-        drive._index = index.Index(Counting(), drive.commit.root, drive._cache)
+                return drive.reader.read_block(i)
+        drive.node_cache.clear()
+        drive._index = index.Index(Counting(), drive.commit.root, drive.node_cache)
         target = "/dir0777/file-000777.dat"
 
         async def lookup() -> None:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import trio
 
-from . import __version__, crypto, drive as drive_mod
+from . import __version__, crypto, drive as drive_mod, publish
 from .errors import BlockUnavailableError, P2pfsError, UsageError, VerificationError
 from .index import KIND_DIR, KIND_SYMLINK, Entry
 from .node import DEFAULT_TIMEOUT, local_drive, open_drive, open_store, parse_drive_ref
@@ -141,7 +141,7 @@ def cmd_create(args) -> int:
     store = _store(args)
     progress = _Progress(args.quiet, "create")
     try:
-        result = drive_mod.create_drive(store, args.dir, message=args.message,
+        result = publish.create_drive(store, args.dir, message=args.message,
                                         block_size=args.block_size, warn=_err,
                                         progress=progress.advance, on_scan=progress.start)
     finally:
@@ -161,7 +161,7 @@ def cmd_import(args) -> int:
     drive = local_drive(store, key)
     progress = _Progress(args.quiet, "import")
     try:
-        result = drive_mod.import_directory(drive, args.dir, message=args.message,
+        result = publish.import_directory(drive, args.dir, message=args.message,
                                             checksum=args.checksum, warn=_err,
                                             progress=progress.advance, on_scan=progress.start)
     finally:

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from p2pfs import crypto
-from p2pfs.drive import Drive, create_drive, import_directory, verify_drive
+from p2pfs.drive import Drive, verify_drive
+from p2pfs.publish import create_drive, import_directory
 from p2pfs.errors import (BlockUnavailableError, ForkError, NotFoundError, UsageError,
                           VerificationError)
 from p2pfs.store import Store
@@ -235,7 +236,7 @@ def test_create_discards_killed_creates_only(tmp_path, home):
         store.put_blocks(dead, 0, [b"x"] * 4)
         store.put_blocks(busy, 0, [b"y"] * 4)
         with store.writer_lock(busy):  # held as if by a create running elsewhere
-            code = ("import sys\nfrom p2pfs.store import Store\nfrom p2pfs.drive import create_drive\n"
+            code = ("import sys\nfrom p2pfs.store import Store\nfrom p2pfs.publish import create_drive\n"
                     f"s = Store({str(home)!r})\ncreate_drive(s, {str(src)!r})\n")
             subprocess.run([sys.executable, "-c", code], check=True, env=cli_env(), cwd=REPO)
         assert store.held(dead) == (0, 0)

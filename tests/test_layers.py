@@ -24,13 +24,14 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "wire": {"crypto", "types", "errors", "wire"},
     "store": PURE,
     "drive": PURE | {"store"},
-    "net": PURE | {"store", "drive", "net"},
-    "fs": PURE | {"drive", "fs"},
+    "publish": PURE | {"store", "drive"},
+    "net": PURE | {"store", "drive", "publish", "net"},
+    "fs": PURE | {"drive", "publish", "fs"},
     "node": None,  # wiring: everything
     "mount": None,  # wiring for `p2pfs mount` (the FUSE session's process)
     "cli": None,
 }
-NO_TRIO = PURE | {"store", "drive"}
+NO_TRIO = PURE | {"store", "drive", "publish"}
 
 
 def _modules(pkg: Path = PKG):

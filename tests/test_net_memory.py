@@ -11,7 +11,8 @@ import trio.testing
 
 from helpers import write_random
 from p2pfs import crypto
-from p2pfs.drive import Drive, create_drive
+from p2pfs.drive import Drive
+from p2pfs.publish import create_drive
 from p2pfs.net import peer as peer_mod
 from p2pfs.net.swarm import open_swarm
 from p2pfs.store import Store
