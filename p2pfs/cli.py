@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import os
 import stat as stat_mod
 import sys
@@ -24,7 +25,7 @@ import trio
 
 from . import __version__, crypto, drive as drive_mod, publish
 from .errors import BlockUnavailableError, P2pfsError, UsageError, VerificationError
-from .index import KIND_DIR, KIND_SYMLINK, Entry
+from .index import KIND_DIR, KIND_SYMLINK, Entry, normalize_path, shown
 from .node import DEFAULT_TIMEOUT, local_drive, open_drive, open_store, parse_drive_ref
 
 CAT_CHUNK = 4 << 20
@@ -38,6 +39,28 @@ def _out(data: bytes) -> None:
 
 def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def _warning(text: str) -> None:
+    _err(f"p2pfs: warning: {text}")
+
+
+def _note_newer(drive) -> None:
+    """Say so when a newer signed version is known than the one shown."""
+    note = drive.newer_note()
+    if note is not None:
+        _err(f"p2pfs: note: {note}")
+
+
+def _report_drive_content() -> None:
+    """Problems of a drive's content (entries left out of a listing) go to
+    stderr as warnings, once each (the mount's go to its log the same way)."""
+    logger = logging.getLogger("p2pfs.drive")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("p2pfs: warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def _mode_string(entry: Entry) -> str:
@@ -142,7 +165,7 @@ def cmd_create(args) -> int:
     progress = _Progress(args.quiet, "create")
     try:
         result = publish.create_drive(store, args.dir, message=args.message,
-                                        block_size=args.block_size, warn=_err,
+                                        block_size=args.block_size, warn=_warning,
                                         progress=progress.advance, on_scan=progress.start)
     finally:
         progress.stop()
@@ -162,7 +185,7 @@ def cmd_import(args) -> int:
     progress = _Progress(args.quiet, "import")
     try:
         result = publish.import_directory(drive, args.dir, message=args.message,
-                                            checksum=args.checksum, warn=_err,
+                                            checksum=args.checksum, warn=_warning,
                                             progress=progress.advance, on_scan=progress.start)
     finally:
         progress.stop()
@@ -175,17 +198,25 @@ def cmd_import(args) -> int:
 async def _ls(args) -> int:
     store = _store(args)
     async with open_drive(store, args.key, **read_options(args)) as drive:
+        _note_newer(drive)
         path = args.path
         entry = await drive.lookup(path)
         if entry.kind != KIND_DIR:
             _out(_entry_line(os.fsencode(path), entry, args.long))
             return 0
-        from .index import normalize_path
         pending = [normalize_path(path)]
         first = True
+        status = 0
         while pending:
             d = pending.pop(0)
-            children = await drive.listdir(d)
+            try:
+                children = await drive.listdir(d)
+            except (VerificationError, BlockUnavailableError) as exc:
+                if first:
+                    raise
+                _err(f"p2pfs: cannot list {shown(d)}: {exc}")  # like ls -R: go on, exit 1
+                status = 1
+                continue
             if args.recursive:
                 if not first:
                     _out(b"\n")
@@ -198,7 +229,7 @@ async def _ls(args) -> int:
                     subdirs.append((d.rstrip(b"/") + b"/" + name))
             if args.recursive:
                 pending[:0] = subdirs
-    return 0
+    return status
 
 
 def cmd_ls(args) -> int:
@@ -208,7 +239,9 @@ def cmd_ls(args) -> int:
 async def _cat(args) -> int:
     store = _store(args)
     async with open_drive(store, args.key, **read_options(args)) as drive:
-        entry = await drive.lookup(args.path)
+        _note_newer(drive)
+        path = normalize_path(args.path)
+        entry = await drive.lookup(path)
         if entry.kind == KIND_DIR:
             raise UsageError(f"{args.path}: is a directory")
         if entry.kind == KIND_SYMLINK:
@@ -217,7 +250,7 @@ async def _cat(args) -> int:
         out = sys.stdout.buffer
         offset = 0
         while offset < entry.size:
-            data = await drive.read(entry, offset, CAT_CHUNK)
+            data = await drive.read(entry, offset, CAT_CHUNK, path)
             if not data:
                 break
             out.write(data)
@@ -240,6 +273,7 @@ def cmd_log(args) -> int:
     key, _ = parse_drive_ref(args.key)
     drive = local_drive(store, key)
     drive.open_local()
+    _note_newer(drive)
     for length, c in drive.versions():
         t = dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
         line = (f"version {c.version:<5} length {length:<10} {t:%Y-%m-%d %H:%M:%S %z}  "
@@ -255,6 +289,7 @@ def cmd_verify(args) -> int:
     key, _ = parse_drive_ref(args.key)
     drive = local_drive(store, key)
     problems = drive_mod.verify_drive(drive, report=lambda m: _err(f"p2pfs: verify: {m}"))
+    _note_newer(drive)
     if problems:
         _err(f"p2pfs: verify: drive {drive.key_text}: {len(problems)} problem(s) found")
         return 1
@@ -270,14 +305,18 @@ def _info(store, key: bytes, strict: bool = True) -> dict:
     drive = local_drive(store, key)
     blocks, nbytes = store.held(key)
     info = {"key": drive.key_text, "version": 0, "length": drive.head.length,
+            "newest_length": drive.head.length,
             "blocks_held": blocks, "bytes_held": nbytes, "writable": drive.writable,
             "block_size": None, "files": None, "bytes": None,
             "discovery_key": crypto.discovery_key(key).hex(),
             "forks": len(store.forks(key))}
     try:
         drive.open_local()
-        info.update(version=drive.version, block_size=drive.block_size,
+        info.update(version=drive.version, length=drive.length, block_size=drive.block_size,
                     files=drive.commit.files, bytes=drive.commit.bytes)
+        note = drive.newer_note()
+        if note is not None:
+            info["note"] = note
     except BlockUnavailableError:
         pass  # a partial copy without the newest commit: version unknown
     except VerificationError as exc:
@@ -497,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         args.argv = list(argv) if argv is not None else sys.argv[1:]  # mount --daemon re-runs it
+        _report_drive_content()
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2

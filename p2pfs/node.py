@@ -81,9 +81,8 @@ async def open_drive(store: Store, key: bytes | str, version: int | None = None,
         await swarm.wait_for_peers(drive, timeout)
         if drive.head is None:
             raise unavailable(drive.key_text, swarm, timeout, trio.current_time() - started)
-        # the header, the newest commit and the index root in one round trip
-        # (in a small drive the root is the whole index: no more trips to look up)
-        await swarm.fetch_path(drive, b"/")
-        await swarm.fetch(drive, [0, drive.head.length - 1])
+        # open asks for the header, the commit and the index root in one round
+        # trip (in a small drive the root is the whole index), from the newest
+        # signed version a peer announced holding
         await drive.open(version)
         yield drive

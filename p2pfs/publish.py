@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from . import crypto, flat, index, tree
-from .drive import DEFAULT_BLOCK_SIZE, MAX_CREATE_BLOCK_SIZE, Drive
+from .drive import DEFAULT_BLOCK_SIZE, MAX_CREATE_BLOCK_SIZE, MIN_BLOCK_SIZE, MODE_BITS, Drive, \
+    valid_block_size
 from .errors import NotFoundError, StoreError, UsageError
 from .index import Commit, Entry, Header, KIND_DIR, KIND_FILE, KIND_SYMLINK
 from .store import WRITE_BATCH_BYTES, DriveRecord, Store
@@ -70,7 +71,11 @@ def scan_directory(root: str | os.PathLike, warn: Callable[[str], None] | None =
         raise UsageError(f"{os.fsdecode(root_b)}: {exc.strerror}") from None
     if not stat_mod.S_ISDIR(st.st_mode):
         raise UsageError(f"{os.fsdecode(root_b)}: not a directory")
-    items = [_Item(b"/", KIND_DIR, stat_mod.S_IMODE(st.st_mode), st.st_mtime_ns, 0, root_b)]
+    # Only permission bits are stored: readers never see setuid, setgid or
+    # sticky bits (drive.sanitized), so storing them would only make every
+    # import think such a file changed.
+    items = [_Item(b"/", KIND_DIR, stat_mod.S_IMODE(st.st_mode) & MODE_BITS, st.st_mtime_ns, 0,
+                   root_b)]
     stack = [(root_b, b"")]
     while stack:
         local, rel = stack.pop()
@@ -85,7 +90,7 @@ def scan_directory(root: str | os.PathLike, warn: Callable[[str], None] | None =
                 st = de.stat(follow_symlinks=False)
             except OSError as exc:
                 raise UsageError(f"{os.fsdecode(de.path)}: {exc.strerror}") from None
-            mode = stat_mod.S_IMODE(st.st_mode)
+            mode = stat_mod.S_IMODE(st.st_mode) & MODE_BITS
             if stat_mod.S_ISDIR(st.st_mode):
                 items.append(_Item(path, KIND_DIR, mode, st.st_mtime_ns, 0, de.path))
                 stack.append((de.path, path))
@@ -204,9 +209,9 @@ def create_drive(store: Store, directory: str | os.PathLike, *, message: str = "
 
     The key file is written first; the drive exists only once its signed head
     is committed, so an interrupted create leaves no drive."""
-    if not 4096 <= block_size <= MAX_CREATE_BLOCK_SIZE or block_size & (block_size - 1):
-        raise UsageError(
-            f"block size must be a power of two between 4096 and {MAX_CREATE_BLOCK_SIZE}")
+    if not valid_block_size(block_size):
+        raise UsageError(f"block size must be a power of two between {MIN_BLOCK_SIZE} "
+                         f"and {MAX_CREATE_BLOCK_SIZE}")
     items = scan_directory(directory, warn)
     total = sum(it.size for it in items if it.kind == KIND_FILE)
     if on_scan is not None:
@@ -279,11 +284,11 @@ def import_directory(drive: Drive, directory: str | os.PathLike, *, message: str
     seed = drive.seed()
     items = scan_directory(directory, warn)
     with drive.store.writer_lock(drive.key, f"drive {drive.key_text}"):
-        return _import(drive, seed, items, message, checksum, progress, on_scan)
+        return _import(drive, seed, items, message, checksum, progress, on_scan, warn)
 
 
 def _import(drive: Drive, seed: bytes, items: list[_Item], message: str, checksum: bool,
-            progress, on_scan) -> WriteResult:
+            progress, on_scan, warn) -> WriteResult:
     store, key = drive.store, drive.key
     latest = store.latest_head(key)  # another process may have written since
     if latest is None:
@@ -291,8 +296,12 @@ def _import(drive: Drive, seed: bytes, items: list[_Item], message: str, checksu
     if drive.head is None or latest.length > drive.head.length:
         drive.check_signature(latest)
         drive.head = latest
-    drive.open_local()  # the newest version, verified
-    store.discard_blocks_from(key, drive.head.length)  # an interrupted write's garbage
+    drive.open_local()  # the newest version this home can read, verified
+    # Blocks past it are an interrupted write's garbage, or pieces of a newer
+    # signed version this home cannot read (its commit is not here).
+    base = drive.length
+    store.discard_blocks_from(key, base)
+    pad_to = _past_unreadable(drive, warn)
     old = dict(drive.walk_local())
     bs = drive.block_size
     new_paths = {it.path for it in items}
@@ -301,7 +310,7 @@ def _import(drive: Drive, seed: bytes, items: list[_Item], message: str, checksu
     if on_scan is not None:
         on_scan(total)
 
-    length = drive.head.length
+    length = base
     peaks = [drive.trusted_node(p) for p in flat.full_roots(length)]
     app = _Appender(store, key, length, peaks, progress)
     writer = index.IndexWriter(drive.reader, drive.commit.root, drive.node_cache)
@@ -359,6 +368,8 @@ def _import(drive: Drive, seed: bytes, items: list[_Item], message: str, checksu
     idx_blocks, root = writer.finish(app.length, bs)
     for b in idx_blocks:
         app.append(b)
+    while app.length < pad_to:
+        app.append(b"")  # empty blocks no entry names: the commit lands past pad_to
     version = drive.version + 1
     app.append(index.encode_block(Commit(version, root, length - 1, time.time_ns(),
                                          message, files, nbytes)))
@@ -366,6 +377,26 @@ def _import(drive: Drive, seed: bytes, items: list[_Item], message: str, checksu
     drive.adopt_own_head(head)
     return WriteResult(key, version, head.length, app.content_blocks, reused,
                        len(idx_blocks), files, nbytes)
+
+
+def _past_unreadable(drive: Drive, warn) -> int:
+    """The length the new version's commit must reach (0: none) so that it is
+    longer than a newer signed head this home cannot read.
+
+    Heads only move forward: a reader that adopted that head would ignore a
+    shorter new version and take one of the same length for a fork.  So the
+    new version, built on the newest readable one, pads its log past it;
+    readers that hold pieces of the other version will report the fork."""
+    newest = drive.head.length
+    if newest <= drive.length:
+        return 0
+    if warn is not None:
+        warn(f"drive {drive.key_text}: a newer signed version (length {newest}) is "
+             f"known but its blocks are not in this home; the new version is built on "
+             f"version {drive.version} and its log is padded past length {newest}, so that "
+             "every reader moves to it (if you did not sign that version elsewhere, the "
+             "drive's secret key is stolen: make a new drive)")
+    return newest
 
 
 def _unchanged(prev: Entry | None, item: _Item) -> bool:

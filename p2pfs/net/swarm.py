@@ -276,16 +276,18 @@ class Swarm:
         drive = self._drive(key)
         if drive is None:
             return
-        ch = peer.conn.local_channel(key)
-        if drive.head is not None:
-            h = drive.head
-            peer.write(peer.conn.send(m.Head(ch, h.length, h.root, h.signature)))
-        self._send_have(peer, drive)
+        self._send_heads(peer, drive)
         self._changed_now()
 
-    def _send_have(self, peer: Peer, drive: Drive) -> None:
+    def _send_heads(self, peer: Peer, drive: Drive) -> None:
+        """The newest Head, the Head of the newest version held completely when
+        that is another (what a relay can prove when the newest is not held),
+        then the Have."""
         ch = peer.conn.local_channel(drive.key)
         ranges = drive.held_ranges()
+        full = drive.complete_head(ranges)
+        for h in dict.fromkeys(h for h in (drive.head, full) if h is not None):
+            peer.write(peer.conn.send(m.Head(ch, h.length, h.root, h.signature)))
         for i in range(0, max(len(ranges), 1), m.MAX_HAVE_RANGES):
             peer.write(peer.conn.send(m.Have(ch, ranges[i:i + m.MAX_HAVE_RANGES])))
 
@@ -509,7 +511,6 @@ class Swarm:
                     self._fail_all(f, "no peer is left to ask")
                 continue
             deferred = []
-            length = drive.head.length
             get_trusted = self._trusted_getter(key)
             while f.queue:
                 free = [p for p in peers if len(p.inflight) < PIPELINE]
@@ -519,7 +520,7 @@ class Swarm:
                 want = f.wants.get(block)
                 if want is None or want.done.is_set():
                     continue
-                if block >= length:
+                if block >= drive.head.length:
                     deferred.append(block)
                     continue
                 if drive.has_block(block):
@@ -530,6 +531,7 @@ class Swarm:
                     deferred.append(block)
                     continue
                 peer = min(cands, key=lambda p: len(p.inflight))
+                length = drive.proof_length(block)
                 siblings, peaks = tree.proof_request(block, length, lambda n: get_trusted(n) is not None)
                 peer.request_block(key, block, length, siblings, peaks)
             f.queue.extendleft(reversed(deferred))
@@ -617,16 +619,22 @@ class Swarm:
     async def fetch_path(self, drive: Drive, path: bytes) -> None:
         """Best effort: every index block on `path` from one peer, one round trip."""
         self.add_drive(drive)
-        if drive.head is None:
+        head = drive.target or drive.head  # the version being opened or shown
+        if head is None:
             return
         peers = [p for p in self.peers if p.can_request(drive.key) and not p.stalled
-                 and p.has(drive.key, drive.head.length - 1)]
+                 and p.has(drive.key, head.length - 1)]
         if not peers:
             return
         peer = min(peers, key=lambda p: len(p.inflight))
-        inf = peer.request_path(drive.key, path, drive.head.length)
+        inf = peer.request_path(drive.key, path, head.length)
         with trio.move_on_after(min(self.timeout, STALL_TIMEOUT)):
             await inf.done.wait()
+
+    def announced(self, drive: Drive, block: int) -> bool:
+        """Whether a connected peer announced holding `block` (Drive.open
+        passes over signed versions whose commit nobody can send)."""
+        return any(p.has(drive.key, block) for p in self.peers)
 
     async def wait_for_peers(self, drive: Drive, timeout: float) -> None:
         """Until every static peer has announced the drive, refused it or failed
@@ -669,9 +677,7 @@ class Swarm:
             return
         for peer in self.peers:
             if not peer.closed and peer.conn.can_send and peer.conn.is_open(drive.key):
-                ch = peer.conn.local_channel(drive.key)
-                peer.write(peer.conn.send(m.Head(ch, head.length, head.root, head.signature)))
-                self._send_have(peer, drive)
+                self._send_heads(peer, drive)
         self.schedule()
         self._changed_now()
 
