@@ -46,17 +46,28 @@ next blocks in the background when the drive fetches from peers; a read
 that is not at the previous end resets the window, so random readers fetch
 only what they touch.
 
+What a drive may say.  Every entry comes checked and sanitized by the
+drive (no setuid, setgid or sticky bits; only `user.` extended attributes).
+The mount serves those attributes, answers its own `user.p2pfs.*` by name
+without listing them (so `cp -a` out of the mount copies none), and answers
+`system.*`, `security.*` and `trusted.*` with EOPNOTSUPP: no ACLs,
+capabilities or labels from a stranger.
+
 Errors.  Handlers raise only `FUSEError`: missing path -> ENOENT, a block no
-peer supplied in time or that failed verification -> EIO, any attempt to
-write -> EROFS.  A read that timed out is remembered for a second on its
-handle: the kernel retries a failed read-ahead page by page, and each retry
-would otherwise wait the whole timeout again.
+peer supplied in time, that failed verification, or a bad drive -> EIO, any
+attempt to write -> EROFS.  Every handler is wrapped once (`_guarded`): any
+other exception becomes EIO and one log line, never the end of the mount.
+A read that timed out is remembered for a second on its handle: the kernel
+retries a failed read-ahead page by page, and each retry would otherwise
+wait the whole timeout again.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
+import inspect
 import logging
 import os
 import stat
@@ -87,7 +98,8 @@ XATTR_BLOCKS_HELD = b"user.p2pfs.blocks_held"
 ROOT = pyfuse3.ROOT_INODE
 _INO_MASK = (1 << 63) - 1
 _TYPE = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK}
-_UNSUPPORTED_XATTRS = (b"system.", b"security.", b"trusted.")
+_USER_XATTRS = b"user."
+_OWN_XATTRS = b"user.p2pfs."
 _MANY_LIVE = 8  # live children of one directory above which a switch lists it whole
 
 DIR_SIZE = 4096  # what ext4 and most disk file systems report for a small directory
@@ -379,7 +391,7 @@ class DriveFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         self._note_read(f, off, size)
         try:
-            return await self.drive.read(entry, off, size)
+            return await self.drive.read(entry, off, size, f.path)
         except P2pfsError as exc:
             if isinstance(exc, BlockUnavailableError):
                 f.failed = (off, off + size, trio.current_time() + FAILED_READ_MEMORY)
@@ -419,6 +431,11 @@ class DriveFS(pyfuse3.Operations):
         entry = self._entries.get(inode)
         if entry is None and inode != ROOT:
             raise pyfuse3.FUSEError(errno.ESTALE)
+        if not name.startswith(_USER_XATTRS):
+            # No ACLs, capabilities or security labels here (the drive's are
+            # never served).  Saying so (rather than "no such attribute") lets
+            # `ls -l` stop asking for every file: two round trips per entry.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         if name == XATTR_KEY:
             return encode_key(self.drive.key).encode()
         if name == XATTR_VERSION:
@@ -428,25 +445,19 @@ class DriveFS(pyfuse3.Operations):
                 return str(self.drive.blocks_held(entry)).encode()
             except P2pfsError as exc:
                 raise _fuse_error(exc, self._paths.get(inode, b"?")) from None
-        for key, value in (entry.xattrs if entry is not None else ()):
-            if key == name:
-                return value
-        if name.startswith(_UNSUPPORTED_XATTRS):
-            # No ACLs or security labels here.  Saying so (rather than "no
-            # such attribute") lets `ls -l` stop asking for every file: two
-            # round trips per entry otherwise.
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if not name.startswith(_OWN_XATTRS):  # a drive's user.p2pfs.* is never served
+            for key, value in (entry.xattrs if entry is not None else ()):
+                if key == name:
+                    return value
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(self, inode, ctx=None):
+        """The drive's `user.` attributes only: p2pfs's own are answered by
+        name but not listed, so that `cp -a` out of the mount copies none."""
         entry = self._entries.get(inode)
         if entry is None and inode != ROOT:
             raise pyfuse3.FUSEError(errno.ESTALE)
-        names = [XATTR_KEY, XATTR_VERSION]
-        if entry is not None and entry.kind == KIND_FILE:
-            names.append(XATTR_BLOCKS_HELD)
-        names.extend(k for k, _ in (entry.xattrs if entry is not None else ()))
-        return names
+        return [k for k, _ in (entry.xattrs if entry is not None else ())]
 
     # Every way of changing the tree is refused: the drive is read-only here.
     async def _readonly(self, *args, **kwargs):
@@ -633,6 +644,37 @@ class DriveFS(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         return fh
+
+
+def _guarded(name: str, handler):
+    """`handler` answering EIO, with one log line, for any exception but
+    FUSEError: a bug or a drive nobody foresaw must not end the mount
+    (pyfuse3 ends its main loop on any other exception).  `forget` gets no
+    reply at all, so there it is only logged."""
+
+    @functools.wraps(handler)
+    async def guarded(self, *args, **kwargs):
+        try:
+            return await handler(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            frame = exc.__traceback__
+            while frame.tb_next is not None:
+                frame = frame.tb_next
+            where = f"{os.path.basename(frame.tb_frame.f_code.co_filename)}:{frame.tb_lineno}"
+            log.error("%s failed (%s: %s, at %s); answered EIO", name, type(exc).__name__,
+                      exc, where)
+            if name == "forget":
+                return None
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return guarded
+
+
+for _name, _handler in list(vars(pyfuse3.Operations).items()):
+    if inspect.iscoroutinefunction(_handler):
+        setattr(DriveFS, _name, _guarded(_name, getattr(DriveFS, _name)))
+del _name, _handler
 
 
 def _invalidate(changed: list[int], gone: list[tuple[int, bytes, int]]) -> None:
