@@ -2,16 +2,19 @@
 
 Theory of operation
 -------------------
-Inodes.  An inode number is derived from (kind, path) by hashing, so the same
-path keeps its number across versions and across remounts without a table
-that grows with every path ever seen.  The process keeps `ino -> path` only
-for inodes the kernel knows, i.e. whose lookup count is positive: `lookup`
-and every `readdir` entry the kernel accepted add one, `forget` subtracts,
-and at zero the inode is dropped.  The root is `pyfuse3.ROOT_INODE` and is
-never dropped.  A hash collision with a live inode of another path is
-resolved by probing (rehash with a counter), so numbers are unique among
-live inodes.  Including the kind means a path that turns from a file into a
-directory gets a new inode, which the kernel requires.
+Inodes.  An inode number is derived by hashing what it stands for (`_tag`):
+the kind and the path, and for a regular file also its content identity
+(size and extents).  So a path keeps its number across versions and across
+remounts without a table that grows with every path ever seen, as long as
+it stays what it was; a path that turns from a file into a directory gets a
+new inode (the kernel requires it), and so does a file whose content a new
+version changes (see Reads), while a change of mode or mtime keeps it.  The
+process keeps `ino -> path` only for inodes the kernel knows, i.e. whose
+lookup count is positive: `lookup` and every `readdir` entry the kernel
+accepted add one, `forget` subtracts, and at zero the inode is dropped.
+The root is `pyfuse3.ROOT_INODE` and is never dropped.  A hash collision
+with a live inode of another tag is resolved by probing (rehash with a
+counter), so numbers are unique among live inodes.
 
 Entries.  For every live inode we keep the `Entry` last reported to the
 kernel (`_entries`).  `getattr` answers from it; it is kept current by the
@@ -24,13 +27,15 @@ processes sharing the store, every `poll_interval` seconds; it calls
 `drive.refresh()`.  If the version moved, it looks up every live path in the
 new version (grouped by directory: one `listdir` for a directory with many
 live children, single lookups otherwise), then in one synchronous step
-replaces the changed entries and the entries of open files, bumps
-`_generation`, and finally, in a worker thread (the kernel may block a
-notification until a request in flight completes, and that request needs
-this thread), tells the kernel: `invalidate_inode` for changed inodes (data
-and attributes, so the page cache is dropped) and `invalidate_entry` for
-paths that vanished or changed kind.  Unchanged files keep their page cache
-(an unchanged `Entry` names the same immutable log blocks).
+replaces the entries whose metadata changed, bumps `_generation`, and
+finally, in a worker thread (the kernel may block a notification until a
+request in flight completes, and that request needs this thread), tells
+the kernel: `invalidate_inode` for changed inodes (attributes only for a
+file, whose content is the same; data too for directories and links) and
+`invalidate_entry` (as a deletion) for paths that vanished or whose inode
+is now another one (a new kind or new content).  Such an old inode is
+*detached*: it keeps its last entry and its page cache (its blocks never
+change) for the handles open on it, and is not looked up again.
 
 A handler that awaited the drive across a switch could otherwise store an
 entry of the old version; handlers compare `_generation` before and after
@@ -38,9 +43,13 @@ and retry, so `_entries` only ever receives entries of the current version.
 
 Reads.  An open file reads through `drive.read(entry, offset, size)`, which
 maps the range onto blocks, fetches missing ones from the block source and
-verifies everything.  The handle follows the version like a file edited in
-place: after a switch it reads the new entry (a path deleted in the new
-version keeps its last entry, like an unlinked open file).  Sequential reads
+verifies everything.  An open handle is a snapshot: it reads the entry of
+the version current when it was opened, like a file replaced by rename on a
+local disk, so a reader never gets bytes that no single version held.  The
+kernel's page cache is per inode and shared by every handle, which is why
+new content means a new inode: new opens (and `stat`) see the new version
+through the new inode, handles open on the old one keep reading the old
+bytes, cached or not.  Sequential reads
 grow a per-handle read-ahead window (doubling, capped) that prefetches the
 next blocks in the background when the drive fetches from peers; a read
 that is not at the previous end resets the window, so random readers fetch
@@ -74,6 +83,7 @@ import stat
 from collections import defaultdict
 from collections.abc import Callable
 
+import msgspec
 import pyfuse3
 import trio
 
@@ -115,6 +125,20 @@ def _join(parent: bytes, name: bytes) -> bytes:
 def _split(path: bytes) -> tuple[bytes, bytes]:
     head, _, name = path.rpartition(b"/")
     return (head or b"/"), name
+
+
+def _tag(path: bytes, entry: Entry) -> bytes:
+    """What an inode number stands for: kind and path; for a file also its
+    content (size and extents), so that new content is a new inode."""
+    tag = bytes([entry.kind]) + path
+    if entry.kind == KIND_FILE:
+        content = msgspec.msgpack.encode((entry.size, entry.extents))
+        tag += b"\x00" + hashlib.blake2b(content, digest_size=16).digest()
+    return tag
+
+
+def _dir_tag(path: bytes) -> bytes:
+    return bytes([KIND_DIR]) + path
 
 
 class _File:
@@ -169,17 +193,19 @@ class DriveFS(pyfuse3.Operations):
         self._files: dict[int, _File] = {}
         self._dirs: dict[int, tuple[bytes, int, list[tuple[bytes, int, Entry]]]] = {}
         self._recheck: set[int] = set()  # inodes given entries of an older version
+        self._detached: set[int] = set()  # inodes no longer at their path (kept for open handles)
         self._next_fh = 1
         self._generation = 0
+        self.version = drive.version  # the version shown: set once the kernel's caches agree
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
 
     # ---------------------------------------------------------------- inodes
 
-    def _ino_for(self, path: bytes, kind: int) -> int:
+    def _ino_for(self, path: bytes, entry: Entry) -> int:
         if path == b"/":
             return ROOT
-        tag = bytes([kind]) + path
+        tag = _tag(path, entry)
         ino = self._inos.get(tag)
         if ino is not None:
             return ino
@@ -196,7 +222,8 @@ class DriveFS(pyfuse3.Operations):
         """Record a live inode (the caller then adds to its lookup count)."""
         if ino != ROOT:
             self._paths[ino] = path
-            self._inos[bytes([entry.kind]) + path] = ino
+            self._inos[_tag(path, entry)] = ino
+            self._detached.discard(ino)
         self._entries[ino] = entry
 
     def _drop(self, ino: int) -> None:
@@ -204,8 +231,9 @@ class DriveFS(pyfuse3.Operations):
         path = self._paths.pop(ino, None)
         entry = self._entries.pop(ino, None)
         self._nlookup.pop(ino, None)
+        self._detached.discard(ino)
         if path is not None and entry is not None:
-            tag = bytes([entry.kind]) + path
+            tag = _tag(path, entry)
             if self._inos.get(tag) == ino:
                 del self._inos[tag]
 
@@ -283,7 +311,7 @@ class DriveFS(pyfuse3.Operations):
         else:
             path = _join(parent, name)
         entry = await self._lookup(path)
-        ino = self._ino_for(path, entry.kind)
+        ino = self._ino_for(path, entry)
         self._remember(ino, path, entry)
         self._nlookup[ino] += 1
         return self._attr(ino, entry)
@@ -328,10 +356,10 @@ class DriveFS(pyfuse3.Operations):
         listing: list[tuple[bytes, int, Entry]] = []
         if entry is not None:
             listing.append((b".", inode, entry))
-            parent_ino = ROOT if path == b"/" else self._inos.get(bytes([KIND_DIR]) + _split(path)[0], ROOT)
+            parent_ino = ROOT if path == b"/" else self._inos.get(_dir_tag(_split(path)[0]), ROOT)
             listing.append((b"..", parent_ino, self._entries.get(parent_ino, entry)))
         for name, e in items:
-            listing.append((name, self._ino_for(_join(path, name), e.kind), e))
+            listing.append((name, self._ino_for(_join(path, name), e), e))
         fh = self._new_fh()
         self._dirs[fh] = (path, self._generation, listing)
         return fh
@@ -439,7 +467,7 @@ class DriveFS(pyfuse3.Operations):
         if name == XATTR_KEY:
             return encode_key(self.drive.key).encode()
         if name == XATTR_VERSION:
-            return str(self.drive.version).encode()
+            return str(self.version).encode()
         if name == XATTR_BLOCKS_HELD and entry is not None and entry.kind == KIND_FILE:
             try:
                 return str(self.drive.blocks_held(entry)).encode()
@@ -583,29 +611,35 @@ class DriveFS(pyfuse3.Operations):
             current = None
         if generation != self._generation:
             return moved  # another switch started meanwhile; it rechecks all
-        changed: list[int] = []
+        changed: list[tuple[int, bool]] = []  # (inode, attributes only)
         gone: list[tuple[int, bytes, int]] = []
         for ino in check:
-            if ino not in self._entries:
-                continue  # forgotten meanwhile
+            if ino not in self._entries or ino in self._detached:
+                continue  # forgotten meanwhile, or no longer at its path
             old = self._entries[ino]
             path = self._paths.get(ino, b"/")
             new = None if current is None else current.get(ino)
-            if new is None or new.kind != old.kind:
-                if ino != ROOT:
-                    parent, name = _split(path)
-                    parent_ino = ROOT if parent == b"/" else self._inos.get(bytes([KIND_DIR]) + parent, 0)
-                    gone.append((parent_ino, name, ino))
-                changed.append(ino)
+            if ino == ROOT:
+                if new != old:
+                    if new is not None:
+                        self._entries[ino] = new
+                    changed.append((ino, False))
+            elif new is None or _tag(path, new) != _tag(path, old):
+                # Vanished, or another inode now (new kind or new content):
+                # this one keeps its entry and cache for the handles open on it.
+                parent, name = _split(path)
+                parent_ino = ROOT if parent == b"/" else self._inos.get(_dir_tag(parent), 0)
+                gone.append((parent_ino, name, ino))
+                self._detached.add(ino)
+                if new is None or new.kind != old.kind:
+                    changed.append((ino, False))
             elif new != old:
                 self._entries[ino] = new
-                changed.append(ino)
-        for f in self._files.values():
-            new = None if current is None else current.get(f.ino)
-            if new is not None and new.kind == KIND_FILE:
-                f.entry = new
+                changed.append((ino, old.kind == KIND_FILE))
         if changed or gone:
             await trio.to_thread.run_sync(_invalidate, changed, gone, abandon_on_cancel=True)
+        if generation == self._generation:
+            self.version = self.drive.version
         return moved
 
     async def _current_entries(self, inos: set[int]) -> dict[int, Entry]:
@@ -636,9 +670,7 @@ class DriveFS(pyfuse3.Operations):
                         result[ino] = await self.drive.lookup(_join(parent, name))
                     except NotFoundError:
                         pass
-        # An inode keeps its number only while its kind is unchanged.
-        return {ino: e for ino, e in result.items() if ino == ROOT or self._entries.get(ino) is None
-                or self._entries[ino].kind == e.kind}
+        return result
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -677,7 +709,7 @@ for _name, _handler in list(vars(pyfuse3.Operations).items()):
 del _name, _handler
 
 
-def _invalidate(changed: list[int], gone: list[tuple[int, bytes, int]]) -> None:
+def _invalidate(changed: list[tuple[int, bool]], gone: list[tuple[int, bytes, int]]) -> None:
     """Tell the kernel (from a worker thread: these calls may block)."""
     for parent_ino, name, ino in gone:
         if not parent_ino:
@@ -687,9 +719,9 @@ def _invalidate(changed: list[int], gone: list[tuple[int, bytes, int]]) -> None:
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                 log.warning("invalidate_entry(%d, %r): %s", parent_ino, name, exc)
-    for ino in changed:
+    for ino, attr_only in changed:
         try:
-            pyfuse3.invalidate_inode(ino)
+            pyfuse3.invalidate_inode(ino, attr_only)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 log.warning("invalidate_inode(%d): %s", ino, exc)
