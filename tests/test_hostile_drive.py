@@ -358,7 +358,7 @@ def _mixed(st) -> tuple[Forge, Files]:
 
     def put(parent: bytes, name: bytes, entry: Entry, data: bytes | None = None) -> None:
         items[key(parent, name)] = entry
-        if entry.kind == KIND_FILE and index.valid_name(name):
+        if entry.kind == KIND_FILE and name not in BAD_NAMES + [b"abs/pwned"]:
             files[(b"/" if parent == b"/" else parent + b"/") + name] = data
 
     ok = os.urandom(3 * bs + bs // 2)
