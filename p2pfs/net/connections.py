@@ -36,13 +36,17 @@ says).
 seconds after their handshake, and peers whose socket has taken no bytes
 for `WRITE_STALL` seconds while we had output for them (a peer that does
 not read).  The bytes queued for all peers together are bounded by
-`MAX_OUTPUT`: servers wait in `output_room` while it is exceeded, and the
-janitor first closes the peer blocked longest.
+`MAX_OUTPUT`: while it is exceeded, the server of a peer with more than
+`OUTPUT_FAIR` bytes of its own queued waits in `output_room` (peers that
+read what we send go on being served), and the janitor closes the peers
+blocked longest until the excess is gone.  Every `TRIM_EVERY` seconds, with
+little output queued, free memory goes back to the system (`heap.trim`).
 """
 
 from __future__ import annotations
 
 import errno
+import gc
 import resource
 import sys
 from collections.abc import Callable
@@ -50,6 +54,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import heap
 from .discovery import Candidate
 from .peer import Peer, PeerEnd
 from . import transport
@@ -63,7 +68,9 @@ MAX_TARGETS = 4096         # discovered addresses remembered
 MAX_FAILURES = 6
 IDLE_TIMEOUT = 20.0        # s after the handshake a peer may go without opening a channel
 WRITE_STALL = 10.0         # s a peer's socket may take no bytes while we have output for it
-MAX_OUTPUT = 64 << 20      # bytes queued for all peers together
+MAX_OUTPUT = 32 << 20      # bytes queued for all peers together
+OUTPUT_FAIR = 256 << 10    # ... beyond which a peer with less queued than this still may send
+TRIM_EVERY = 5.0           # s between returning free memory to the system
 BAN_SECONDS = 600.0
 SHORTAGE_REPORT = 10.0
 _SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -117,6 +124,7 @@ class Connections:
         self._wake = trio.Event()
         self._changed = trio.Event()
         self._last_shortage = -1e9
+        self._ended_since_trim = 0
         self.shortages = 0
         self.refused = 0
         self.evicted = 0
@@ -148,8 +156,10 @@ class Connections:
         if self.output <= MAX_OUTPUT:
             self._output_room.set()
 
-    async def output_room(self) -> None:
-        while self.output > MAX_OUTPUT:
+    async def output_room(self, peer: Peer) -> None:
+        """Wait while the output budget is spent and `peer` has a backlog of its
+        own: peers that read what we send keep being served meanwhile."""
+        while self.output > MAX_OUTPUT and peer.queued_output > OUTPUT_FAIR and not peer.closed:
             if self._output_room.is_set():
                 self._output_room = trio.Event()
             await self._output_room.wait()
@@ -165,6 +175,7 @@ class Connections:
                 self.peers.remove(peer)
             if peer.remote_key is not None and self.by_key.get(peer.remote_key) is peer:
                 del self.by_key[peer.remote_key]
+            self._ended_since_trim += 1
             self.host.peer_gone(peer)
             self.changed()
         if end.fault:
@@ -441,9 +452,18 @@ class Connections:
     # --- the janitor -------------------------------------------------------------------------
 
     async def janitor(self) -> None:
+        last_trim = trio.current_time()
         while True:
             await trio.sleep(0.5)
             now = trio.current_time()
+            if now - last_trim >= TRIM_EVERY and self.output < OUTPUT_FAIR:
+                last_trim = now
+                if self._ended_since_trim:
+                    # peers that ended leave reference cycles behind (tasks,
+                    # streams): collect them before giving memory back
+                    self._ended_since_trim = 0
+                    gc.collect()
+                heap.trim()
             blocked = []
             for peer in list(self.peers):
                 if peer.closed:
@@ -457,11 +477,15 @@ class Connections:
                         peer.drop(f"read nothing we sent for {WRITE_STALL:g} s", fault=False)
                     else:
                         blocked.append((peer.send_blocked_since, peer))
-            if self.output > MAX_OUTPUT and blocked:
-                # the budget is spent on peers that do not read: close the worst first
-                _since, worst = min(blocked, key=lambda sp: sp[0])
-                if now - _since > 1.0:
-                    worst.drop("read too slowly while others waited", fault=False)
+            if self.output > MAX_OUTPUT:
+                # the budget is spent on peers that do not read: close those
+                # blocked for a while, worst first, until it is not
+                excess = self.output - MAX_OUTPUT
+                for since, peer in sorted(blocked, key=lambda sp: sp[0]):
+                    if excess <= 0 or now - since < 1.0:
+                        break
+                    excess -= peer.queued_output
+                    peer.drop("read too slowly while others waited", fault=False)
 
     # --- life -------------------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ from ..wire.connection import (
 )
 
 RECV_SIZE = 1 << 20
-HIGH_WATER = 4 << 20
+HIGH_WATER = 2 << 20
 SEND_PIECE = 256 << 10
 DECRYPT_IN_THREAD = 64 << 10  # a read this big is decrypted in a worker thread
 HANDSHAKE_TIMEOUT = 10.0
@@ -125,7 +125,7 @@ class PeerHost(Protocol):
     def answer(self, peer: "Peer", key: bytes, msg) -> m.Message: ...
     def output_changed(self, delta: int) -> None: ...
     async def input_room(self) -> None: ...
-    async def output_room(self) -> None: ...
+    async def output_room(self, peer: "Peer") -> None: ...
 
 
 class Inflight:
@@ -462,5 +462,5 @@ class Peer:
                 self.blocks_sent += 1
             self.write(self.conn.send(reply))
             await self._wait_writable()
-            await host.output_room()
+            await host.output_room(self)
             await trio.lowlevel.checkpoint()

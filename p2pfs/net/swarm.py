@@ -255,8 +255,8 @@ class Swarm:
     def output_changed(self, delta: int) -> None:
         self.connections.output_changed(delta)
 
-    async def output_room(self) -> None:
-        await self.connections.output_room()
+    async def output_room(self, peer: Peer) -> None:
+        await self.connections.output_room(peer)
 
     def answer(self, peer: Peer, key: bytes, msg) -> m.Message:
         ch = peer.conn.local_channel(key)
