@@ -53,11 +53,13 @@ async def test_a_peer_that_looks_alive_but_never_answers_is_worked_around(
     assert res.stdout == (src / "big.bin").read_bytes()
 
 
-async def test_a_mount_starts_beside_a_peer_that_never_answers(tmp_path, seeders, owner):
-    """Finding 8: the mount used not to start at all."""
+async def _mount_beside(tmp_path, seeders, owner, behaviour, check):
+    """Mount from an honest seeder and a hostile one, read /big.bin through
+    the mount, then `await check(hostile)`; returns (hostile's address,
+    everything the mount reported)."""
     src, a, key_text, key = owner
     honest = seeders(a, key_text)
-    hostile = HostileSeeder(key, signed_head(a, key), never_answer)
+    hostile = HostileSeeder(key, signed_head(a, key), behaviour)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     b = tmp_path / "b"
@@ -71,39 +73,31 @@ async def test_a_mount_starts_beside_a_peer_that_never_answers(tmp_path, seeders
             assert res.returncode == 0, res.stderr.decode()
             got = await trio.to_thread.run_sync((mnt / "big.bin").read_bytes)
             assert got == (src / "big.bin").read_bytes()
+            await check(hostile)
         finally:
             run_cli(b, "umount", mnt, check=False)
             nursery.cancel_scope.cancel()
+    # reported before the daemon was ready (its stderr) or after (its log)
+    return address, res.stderr.decode() + (b / "mount.log").read_text()
+
+
+async def test_a_mount_starts_beside_a_peer_that_never_answers(tmp_path, seeders, owner):
+    """Finding 8: the mount used not to start at all."""
+    async def nothing(hostile):
+        pass
+    await _mount_beside(tmp_path, seeders, owner, never_answer, nothing)
 
 
 async def test_a_dialled_peer_breaking_the_protocol_is_reported_and_not_redialled(
         tmp_path, seeders, owner):
     """Finding 9: answering request N with another block is a protocol error:
     the peer is reported, banned, and not dialled again."""
-    src, a, key_text, key = owner
-    honest = seeders(a, key_text)
-    hostile = HostileSeeder(key, signed_head(a, key), wrong_block)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    b = tmp_path / "b"
-    async with trio.open_nursery() as nursery:
-        address = await nursery.start(hostile.serve)
-        res = await trio.run_process(
-            cli_command(b, "mount", key_text, mnt, "--daemon", "--timeout", "15",
-                        "--peer", address, "--peer", honest.address),
-            capture_stdout=True, capture_stderr=True, check=False, env=cli_env(), cwd=REPO)
-        try:
-            assert res.returncode == 0, res.stderr.decode()
-            got = await trio.to_thread.run_sync((mnt / "big.bin").read_bytes)
-            assert got == (src / "big.bin").read_bytes()
-            # an absence: watch for redials for a while (the old code redialled every 0.05-1 s)
-            await trio.sleep(2.0)
-            assert hostile.accepted == 1
-        finally:
-            run_cli(b, "umount", mnt, check=False)
-            nursery.cancel_scope.cancel()
-    # reported before the daemon was ready (its stderr) or after (its log)
-    log = res.stderr.decode() + (b / "mount.log").read_text()
+    async def not_redialled(hostile):
+        # an absence: watch for redials for a while (the old code redialled every 0.05-1 s)
+        await trio.sleep(2.0)
+        assert hostile.accepted == 1
+
+    address, log = await _mount_beside(tmp_path, seeders, owner, wrong_block, not_redialled)
     assert f"peer {address}" in log and "wrong block" in log and "will not ask it again" in log
 
 
