@@ -16,7 +16,8 @@ import trio
 from helpers import REPO, cli_command, cli_env, create, run_cli
 from p2pfs import crypto
 from p2pfs.wire import messages as m
-from peers import HostileSeeder, WirePeer, drip, head_flood, never_answer, signed_head, wrong_block
+from bench.peers import (HostileSeeder, WirePeer, attack, drip, head_flood, never_answer, signed_head,
+                         wrong_block)
 from test_net import copy_home, drive_tree, seeders  # noqa: F401  (seeders is a fixture)
 
 
@@ -207,74 +208,33 @@ async def test_seeder_under_idle_connections_non_readers_and_a_head_flood(tmp_pa
     seeder = _LimitedSeeder(a, key_text)
     pid = seeder.proc.pid
     head = signed_head(a, key)
-    known = {crypto.discovery_key(key): key}
-    host, port = seeder.address.rsplit(":", 1)
     peak = 0
-    errors: list[str] = []
     try:
         # warm up: one honest read, then the baseline
         res = await _cat(tmp_path / "warm", key_text, "/big.bin", [seeder.address])
         assert res.returncode == 0, res.stderr.decode()
         await trio.sleep(6)  # the janitor trims every 5 s
         baseline = _rss(pid)
-        stop_attack = trio.Event()
-
-        async def idle_connection(i):
-            try:
-                stream = await trio.open_tcp_stream(host, int(port))
-            except OSError:
-                return
-            async with stream:
-                await stop_attack.wait()
-
-        async def non_reader(i):
-            try:
-                peer = await WirePeer.dial(seeder.address, known)
-                ch = await peer.open(key)
-                for rid in range(256):
-                    peer.conn._queue(m.Request(ch, rid, rid % head.length, 0, True, head.length))
-                await peer.flush()
-                await stop_attack.wait()  # and never read
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-                pass
-            except Exception as exc:  # noqa: BLE001 - a refused handshake mid-frame
-                errors.append(repr(exc))
-
-        async def flooder():
-            while not stop_attack.is_set():
-                try:
-                    peer = await WirePeer.dial(seeder.address, known)
-                    ch = await peer.open(key)
-                    msg = m.Head(ch, head.length, head.root, head.signature)
-                    while not stop_attack.is_set():
-                        for _ in range(100):
-                            peer.conn._queue(msg)
-                        await peer.flush()
-                        await trio.sleep(0)
-                except Exception:  # noqa: BLE001 - dropped by the seeder: come back
-                    await trio.sleep(0.05)
+        sampling = True
 
         async def sample_rss():
             nonlocal peak
-            while not stop_attack.is_set():
+            while sampling:
                 peak = max(peak, _rss(pid))
                 await trio.sleep(0.1)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sample_rss)
-            for i in range(500):
-                nursery.start_soon(idle_connection, i)
-            for i in range(300):
-                nursery.start_soon(non_reader, i)
-            nursery.start_soon(flooder)
-            await trio.sleep(3)
-            # honest readers, while the attack goes on
-            for n in range(3):
-                res = await _cat(tmp_path / f"honest{n}", key_text, "/big.bin", [seeder.address],
-                                 timeout=30)
-                assert res.returncode == 0, res.stderr.decode()
-                assert res.stdout == (src / "big.bin").read_bytes()
-            stop_attack.set()
+            async with attack(seeder.address, key, head) as counts:
+                await trio.sleep(3)
+                # honest readers, while the attack goes on
+                for n in range(3):
+                    res = await _cat(tmp_path / f"honest{n}", key_text, "/big.bin",
+                                     [seeder.address], timeout=30)
+                    assert res.returncode == 0, res.stderr.decode()
+                    assert res.stdout == (src / "big.bin").read_bytes()
+            sampling = False
+        assert counts["non_readers"] and counts["floods"], counts
         assert peak < 200 << 20, f"seeder RSS peaked at {peak >> 20} MiB"
         # after the attackers left: back to the baseline (janitor trims every 5 s)
         deadline = trio.current_time() + 30

@@ -16,9 +16,9 @@ key, from the LAN or an earlier connection) is not dialled.
 seconds and waited out, never a traceback.  The number of connections is
 capped (`max_connections`, below the process's descriptor limit) in all
 and per remote IP; when a cap is reached, the idlest connection (no Noise
-handshake yet, else no channel open, else the least recently active one
-with nothing in flight) is closed to make room, and if none is idle the
-newcomer is refused.
+handshake yet, else no channel open, else one that reads nothing we send,
+else the least recently active one with nothing in flight) is closed to
+make room, and if none is idle the newcomer is refused.
 
 *Deduplication.*  Two nodes dialling each other end with one connection:
 when a handshake completes with a node key we already have a connection
@@ -36,10 +36,11 @@ says).
 seconds after their handshake, and peers whose socket has taken no bytes
 for `WRITE_STALL` seconds while we had output for them (a peer that does
 not read).  The bytes queued for all peers together are bounded by
-`MAX_OUTPUT`: while it is exceeded, the server of a peer with more than
-`OUTPUT_FAIR` bytes of its own queued waits in `output_room` (peers that
-read what we send go on being served), and the janitor closes the peers
-blocked longest until the excess is gone.  Every `TRIM_EVERY` seconds, with
+`MAX_OUTPUT`: while it is exceeded, the server of a peer that is behind
+(more than `OUTPUT_FAIR` bytes of its own queued, its socket not taking
+them) waits in `output_room` (peers that read what we send go on being
+served), and the janitor closes the peers blocked longest, for a second
+or more, until half the budget is free.  Every `TRIM_EVERY` seconds, with
 little output queued, free memory goes back to the system (`heap.trim`).
 """
 
@@ -153,13 +154,15 @@ class Connections:
 
     def output_changed(self, delta: int) -> None:
         self.output += delta
-        if self.output <= MAX_OUTPUT:
-            self._output_room.set()
+        if delta < 0:
+            self._output_room.set()  # waiters look again
 
     async def output_room(self, peer: Peer) -> None:
-        """Wait while the output budget is spent and `peer` has a backlog of its
-        own: peers that read what we send keep being served meanwhile."""
-        while self.output > MAX_OUTPUT and peer.queued_output > OUTPUT_FAIR and not peer.closed:
+        """Wait while the output budget is spent and `peer` itself is behind:
+        more than `OUTPUT_FAIR` bytes of its own queued and its socket not
+        taking them.  Peers that read what we send go on being served."""
+        while self.output > MAX_OUTPUT and peer.queued_output > OUTPUT_FAIR and peer.slow \
+                and not peer.closed:
             if self._output_room.is_set():
                 self._output_room = trio.Event()
             await self._output_room.wait()
@@ -392,8 +395,8 @@ class Connections:
                 except OSError as exc:
                     if exc.errno not in _SHORTAGE:
                         raise
-                    self._shortage(exc)
-                    await trio.sleep(0.1)
+                    if not self._shortage(exc):
+                        await trio.sleep(0.1)  # nothing to close: wait for descriptors
                     continue
                 transport.tune(stream)
                 address = transport.peer_address(stream)
@@ -404,14 +407,15 @@ class Connections:
                     continue
                 self._nursery.start_soon(self._accepted, stream, address)
 
-    def _shortage(self, exc: OSError) -> None:
+    def _shortage(self, exc: OSError) -> bool:
+        """Out of descriptors: report (rarely) and close an idle peer; True if one went."""
         self.shortages += 1
         now = trio.current_time()
         if now - self._last_shortage >= SHORTAGE_REPORT:
             self._last_shortage = now
             self.report(f"cannot accept more connections ({exc.strerror}); "
                         f"{len(self.peers)} open, closing idle ones")
-        self._evict(None)
+        return self._evict(None)
 
     def _idleness(self, peer: Peer, now: float) -> tuple | None:
         """A sort key (most evictable first) for a peer that may be evicted, else None."""
@@ -419,9 +423,11 @@ class Connections:
             return (0, peer.started)
         if not peer.has_channels:
             return (1, peer.started)
+        if peer.slow:  # we have output for it and it reads nothing
+            return (2, peer.send_blocked_since)
         if peer.inflight or peer.queued_output or peer.serving:
             return None
-        return (2, peer.last_active)
+        return (3, peer.last_active)
 
     def _evict(self, ip: str | None) -> bool:
         now = trio.current_time()
@@ -432,7 +438,7 @@ class Connections:
             return False
         _k, victim = min(cands, key=lambda kp: kp[0])
         self.evicted += 1
-        victim.drop("closed to make room for another connection", fault=False)
+        victim.abort("closed to make room for another connection")
         return True
 
     def _make_room(self, address: str) -> bool:
@@ -479,8 +485,8 @@ class Connections:
                         blocked.append((peer.send_blocked_since, peer))
             if self.output > MAX_OUTPUT:
                 # the budget is spent on peers that do not read: close those
-                # blocked for a while, worst first, until it is not
-                excess = self.output - MAX_OUTPUT
+                # blocked for a second, worst first, until half of it is free
+                excess = self.output - MAX_OUTPUT // 2
                 for since, peer in sorted(blocked, key=lambda sp: sp[0]):
                     if excess <= 0 or now - since < 1.0:
                         break

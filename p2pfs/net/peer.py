@@ -24,9 +24,10 @@ requests.
 Costs a peer can cause are bounded here:
 
 * input: at most one frame (`MAX_FRAME`) plus one read buffered;
-* output: above `HIGH_WATER` bytes queued, neither the reader nor the server
-  goes on until the writer has drained it; the host's `output_room` bounds
-  the bytes queued by all peers together;
+* output: above `HIGH_WATER` bytes queued (`BLOCKED_WATER` once the socket has
+  taken nothing for `SLOW_SEND`), neither the reader nor the server goes on until the writer
+  has drained it; the host's `output_room` bounds the bytes queued by all
+  peers together;
 * requests: at most `wire.connection.MAX_REQUESTS` outstanding, served in
   order;
 * announcements: Head and Have messages beyond `ANNOUNCE_RATE` per second
@@ -57,7 +58,9 @@ from ..wire.connection import (
 )
 
 RECV_SIZE = 1 << 20
-HIGH_WATER = 2 << 20
+HIGH_WATER = 512 << 10     # output queued per peer before its server waits (the kernel holds more)
+BLOCKED_WATER = 128 << 10  # ... once its socket has taken nothing for SLOW_SEND
+SLOW_SEND = 0.5
 SEND_PIECE = 256 << 10
 DECRYPT_IN_THREAD = 64 << 10  # a read this big is decrypted in a worker thread
 HANDSHAKE_TIMEOUT = 10.0
@@ -193,6 +196,17 @@ class Peer:
             self._drop = PeerDropped(reason, fault=fault)
         self._cancel.cancel()
 
+    def abort(self, reason: str) -> None:
+        """Drop the peer and release its descriptor now (not when its tasks
+        next run): room for another connection at once."""
+        self.drop(reason, fault=False)
+        sock = getattr(self.stream, "socket", None)
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
     @property
     def has_channels(self) -> bool:
         return bool(self.conn.open_drives())
@@ -215,8 +229,19 @@ class Peer:
     def queued_output(self) -> int:
         return self._out_bytes
 
+    def _behind(self) -> bool:
+        """Too much queued: above HIGH_WATER, or above BLOCKED_WATER while the
+        socket takes nothing (a peer that does not read costs little)."""
+        return self._out_bytes > HIGH_WATER or (self._out_bytes > BLOCKED_WATER and self.slow)
+
+    @property
+    def slow(self) -> bool:
+        """Its socket has taken nothing for SLOW_SEND seconds while we had output."""
+        since = self.send_blocked_since
+        return since is not None and trio.current_time() - since > SLOW_SEND
+
     async def _wait_writable(self) -> None:
-        while self._out_bytes > HIGH_WATER:
+        while self._behind():
             # the reader and the server may both wait: share one event
             if self._drained.is_set():
                 self._drained = trio.Event()
@@ -240,8 +265,7 @@ class Peer:
                     self._out_bytes -= len(piece)
                     self.bytes_sent += len(piece)
                     self.host.output_changed(-len(piece))
-                    if self._out_bytes <= HIGH_WATER:
-                        self._drained.set()
+                    self._drained.set()  # waiters look again
 
     def _release_output(self) -> None:
         if self._out_bytes:

@@ -7,7 +7,8 @@ listens and plays a seeder of a drive that misbehaves in a chosen way.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -176,3 +177,67 @@ async def head_flood(peer: WirePeer, ch: int, head: Head) -> None:
         peer.conn._queue(have)
         await peer.flush()
         await trio.sleep(0)
+
+
+@asynccontextmanager
+async def attack(address: str, key: bytes, head: Head, *, idle: int = 500,
+                 non_readers: int = 300, flooders: int = 1) -> AsyncIterator[dict]:
+    """Attack the seeder at `address` for the life of the block: `idle`
+    connections that say nothing, `non_readers` that open the drive, ask for
+    256 blocks and never read, and `flooders` that replay its valid head as
+    fast as the socket takes it (reconnecting when dropped).  Yields counters."""
+    known = {crypto.discovery_key(key): key}
+    host, port = address.rsplit(":", 1)
+    stop = trio.Event()
+    counts = {"idle": 0, "non_readers": 0, "floods": 0, "errors": []}
+
+    async def idle_connection():
+        try:
+            stream = await trio.open_tcp_stream(host, int(port))
+        except OSError:
+            return
+        counts["idle"] += 1
+        async with stream:
+            await stop.wait()
+
+    async def non_reader():
+        try:
+            peer = await WirePeer.dial(address, known)
+            ch = await peer.open(key)
+            for rid in range(256):
+                peer.conn._queue(m.Request(ch, rid, rid % head.length, 0, True, head.length))
+            await peer.flush()
+            counts["non_readers"] += 1
+            await stop.wait()  # and never read
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - kept for the caller to look at
+            counts["errors"].append(repr(exc))
+
+    async def flooder():
+        while not stop.is_set():
+            try:
+                peer = await WirePeer.dial(address, known)
+                ch = await peer.open(key)
+                counts["floods"] += 1
+                msg = m.Head(ch, head.length, head.root, head.signature)
+                while not stop.is_set():
+                    for _ in range(100):
+                        peer.conn._queue(msg)
+                    await peer.flush()
+                    await trio.sleep(0)
+            except Exception:  # noqa: BLE001 - dropped by the seeder: come back
+                await trio.sleep(0.05)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(idle):
+            nursery.start_soon(idle_connection)
+        for _ in range(non_readers):
+            nursery.start_soon(non_reader)
+        for _ in range(flooders):
+            nursery.start_soon(flooder)
+        try:
+            yield counts
+        finally:
+            stop.set()
+            nursery.cancel_scope.cancel()
