@@ -50,7 +50,7 @@ from typing import Protocol
 
 import trio
 
-from ..errors import ProtocolError, VerificationError
+from ..errors import ProtocolError, TruncatedError, VerificationError
 from ..types import Head
 from ..wire import messages as m
 from ..wire.connection import (
@@ -378,6 +378,8 @@ class Peer:
                 raise_single(group)
         except PeerDropped as exc:
             end = PeerEnd(str(exc), exc.fault)
+        except TruncatedError as exc:
+            end = PeerEnd(f"connection lost ({exc})")
         except ProtocolError as exc:
             end = PeerEnd(str(exc), True)
         except VerificationError as exc:
