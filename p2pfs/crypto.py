@@ -13,6 +13,8 @@ so that callers further in can trust them.
 
 * The discovery key, which is all the network ever sees of a drive, is
   BLAKE3 derive_key("p2pfs discovery v1", drive key).
+* BEP 44 mutable items (the DHT's copy of a drive's latest head) are signed
+  with the drive's key over BEP 44's fixed layout (`bep44_message`).
 * The Noise and secretstream primitives used by `p2pfs.wire` are here too:
   X25519, ChaCha20-Poly1305 (IETF, Noise nonce layout) and libsodium's
   secretstream XChaCha20-Poly1305.
@@ -99,6 +101,42 @@ def discovery_key(drive_key: bytes) -> bytes:
     """The 32-byte name under which the network sees a drive."""
     _check(drive_key, PUBLIC_KEY_BYTES, "drive key")
     return blake3.blake3(drive_key, derive_key_context=DISCOVERY_CONTEXT).digest()
+
+
+# --- BEP 44 mutable items ------------------------------------------------------
+
+MAX_BEP44_SALT = 64
+
+
+def bep44_message(salt: bytes, seq: int, value: bytes) -> bytes:
+    """The bytes a BEP 44 mutable item's signature covers.
+
+    `value` is the item's value already bencoded; the layout is BEP 44's:
+    ``4:salt<len>:<salt>`` (only for a non-empty salt) ``3:seqi<seq>e1:v`` value."""
+    if not isinstance(salt, bytes) or len(salt) > MAX_BEP44_SALT:
+        raise ValueError(f"BEP 44 salt must be at most {MAX_BEP44_SALT} bytes")
+    if type(seq) is not int or not 0 <= seq < 2**63:
+        raise ValueError("BEP 44 sequence number out of range")
+    prefix = b"4:salt%d:%s" % (len(salt), salt) if salt else b""
+    return prefix + b"3:seqi%de1:v" % seq + value
+
+
+def sign_bep44(seed: bytes, salt: bytes, seq: int, value: bytes) -> bytes:
+    """Sign a BEP 44 item (value bencoded) with a drive's secret seed."""
+    signing = nacl.signing.SigningKey(_check(seed, SEED_BYTES, "secret seed"))
+    return signing.sign(bep44_message(salt, seq, value)).signature
+
+
+def verify_bep44(public_key: bytes, salt: bytes, seq: int, value: bytes, signature: bytes) -> None:
+    """Check a BEP 44 item's signature.  Raises VerificationError if it is not the key's."""
+    if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
+        raise VerificationError("DHT item has a malformed signature")
+    if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
+        raise VerificationError("DHT item has a malformed public key")
+    try:
+        nacl.signing.VerifyKey(public_key).verify(bep44_message(salt, seq, value), signature)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise VerificationError(f"DHT item seq {seq} does not verify against its key") from None
 
 
 # --- key text ----------------------------------------------------------------
