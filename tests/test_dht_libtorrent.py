@@ -8,7 +8,6 @@ loopback-only network namespace (as scripts/test does).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from contextlib import asynccontextmanager
 
@@ -80,15 +79,6 @@ async def network(n: int = 8):
         del session
 
 
-def libtorrent_secret(seed: bytes) -> bytes:
-    """libtorrent's 64-byte Ed25519 secret: SHA-512 of the seed, clamped (orlp/ed25519)."""
-    h = bytearray(hashlib.sha512(seed).digest())
-    h[0] &= 248
-    h[31] &= 63
-    h[31] |= 64
-    return bytes(h)
-
-
 async def test_libtorrent_finds_a_p2pfs_announce():
     async with network() as (nodes, session, alerts):
         info_hash = os.urandom(20)
@@ -118,13 +108,14 @@ async def test_libtorrent_reads_and_verifies_a_p2pfs_head():
         source = DhtSource(nodes[1])
         assert await source.put_head(drive_key, length, root, signature,
                                      head_dht_signature(seed, length, root, signature)) >= 4
-        session.dht_get_mutable_item(drive_key, HEAD_SALT)
-        alert = await alerts.wait(lambda a: isinstance(a, lt.dht_mutable_item_alert) and a.key == drive_key
+        blind = crypto.blinded_key(drive_key)  # the DHT never sees the drive key
+        session.dht_get_mutable_item(blind, HEAD_SALT)
+        alert = await alerts.wait(lambda a: isinstance(a, lt.dht_mutable_item_alert) and a.key == blind
                                   and a.seq > 0, what="mutable item")
         # libtorrent checked the BEP 44 signature before handing it over; check it and ours again
         value = bencode2.bencode(alert.item)
         assert alert.seq == length and alert.salt == HEAD_SALT and value == head_value(length, root, signature)
-        crypto.verify_bep44(drive_key, alert.salt, alert.seq, value, alert.signature)
+        crypto.verify_bep44(blind, alert.salt, alert.seq, value, alert.signature)
         raw = alert.item
         assert int.from_bytes(raw[:8], "little") == length and raw[8:40] == root
         crypto.verify_head(drive_key, length, root, raw[40:])
@@ -138,18 +129,22 @@ async def test_p2pfs_reads_and_verifies_items_libtorrent_put():
     signature = crypto.sign_head(seed, drive_key, 1, root)
     raw = (1).to_bytes(8, "little") + root + signature
     async with network() as (nodes, session, alerts):
-        session.dht_put_mutable_item(libtorrent_secret(seed), drive_key, raw, HEAD_SALT)
+        # libtorrent signs with the drive's blinded secret, under its blinded key
+        blind = crypto.blinded_key(drive_key)
+        session.dht_put_mutable_item(crypto.blinded_secret(seed), blind, raw, HEAD_SALT)
         done = await alerts.wait(lambda a: isinstance(a, lt.dht_put_alert), what="put alert")
         assert done.num_success >= 4
-        item = await nodes[6].get_mutable(drive_key, HEAD_SALT)
+        item = await nodes[6].get_mutable(blind, HEAD_SALT)
         assert isinstance(item, MutableItem) and item.seq == 1 and item.value == b"104:" + raw
         item.verify()
         head = await DhtSource(nodes[4]).get_head(drive_key)
         assert head == (1, root, signature, item.signature)
         # an item that is not a p2pfs head (arbitrary data) is read, but is no head
         other_key, other_seed = crypto.generate_keypair()
-        session.dht_put_mutable_item(libtorrent_secret(other_seed), other_key, b"not a head", HEAD_SALT)
-        await alerts.wait(lambda a: isinstance(a, lt.dht_put_alert) and a.public_key == other_key,
+        other_blind = crypto.blinded_key(other_key)
+        session.dht_put_mutable_item(crypto.blinded_secret(other_seed), other_blind, b"not a head",
+                                     HEAD_SALT)
+        await alerts.wait(lambda a: isinstance(a, lt.dht_put_alert) and a.public_key == other_blind,
                           what="second put alert")
-        assert (await nodes[3].get_mutable(other_key, HEAD_SALT)).value == b"10:not a head"
+        assert (await nodes[3].get_mutable(other_blind, HEAD_SALT)).value == b"10:not a head"
         assert await DhtSource(nodes[3]).get_head(other_key) is None

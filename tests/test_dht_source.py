@@ -36,13 +36,15 @@ def test_head_item_layout_and_checks():
     value = head_value(length, root, signature)
     assert value[:4] == b"104:" and len(value) == 108
     assert value[4:12] == (12).to_bytes(8, "little") and value[12:44] == root and value[44:] == signature
-    item = MutableItem(key, HEAD_SALT, length, value, dht_signature)
+    blind = crypto.blinded_key(key)
+    item = MutableItem(blind, HEAD_SALT, length, value, dht_signature)
     assert parse_head_item(key, item) == (length, root, signature)
     other_key, other_seed = crypto.generate_keypair()
     wrong = [
         MutableItem(other_key, HEAD_SALT, length, value, dht_signature),             # another key
-        MutableItem(key, b"other", length, value, dht_signature),                    # another salt
-        MutableItem(key, HEAD_SALT, length, value, bytes(64)),                       # bad BEP 44 signature
+        MutableItem(blind, b"other", length, value, dht_signature),                  # another salt
+        MutableItem(blind, HEAD_SALT, length, value, bytes(64)),                     # bad BEP 44 signature
+        MutableItem(key, HEAD_SALT, length, value, dht_signature),                   # the unblinded key
         sign_item(seed, HEAD_SALT, 13, value),                                       # seq != length inside
         sign_item(seed, HEAD_SALT, 12, head_value(12, root, bytes(64))),             # bad head signature
         sign_item(seed, HEAD_SALT, 12, head_value(12, os.urandom(32), signature)),   # root not signed
@@ -145,7 +147,7 @@ async def test_heads_move_forward_only_and_seeders_reput_the_owners_item():
         owner_scope.cancel()
         for node in swarm.nodes + [reader.node, seeder.node]:
             node.engine.items.expire(float("inf"))
-        replayed = MutableItem(key, HEAD_SALT, 5, head_value(*old[:3]), old[3])
+        replayed = MutableItem(crypto.blinded_key(key), HEAD_SALT, 5, head_value(*old[:3]), old[3])
         assert await swarm.nodes[0].put_mutable(replayed) >= 5
         fresh, _, _ = await start_source(nursery, "127.0.0.87", [swarm.nodes[0].address])
         assert await fresh.get_head(key) == old      # the DHT now only has the old head...

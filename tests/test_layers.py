@@ -29,6 +29,8 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "fs": PURE | {"drive", "publish", "fs"},
     "node": None,  # wiring: everything
     "mount": None,  # wiring for `p2pfs mount` (the FUSE session's process)
+    "seeder": None,  # wiring for `p2pfs seed`
+    "config": {"errors"},
     "cli": None,
 }
 NO_TRIO = PURE | {"store", "drive", "publish"}

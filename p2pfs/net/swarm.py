@@ -51,6 +51,7 @@ from .peer import Inflight, Peer, PeerDropped, raise_single
 from .serving import Server
 
 POLL_INTERVAL = 0.15       # seconds between polls of the store's latest heads
+DISCOVERY_GRACE = 1.0      # s a reader holding a drive looks for a newer version before going on
 
 
 def _stderr(text: str) -> None:
@@ -140,7 +141,7 @@ class Swarm:
         return sum(1 for p in self.peers if not p.closed and p.conn.is_open(key))
 
     def _more_peers_coming(self) -> bool:
-        return self.connections.dialing
+        return self.connections.dialing or any(src.active for src in self.sources)
 
     # --- peers -------------------------------------------------------------------
 
@@ -298,24 +299,48 @@ class Swarm:
 
     def describe_peers(self) -> str:
         status = self.status
-        if not status:
+        parts = [f"{a}: {s}" for a, s in status.items()]
+        if self.sources:
+            found = sum(1 for p in self.peers if p.source not in ("static", "incoming"))
+            names = " and ".join(f"the {src.name.upper()}" for src in self.sources)
+            parts.append(f"looked up on {names}, {found} peer{'s' if found != 1 else ''} found")
+        if not parts:
             return "no peers given (use --peer HOST:PORT)"
-        return "; ".join(f"{a}: {s}" for a, s in status.items())
+        return "; ".join(parts)
 
-    async def wait_for_peers(self, drive: Drive, timeout: float) -> None:
+    async def wait_for_peers(self, drive: Drive, timeout: float,
+                             grace: float = DISCOVERY_GRACE) -> None:
         """Until every static peer has announced the drive, refused it or failed
-        (or `timeout` passes).  A peer whose connection ended is redialled, so
-        it is still waited for; an unreachable one is not."""
+        (a peer whose connection ended is redialled, so it is still waited
+        for; an unreachable one is not) and, with discovery and no static
+        peer, until a peer announced the drive (or, if its head is held
+        already, `grace` seconds passed) — at most `timeout` seconds."""
         self.add_drive(drive)
+        started = trio.current_time()
         with trio.move_on_after(timeout):
             while True:
-                pending = [a for a, s in self.status.items()
+                status = self.status
+                pending = [a for a, s in status.items()
                            if (s in ("connecting", "connected", "closed the connection")
                                or s.startswith("connection lost"))
                            and not any(p.address == a and drive.key in p.announced for p in self.peers)]
                 if not pending:
-                    return
+                    if status or not self._more_peers_coming():
+                        return
+                    if any(drive.key in p.announced for p in self.peers):
+                        return
+                    waited = trio.current_time() - started
+                    if drive.head is not None and waited >= grace:
+                        return
+                    with trio.move_on_after(max(0.0, grace - waited) if drive.head is not None
+                                            else float("inf")):
+                        await self.connections.wait_changed()
+                    continue
                 await self.connections.wait_changed()
+
+    def discovery_info(self) -> dict:
+        """Each discovery source's state (for `p2pfs info`)."""
+        return {src.name: src.status() for src in self.sources}
 
     def peer_info(self, key: bytes) -> list[dict]:
         out = []
@@ -365,5 +390,6 @@ def unavailable(drive_text: str, swarm: Swarm, timeout: float, waited: float) ->
     if status and all(s == "does not have the drive" for s in status.values()):
         return NotFoundError(f"no peer has drive {drive_text} ({swarm.describe_peers()})")
     when = f" within {timeout:g} s" if waited >= timeout else ""
+    hint = "" if status else "; give --peer HOST:PORT to name a peer that has it"
     return BlockUnavailableError(f"no peer sent a signed version of drive {drive_text}{when} "
-                                 f"({swarm.describe_peers()})")
+                                 f"({swarm.describe_peers()}){hint}")

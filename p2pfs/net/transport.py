@@ -18,6 +18,7 @@ from ..store import read_key_file, write_key_file
 NODE_KEY_FILE = "node.key"
 DEFAULT_PORT = 7640
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+EPHEMERAL_LISTEN = "0.0.0.0:0"  # a reader that also serves: any free port
 CONNECT_TIMEOUT = 5.0
 
 

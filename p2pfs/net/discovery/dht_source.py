@@ -4,15 +4,18 @@ Theory of operation
 -------------------
 A topic (a drive's discovery key) is looked up in the DHT under the
 infohash `discovery_key[:20]`, so the DHT never sees a drive key.  Every
-joined topic is looked up at once on join, then every `retry_every`
-seconds until a lookup finds a peer, then every `lookup_every`.  A topic
+joined topic is looked up at once on join, then again after 2, 4, 8 ...
+seconds up to every `retry_every` until a lookup finds a peer, then every
+`lookup_every`.  A topic
 joined with `announce=True` is announced (our TCP port; nothing while the
 port is unknown) when the port becomes known and every `announce_every`
 (15 minutes); an announce is a lookup too.  Every peer found is emitted as
 `Candidate(host, port, "dht")`.  At most `parallel` lookups run at once.
 
 A drive's latest signed head travels as a BEP 44 mutable item under the
-*drive key* with salt `b"p2pfs"`: seq = the head's log length, value = the
+drive's *blinded key* (`crypto.blinded_key`: derived from the drive key by
+anyone who knows it, and not giving it away, so the DHT never sees a drive
+key) with salt `b"p2pfs"`: seq = the head's log length, value = the
 104-byte string `u64le length || root (32) || head signature (64)`.  The
 item's BEP 44 signature is the owner's, made with the drive's secret
 (`head_dht_signature`), so a seeder that learned it re-puts the item
@@ -43,6 +46,7 @@ HEAD_SALT = b"p2pfs"
 HEAD_BYTES = 8 + 32 + 64
 LOOKUP_EVERY = 5 * 60.0
 RETRY_EVERY = 30.0
+RETRY_FIRST = 2.0
 ANNOUNCE_EVERY = 15 * 60.0
 REPUT_EVERY = 60 * 60.0
 PARALLEL = 4
@@ -64,13 +68,13 @@ def head_value(length: int, root: bytes, signature: bytes) -> bytes:
 
 def head_dht_signature(seed: bytes, length: int, root: bytes, signature: bytes) -> bytes:
     """The owner's BEP 44 signature of the head item (made with the drive's secret seed)."""
-    return crypto.sign_bep44(seed, HEAD_SALT, length, head_value(length, root, signature))
+    return crypto.sign_bep44_blinded(seed, HEAD_SALT, length, head_value(length, root, signature))
 
 
 def parse_head_item(drive_key: bytes, item: MutableItem) -> tuple[int, bytes, bytes] | None:
     """(length, root, head signature) if `item` is a valid head of the drive, else None."""
     prefix = b"%d:" % HEAD_BYTES
-    if item.key != drive_key or item.salt != HEAD_SALT or len(item.value) != len(prefix) + HEAD_BYTES \
+    if item.key != crypto.blinded_key(drive_key) or item.salt != HEAD_SALT or len(item.value) != len(prefix) + HEAD_BYTES \
             or not item.value.startswith(prefix):
         return None
     raw = item.value[len(prefix):]
@@ -92,6 +96,7 @@ class _Topic:
     next_announce: float = float("-inf")
     found: bool = False
     busy: bool = False
+    retry: float = RETRY_FIRST
 
 
 class DhtSource:
@@ -164,6 +169,11 @@ class DhtSource:
                 with trio.move_on_at(wake_at):
                     await self._wake.wait()
 
+    @property
+    def active(self) -> bool:
+        """It has nodes to ask, or bootstrap nodes to try."""
+        return self.node.has_contacts
+
     def status(self) -> dict:
         return {**self.node.status(), "topics": len(self._topics), "lookups": self.lookups,
                 "announces": self.announces, "peers_found": self.found}
@@ -191,7 +201,12 @@ class DhtSource:
                 emit(key, Candidate(host, port, self.name))
             self.found += len(peers)
             topic.found = topic.found or bool(peers)
-            topic.next_lookup = trio.current_time() + (self.lookup_every if topic.found else self.retry_every)
+            if topic.found:
+                wait = self.lookup_every
+            else:
+                wait = min(topic.retry, self.retry_every)
+                topic.retry *= 2
+            topic.next_lookup = trio.current_time() + wait
         finally:
             topic.busy = False
             self._wake.set()
@@ -199,7 +214,7 @@ class DhtSource:
     # --- HeadSource -----------------------------------------------------------------------
 
     async def get_head(self, drive_key: bytes) -> tuple[int, bytes, bytes, bytes] | None:
-        item = await self.node.get_mutable(drive_key, HEAD_SALT,
+        item = await self.node.get_mutable(crypto.blinded_key(drive_key), HEAD_SALT,
                                            accept=lambda found: parse_head_item(drive_key, found) is not None)
         best = self._best.get(drive_key)
         if item is not None and (best is None or item.seq > best.seq):
@@ -216,7 +231,8 @@ class DhtSource:
     async def put_head(self, drive_key: bytes, length: int, root: bytes, signature: bytes,
                        dht_signature: bytes) -> int:
         """Put the owner's signed head; VerificationError if either signature is wrong."""
-        item = MutableItem(drive_key, HEAD_SALT, length, head_value(length, root, signature), dht_signature)
+        item = MutableItem(crypto.blinded_key(drive_key), HEAD_SALT, length,
+                           head_value(length, root, signature), dht_signature)
         if parse_head_item(drive_key, item) is None:
             raise VerificationError(f"the head of length {length} of drive {crypto.encode_key(drive_key)} "
                                     "does not verify as its DHT item (head or DHT signature is wrong)")

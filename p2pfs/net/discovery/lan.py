@@ -108,6 +108,10 @@ class LanSource:
     def set_port(self, port: int | None) -> None:
         self._call(lambda now: self._protocol.set_port(port, now))
 
+    @property
+    def active(self) -> bool:
+        return self._error is None and bool(self._interfaces)
+
     def status(self) -> dict:
         return {
             "group": f"{self.group}:{self.port}",

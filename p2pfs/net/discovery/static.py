@@ -53,5 +53,7 @@ class StaticSource:
             task_status.started()
         await trio.sleep_forever()
 
+    active = False  # its peers are dialled (and waited for) by the connections
+
     def status(self) -> dict:
         return {"peers": list(self._addresses)}

@@ -23,6 +23,7 @@ real users; tests always pass loopback addresses instead.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -94,7 +95,12 @@ class DhtNode:
         self._slots = trio.Semaphore(self.engine.transactions.max_pending)
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            await sock.bind(self.bind)
+            try:
+                await sock.bind(self.bind)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or not self.bind[1]:
+                    raise
+                await sock.bind((self.bind[0], 0))  # another node has the port: any other
             self._sock = sock
             self.address = sock.getsockname()[:2]
             async with trio.open_nursery() as nursery:
@@ -105,6 +111,12 @@ class DhtNode:
         finally:
             sock.close()
             self._save_state()
+
+    @property
+    def has_contacts(self) -> bool:
+        """Whether it knows any node to ask: its table, saved nodes or bootstrap nodes."""
+        table = self.engine is not None and len(self.engine.table) > 0
+        return table or bool(self._saved_nodes) or bool(self.bootstrap_nodes)
 
     async def wait_ready(self) -> None:
         """Until the first bootstrap attempt has ended (the table may still be empty)."""
