@@ -235,7 +235,7 @@ def _answering(mountpoint: str) -> None:
 
 
 async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
-                peers: Sequence[str] = (), timeout: float = node.DEFAULT_TIMEOUT,
+                net: node.NetOptions | None = None,
                 ready: Callable[[DriveFS], None] | None = None) -> None:
     """Mount `ref` (KEY or KEY@N) at `mountpoint` and serve until unmounted or signalled.
 
@@ -260,7 +260,7 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                     return
 
             outer.start_soon(stop_on_signal)
-            async with node.open_drive(store, ref, peers=peers, timeout=timeout) as drive:
+            async with node.open_drive(store, ref, net=net or node.NetOptions()) as drive:
                 # Read-ahead pays only when blocks come from peers; P2PFS_READAHEAD=0
                 # turns it off (for measuring it).
                 prefetch = drive.source is not None and os.environ.get("P2PFS_READAHEAD") != "0"
@@ -295,8 +295,8 @@ def _ready_message(ops: DriveFS, mountpoint: str) -> str:
 
 
 def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
-                  allow_other: bool = False, peers: Sequence[str] = (),
-                  timeout: float = node.DEFAULT_TIMEOUT, argv: Sequence[str] | None = None) -> int:
+                  allow_other: bool = False, net: node.NetOptions | None = None,
+                  argv: Sequence[str] | None = None) -> int:
     """`p2pfs mount`: foreground by default; `daemon` re-runs `argv` detached."""
     ready_fd = os.environ.pop(READY_ENV, None)
     if daemon and ready_fd is None:
@@ -332,8 +332,8 @@ def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
 
     store = node.open_store(home)
     try:
-        trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other, peers=peers,
-                               timeout=timeout, ready=ready))
+        trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other, net=net,
+                               ready=ready))
     finally:
         store.close()
     return 0
@@ -365,7 +365,12 @@ def _spawn_daemon(argv: list[str], mountpoint: str) -> int:
                 del open_fds[fd]
     os.close(r)
     if message:
+        # What the mount said before it was ready (a peer dropped, say) is not
+        # lost: the child pointed its stderr at its log before saying "ready",
+        # so the rest of the pipe is there to read up to its end.
+        errors += child.stderr.read()
         child.stderr.close()
+        sys.stderr.write(errors.decode(errors="replace"))
         sys.stderr.write(message.decode(errors="replace").rstrip("\n") + f" (pid {child.pid})\n")
         return 0
     errors += child.stderr.read()
