@@ -23,6 +23,8 @@ from typing import Callable
 import trio
 
 from . import __version__, crypto, drive as drive_mod, publish
+from .ignore import Rules
+from .progress import Bar, size_text as _size
 from .errors import BlockUnavailableError, P2pfsError, UsageError, VerificationError
 from .index import KIND_DIR, KIND_SYMLINK, Entry
 from .node import DEFAULT_TIMEOUT, local_drive, open_drive, open_store, parse_drive_ref
@@ -59,55 +61,6 @@ def _entry_line(name: bytes, entry: Entry, long: bool) -> bytes:
     return line + b"\n"
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-class _Progress:
-    """A rich progress bar on a terminal; a few plain lines otherwise."""
-
-    def __init__(self, quiet: bool, what: str):
-        self.quiet = quiet
-        self.what = what
-        self.total = 0
-        self.done = 0
-        self.next_report = 0
-        self.bar = None
-        self.task = None
-
-    def start(self, total: int) -> None:
-        self.total = total
-        if self.quiet:
-            return
-        if sys.stderr.isatty():
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                       TimeRemainingColumn, TransferSpeedColumn)
-            self.bar = Progress(TextColumn(self.what), BarColumn(), DownloadColumn(),
-                                TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(self.what, total=total)
-        elif total >= (64 << 20):
-            _err(f"{self.what}: {_size(total)} to hash")
-            self.next_report = total // 4
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.done)
-        elif not self.quiet and self.total >= (64 << 20) and self.done >= self.next_report:
-            _err(f"{self.what}: {self.done * 100 // max(self.total, 1)}%")
-            self.next_report += self.total // 4
-
-    def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-
-
 # --- seams -----------------------------------------------------------------------
 
 def add_read_options(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +70,13 @@ def add_read_options(parser: argparse.ArgumentParser) -> None:
                         help="fetch missing blocks from this peer (repeatable)")
     parser.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
                         help=f"give up when no block arrives for this long (default {DEFAULT_TIMEOUT:g})")
+
+
+def add_exclude_option(parser: argparse.ArgumentParser) -> None:
+    """--exclude of the commands that publish a directory (create, import, share)."""
+    parser.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
+                        help="leave out paths matching this gitignore pattern (repeatable; "
+                             "after the patterns of DIR/.p2pfsignore)")
 
 
 def read_options(args: argparse.Namespace) -> dict:
@@ -139,11 +99,11 @@ def _store(args):
 
 def cmd_create(args) -> int:
     store = _store(args)
-    progress = _Progress(args.quiet, "create")
+    progress = Bar(args.quiet, "create")
     try:
         result = publish.create_drive(store, args.dir, message=args.message,
-                                        block_size=args.block_size, warn=_err,
-                                        progress=progress.advance, on_scan=progress.start)
+                                      block_size=args.block_size, warn=_err, progress=progress,
+                                      rules=Rules.load(args.dir, args.exclude))
     finally:
         progress.stop()
     key = crypto.encode_key(result.key)
@@ -159,11 +119,11 @@ def cmd_import(args) -> int:
     if version is not None:
         raise UsageError("import writes a new version: give the key without @VERSION")
     drive = local_drive(store, key)
-    progress = _Progress(args.quiet, "import")
+    progress = Bar(args.quiet, "import")
     try:
         result = publish.import_directory(drive, args.dir, message=args.message,
-                                            checksum=args.checksum, warn=_err,
-                                            progress=progress.advance, on_scan=progress.start)
+                                          checksum=args.checksum, warn=_err, progress=progress,
+                                          rules=Rules.load(args.dir, args.exclude))
     finally:
         progress.stop()
     print(f"version {result.version}: {result.new_content_blocks} new content blocks, "
@@ -340,6 +300,7 @@ def _setup_create(sub):
     p.add_argument("--block-size", type=int, default=drive_mod.DEFAULT_BLOCK_SIZE,
                    help="content block size in bytes (power of two, default 65536)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_exclude_option(p)
     p.set_defaults(func=cmd_create)
 
 
@@ -351,6 +312,7 @@ def _setup_import(sub):
     p.add_argument("-c", "--checksum", action="store_true",
                    help="hash every file instead of trusting size+mtime+mode")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_exclude_option(p)
     p.set_defaults(func=cmd_import)
 
 
