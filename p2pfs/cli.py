@@ -200,6 +200,12 @@ def cmd_log(args) -> int:
     key, _ = parse_drive_ref(args.key)
     drive = local_drive(store, key)
     drive.open_local()
+    if args.json:
+        print(json.dumps([{"version": c.version, "length": length, "time_ns": c.time_ns,
+                           "time": dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
+                           .isoformat(), "files": c.files, "bytes": c.bytes,
+                           "message": c.message} for length, c in drive.versions()], indent=2))
+        return 0
     for length, c in drive.versions():
         t = dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
         line = (f"version {c.version:<5} length {length:<10} {t:%Y-%m-%d %H:%M:%S %z}  "
@@ -208,6 +214,36 @@ def cmd_log(args) -> int:
             line += f"  {c.message}"
         print(line)
     return 0
+
+
+def _version_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"{text!r} is not a version number: give N >= 1 (see 'p2pfs log KEY')")
+    return int(text)
+
+
+async def _diff(args) -> int:
+    from .history import classify
+    key, at = parse_drive_ref(args.key)
+    if at is not None:
+        raise UsageError("give the versions to compare after the key: p2pfs diff KEY V1 [V2]")
+    v1 = _version_arg(args.v1)
+    v2 = _version_arg(args.v2) if args.v2 is not None else None
+    async with open_drive(_store(args), key, **read_options(args)) as drive:
+        _, old = await drive.commit_at(v1)
+        _, new = await drive.commit_at(v2)
+        changes = classify(await drive.diff(old, new))
+    if args.json:
+        print(json.dumps({"key": crypto.encode_key(key), "from": old.version, "to": new.version,
+                          "changes": [c.as_json() for c in changes]}, indent=2))
+        return 0
+    for c in changes:
+        _out(c.line() + b"\n")
+    return 0
+
+
+def cmd_diff(args) -> int:
+    return trio.run(_diff, args)
 
 
 def cmd_verify(args) -> int:
@@ -337,7 +373,18 @@ def _setup_cat(sub):
 def _setup_log(sub):
     p = sub.add_parser("log", help="versions of a drive, newest first")
     p.add_argument("key", metavar="KEY")
+    p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(func=cmd_log)
+
+
+def _setup_diff(sub):
+    p = sub.add_parser("diff", help="what changed between two versions (default V2: the newest)")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("v1", metavar="V1")
+    p.add_argument("v2", metavar="V2", nargs="?", default=None)
+    p.add_argument("--json", action="store_true", help="JSON output")
+    add_read_options(p)
+    p.set_defaults(func=cmd_diff)
 
 
 def _setup_verify(sub):
@@ -420,7 +467,7 @@ def _setup_umount(sub):
 
 COMMANDS: list[tuple[str, Callable]] = [
     ("create", _setup_create), ("import", _setup_import), ("ls", _setup_ls),
-    ("cat", _setup_cat), ("log", _setup_log), ("verify", _setup_verify),
+    ("cat", _setup_cat), ("log", _setup_log), ("diff", _setup_diff), ("verify", _setup_verify),
     ("drives", _setup_drives), ("info", _setup_info), ("seed", _setup_seed),
     ("mount", _setup_mount), ("umount", _setup_umount),
 ]

@@ -417,6 +417,18 @@ class Drive:
             raise VerificationError(f"drive {self.key_text}: commit chain skips version {version}")
         return length
 
+    async def commit_at(self, version: int | None) -> tuple[int, Commit]:
+        """(log length, Commit) of `version` (None: the newest), fetching what it needs.
+        NotFoundError for a version that does not exist."""
+        length = await self._sync(lambda: self.version_length(version))
+        return length, await self._sync(lambda: self._read_commit(length))
+
+    async def diff(self, old: Commit, new: Commit) -> list[tuple[bytes, Entry | None, Entry | None]]:
+        """(path, old entry, new entry) of every path that differs between two
+        versions (`index.diff`: subtrees both share are not read)."""
+        return await self._sync(
+            lambda: list(index.diff(self.reader, old.root, new.root, self.node_cache)))
+
     def versions(self) -> list[tuple[int, Commit]]:
         """(length, Commit) of every version, newest first (all blocks held)."""
         assert self.head is not None
