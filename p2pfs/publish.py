@@ -100,12 +100,14 @@ class Changes:
     """What changed under a root since the last version.
 
     `moves` are applied first, in order; then each subtree in `subtrees` is
-    rescanned whole and each path in `paths` looked at once.  Paths are
-    normalised drive paths (`b"/a/b"`)."""
+    rescanned whole and each path in `paths` looked at once.  Files in `busy`
+    (still being written) keep the entry they have, wherever they are met.
+    Paths are normalised drive paths (`b"/a/b"`)."""
 
     moves: list[tuple[bytes, bytes]] = field(default_factory=list)
     paths: set[bytes] = field(default_factory=set)
     subtrees: set[bytes] = field(default_factory=set)
+    busy: set[bytes] = field(default_factory=set)
 
     @classmethod
     def everything(cls) -> "Changes":
@@ -556,6 +558,7 @@ class _Job:
         self.retry: set[bytes] = set()
         self.vanished: dict[int, list[Entry]] = {}  # deleted files by size: rename candidates
         self.done: set[bytes] = set()  # subtrees rescanned in this job
+        self.busy: set[bytes] = set()  # files being written: left as they are
 
     # --- index edits that keep the totals ----------------------------------------
 
@@ -608,6 +611,7 @@ class _Job:
     # --- looking at the disk ----------------------------------------------------------
 
     def run(self, changes: Changes) -> None:
+        self.busy = changes.busy
         subtrees = set(changes.subtrees)
         paths = set(changes.paths)
         for old, new in changes.moves:
@@ -644,6 +648,8 @@ class _Job:
 
     def sync_path(self, path: bytes) -> None:
         """Make the index agree with the disk at `path` (a new directory: its subtree)."""
+        if path in self.busy:
+            return
         local = _local(self.pub.root, path)
         try:
             st = os.lstat(local)
@@ -681,7 +687,7 @@ class _Job:
         seen = {it.path for it in items}
         old = dict(self.writer.items(top))
         for path in sorted(old, key=index.path_key):
-            if path not in seen and path != b"/":
+            if path not in seen and path != b"/" and path not in self.busy:
                 self.delete(path)
         if self.pub.progress is not None:
             todo = [it for it in items if it.kind == KIND_FILE
@@ -692,6 +698,8 @@ class _Job:
             self.sync_item(item, old.get(item.path), linked)
 
     def sync_item(self, item: _Item, prev: Entry | None, linked: dict) -> None:
+        if item.path in self.busy:
+            return
         if item.kind != KIND_FILE:
             self.put(item.path, _entry(item), prev)
             return
