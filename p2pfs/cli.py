@@ -434,6 +434,39 @@ def _setup_seed(sub):
     p.set_defaults(func=cmd_seed)
 
 
+def cmd_share(args) -> int:
+    from . import share
+    from .net import transport
+    opts = share.Options(listen=args.listen or transport.DEFAULT_LISTEN,
+                         excludes=args.exclude or None, message_prefix=args.message_prefix,
+                         quiet=args.debounce, max_delay=args.max_delay, progress=not args.quiet)
+    if opts.quiet < 0 or opts.max_delay < opts.quiet:
+        raise UsageError("--debounce must be >= 0 and --max-delay at least as long")
+    return share.share_command(home=args.home, directory=args.dir, opts=opts,
+                               daemon=args.daemon, argv=args.argv)
+
+
+def _setup_share(sub):
+    from .net.transport import DEFAULT_LISTEN
+    from .watch import DEFAULT_MAX_DELAY, DEFAULT_QUIET
+    p = sub.add_parser("share", help="publish DIR as it changes and serve it (foreground); "
+                                     "prints its key")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help=f"address to accept peers on (default {DEFAULT_LISTEN}; port 0: any free port)")
+    p.add_argument("--message-prefix", metavar="TEXT", default="share: ",
+                   help="start of every version's message (default 'share: ')")
+    add_exclude_option(p)
+    p.add_argument("--debounce", metavar="SECONDS", type=float, default=DEFAULT_QUIET,
+                   help=f"publish this long after the last change (default {DEFAULT_QUIET:g})")
+    p.add_argument("--max-delay", metavar="SECONDS", type=float, default=DEFAULT_MAX_DELAY,
+                   help=f"... but at most this long after the first (default {DEFAULT_MAX_DELAY:g})")
+    p.add_argument("--daemon", action="store_true",
+                   help="run in the background; return once the key is published and served")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar for the first import")
+    p.set_defaults(func=cmd_share)
+
+
 def cmd_mount(args) -> int:
     from . import mount  # pyfuse3 is loaded only by the commands that mount
     return mount.mount_command(home=args.home, ref=args.key, mountpoint=args.mountpoint,
@@ -469,6 +502,7 @@ COMMANDS: list[tuple[str, Callable]] = [
     ("create", _setup_create), ("import", _setup_import), ("ls", _setup_ls),
     ("cat", _setup_cat), ("log", _setup_log), ("diff", _setup_diff), ("verify", _setup_verify),
     ("drives", _setup_drives), ("info", _setup_info), ("seed", _setup_seed),
+    ("share", _setup_share),
     ("mount", _setup_mount), ("umount", _setup_umount),
 ]
 

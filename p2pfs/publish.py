@@ -44,7 +44,7 @@ import stat as stat_mod
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from . import crypto, flat, index, tree
 from .drive import DEFAULT_BLOCK_SIZE, MAX_CREATE_BLOCK_SIZE, Drive
@@ -89,10 +89,13 @@ class WriteResult:
     retry: set[bytes] = field(default_factory=set)  # paths left for a later version
 
     def summary(self) -> str:
-        parts = [f"{n} {what}" for n, what in ((self.added, "added"), (self.changed, "changed"),
-                                               (self.deleted, "deleted"), (self.moved, "moved"))
-                 if n]
-        return ", ".join(parts) or "no change"
+        return _summary(self.added, self.changed, self.deleted, self.moved)
+
+
+def _summary(added: int, changed: int, deleted: int, moved: int) -> str:
+    parts = [f"{n} {what}" for n, what in ((added, "added"), (changed, "changed"),
+                                           (deleted, "deleted"), (moved, "moved")) if n]
+    return ", ".join(parts) or "no change"
 
 
 @dataclass
@@ -505,10 +508,12 @@ class Publisher:
         self.strict = strict
         self.stop = stop
 
-    def publish(self, changes: Changes, message: str = "", *,
+    def publish(self, changes: Changes, message: str | Callable[[str], str] = "", *,
                 always: bool = False) -> WriteResult:
         """One new signed version holding `changes` (none if nothing changed,
-        unless `always`).  Raises Abandoned if `stop` is set before signing."""
+        unless `always`).  `message` may be a function of the summary of what
+        changed ("2 added, 1 deleted").  Raises Abandoned if `stop` is set
+        before signing."""
         drive, store, key = self.drive, self.drive.store, self.drive.key
         seed = drive.seed()
         latest = store.latest_head(key)  # another process may have written since
@@ -533,6 +538,8 @@ class Publisher:
         for b in idx_blocks:
             app.append(b)
         version = drive.version + 1
+        if callable(message):
+            message = message(_summary(job.added, job.changed, job.deleted, job.moved))
         app.append(index.encode_block(Commit(version, root, length - 1, time.time_ns(),
                                              message, files, nbytes)))
         head = app.sign_and_commit(seed, None)
