@@ -514,3 +514,25 @@ def test_ignored_paths_never_appear_in_any_version(tmp_path, home):
         assert not leaked, (n, leaked)
         assert b"/node_modules/keep.tmp" not in paths
     assert b"/.p2pfsignore" in drive_listing(home, key)
+
+
+def test_sigterm_during_the_first_import_leaves_no_half_signed_drive(tmp_path, home):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_random(src / "big", 400 << 20, seed=2)
+    share = Share(home, src, ())
+    try:
+        # in a pipe the first import reports in plain lines: the first says what it reads
+        wait_until(lambda: "share: 1 files, 400.0 MiB to read" in share.text()
+                   or share.proc.poll() is not None, 60, "the first import to start")
+        started = time.monotonic()
+        assert share.stop() == 0
+        assert time.monotonic() - started < 10
+    finally:
+        share.stop()
+        share.log.close()
+    assert "listening on" not in share.text()  # stopped before it was published
+    assert run_cli(home, "drives").out == ""  # the drive was never signed
+    with sharing(home, src) as again:  # and the next run starts over
+        assert drive_listing(home, again.key) == source_listing(src)
+        run_cli(home, "verify", again.key)
