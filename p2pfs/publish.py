@@ -563,7 +563,10 @@ class _Job:
         self.added = self.changed = self.deleted = self.moved = 0
         self.dirty = False
         self.retry: set[bytes] = set()
-        self.vanished: dict[int, list[Entry]] = {}  # deleted files by size: rename candidates
+        # deleted files, the candidates for renames nobody reported: by size, and
+        # by (size, name); a list is searched for the same mtime only while small
+        self.vanished: dict[int, list[Entry]] = {}
+        self.vanished_named: dict[tuple[int, bytes], list[Entry]] = {}
         self.done: set[bytes] = set()  # subtrees rescanned in this job
         self.busy: set[bytes] = set()  # files being written: left as they are
 
@@ -578,10 +581,11 @@ class _Job:
         gone = list(self.writer.items(path))
         if not gone:
             return
-        for _p, e in gone:
+        for p, e in gone:
             self._count(e, -1)
             if e.kind == KIND_FILE and e.size > 0:
                 self.vanished.setdefault(e.size, []).append(e)
+                self.vanished_named.setdefault((e.size, index.split_path(p)[1]), []).append(e)
         self.writer.delete(path)
         self.deleted += len(gone)
         self.dirty = True
@@ -718,9 +722,7 @@ class _Job:
             return
         ref = prev if prev is not None and prev.kind == KIND_FILE else None
         if ref is None:
-            for cand in self.vanished.get(item.size, []):
-                ref = cand
-                break
+            ref = self._rename_source(item)
         try:
             entry = _read_file(self.app, item, ref, self.pub.drive, self.bs, self.pub.strict)
         except FileNotFoundError:
@@ -733,6 +735,19 @@ class _Job:
         if item.inode is not None:
             linked[item.inode] = entry
         self.put(item.path, entry, prev)
+
+    def _rename_source(self, item: _Item) -> Entry | None:
+        """The deleted file most likely to be `item` under its old name: of the
+        same size, best also of the same name and mtime (what a move keeps)."""
+        name = index.split_path(item.path)[1]
+        for candidates in (self.vanished_named.get((item.size, name)),
+                           self.vanished.get(item.size)):
+            if candidates:
+                for e in candidates[:16]:
+                    if e.mtime_ns == item.mtime_ns:
+                        return e
+                return candidates[0]
+        return None
 
     def _warn(self, text: str) -> None:
         if self.pub.warn is not None:

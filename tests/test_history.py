@@ -140,3 +140,23 @@ def test_log_json(home, tmp_path):
     assert [(v["version"], v["message"], v["files"], v["bytes"]) for v in log] == [
         (2, "second", 1, 3), (1, "first", 1, 3)]
     assert log[0]["length"] > log[1]["length"] and log[0]["time_ns"] >= log[1]["time_ns"]
+
+
+def test_diff_of_a_remote_drive_fetches_only_what_it_compares(home, home2, tmp_path):
+    from test_mount_net import seeding
+    src = tmp_path / "src"
+    for d in range(30):
+        (src / f"d{d:02d}").mkdir(parents=True)
+        for i in range(100):
+            (src / f"d{d:02d}" / f"f{i:03d}").write_bytes(b"%d %d\n" % (d, i))
+    key = create(home, src)
+    (src / "d07" / "f050").write_text("changed\n")
+    os.rename(src / "d20", src / "d20-moved")
+    run_cli(home, "import", "-q", key, src)
+    with seeding(home, key) as addr:
+        out = json.loads(run_cli(home2, "diff", key, "1", "--json", "--peer", addr).out)
+        assert [(c["change"], c["path"]) for c in out["changes"]] == [
+            ("modified", "/d07/f050"), ("renamed", "/d20-moved")]
+        held = json.loads(run_cli(home2, "info", key, "--json").out)["blocks_held"]
+        total = json.loads(run_cli(home, "info", key, "--json").out)["length"]
+        assert held < total // 4, (held, total)  # index blocks near the changes, no content

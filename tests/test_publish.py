@@ -284,6 +284,9 @@ def apply(src, op, rnd) -> tuple[set, list]:
         elif kind == "delete":
             if os.path.isdir(la) and not os.path.islink(la):
                 import shutil
+                for dirpath, dirnames, filenames in os.walk(la):  # each gets a DELETE event
+                    for name in dirnames + filenames:
+                        touched.add(os.fsencode(os.path.join(dirpath, name)[len(str(src)):]))
                 shutil.rmtree(la)
             else:
                 os.unlink(la)
