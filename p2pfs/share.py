@@ -154,7 +154,7 @@ async def share(store: Store, directory: str, opts: Options,
                 await nursery.start(watcher.run)
                 try:
                     await _share(store, root, record, excludes, rules, watcher, stop, opts,
-                                 ready, log, nursery)
+                                 ready, log)
                 except Abandoned:
                     pass
                 nursery.cancel_scope.cancel()
@@ -164,7 +164,7 @@ async def share(store: Store, directory: str, opts: Options,
 
 async def _share(store: Store, root: str, record: ShareRecord | None, excludes: list[str],
                  rules: Rules, watcher: Watcher, stop: threading.Event, opts: Options,
-                 ready, log, nursery: trio.Nursery) -> None:
+                 ready, log) -> None:
     progress = Bar(not opts.progress, "share")
     prefix = opts.message_prefix
     if record is None:
@@ -199,9 +199,10 @@ async def _share(store: Store, root: str, record: ShareRecord | None, excludes: 
             if result.published:
                 log(version_line(result))
         publisher.progress = None
-        async with open_swarm(store, load_node_key(store.home)) as swarm:
+        async with open_swarm(store, load_node_key(store.home)) as swarm, \
+                trio.open_nursery() as listening:
             serving = swarm.add_drive(Drive(store, key))
-            addresses = await nursery.start(swarm.listen, opts.listen)
+            addresses = await listening.start(swarm.listen, opts.listen)
             ready(record.key, addresses)
             while True:
                 changes = await watcher.next_batch()
