@@ -22,12 +22,12 @@ from typing import Callable
 
 import trio
 
-from . import __version__, crypto, drive as drive_mod, publish
+from . import __version__, config, crypto, drive as drive_mod, publish
 from .ignore import Rules
 from .progress import Bar, size_text as _size
 from .errors import BlockUnavailableError, P2pfsError, UsageError, VerificationError
 from .index import KIND_DIR, KIND_SYMLINK, Entry
-from .node import DEFAULT_TIMEOUT, local_drive, open_drive, open_store, parse_drive_ref
+from .node import DEFAULT_TIMEOUT, DHT_PORT, NetOptions, local_drive, open_drive, open_store, parse_drive_ref
 
 CAT_CHUNK = 4 << 20
 
@@ -63,11 +63,21 @@ def _entry_line(name: bytes, entry: Entry, long: bool) -> bytes:
 
 # --- seams -----------------------------------------------------------------------
 
-def add_read_options(parser: argparse.ArgumentParser) -> None:
-    """Options of every command that reads a drive.  The network layer adds
-    --peer HOST:PORT and --timeout here."""
+def add_net_options(parser: argparse.ArgumentParser) -> None:
+    """Where peers come from: options of every command that reads or serves a drive."""
     parser.add_argument("--peer", metavar="HOST:PORT", action="append", default=[],
-                        help="fetch missing blocks from this peer (repeatable)")
+                        help="also use this peer (repeatable; adds to discovery)")
+    parser.add_argument("--no-lan", dest="lan", action="store_false", default=None,
+                        help="do not look for peers on the local network")
+    parser.add_argument("--no-dht", dest="dht", action="store_false", default=None,
+                        help="do not look for peers through the Mainline DHT")
+    parser.add_argument("--bootstrap", metavar="HOST:PORT", action="append", default=None,
+                        help="DHT bootstrap node (repeatable; default: the public routers)")
+
+
+def add_read_options(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that reads a drive."""
+    add_net_options(parser)
     parser.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
                         help=f"give up when no block arrives for this long (default {DEFAULT_TIMEOUT:g})")
 
@@ -79,10 +89,24 @@ def add_exclude_option(parser: argparse.ArgumentParser) -> None:
                              "after the patterns of DIR/.p2pfsignore)")
 
 
+def net_options(args: argparse.Namespace, listen: str | None = None) -> NetOptions:
+    """NetOptions from the command line over the configuration file."""
+    cfg = config.load()
+    timeout = getattr(args, "timeout", None) or cfg.timeout or DEFAULT_TIMEOUT
+    if timeout <= 0:
+        raise UsageError("--timeout must be above 0 seconds")
+    lan = cfg.lan if getattr(args, "lan", None) is None else args.lan
+    dht = cfg.dht if getattr(args, "dht", None) is None else args.dht
+    bootstrap = getattr(args, "bootstrap", None)
+    return NetOptions(peers=tuple(dict.fromkeys(list(getattr(args, "peer", None) or ()) + cfg.peers)),
+                      lan=lan, dht=dht, timeout=timeout, listen=listen,
+                      bootstrap=tuple(bootstrap) if bootstrap is not None else
+                      (tuple(cfg.bootstrap) if cfg.bootstrap is not None else None))
+
+
 def read_options(args: argparse.Namespace) -> dict:
     """open_drive keywords from the read options."""
-    return {"peers": getattr(args, "peer", None) or (),
-            "timeout": getattr(args, "timeout", None) or DEFAULT_TIMEOUT}
+    return {"net": net_options(args)}
 
 
 _open_stores: list = []
@@ -283,23 +307,28 @@ def _info(store, key: bytes, strict: bool = True) -> dict:
     return info
 
 
-async def _info_with_peers(args) -> dict:
+async def _info_with_peers(args, net: NetOptions) -> dict:
     store = _store(args)
     key, _ = parse_drive_ref(args.key)
-    async with open_drive(store, key, **read_options(args)) as drive:
+    async with open_drive(store, key, net=net) as drive:
         info = _info(store, key)
-        info["peers"] = drive.source.peer_info(key)
+        swarm = drive.source
+        info["peers"] = swarm.peer_info(key) if swarm is not None else []
+        info["discovery"] = swarm.discovery_info() if swarm is not None else {}
     return info
 
 
 def cmd_info(args) -> int:
-    if getattr(args, "peer", None):
-        info = trio.run(_info_with_peers, args)
+    net = net_options(args)
+    store = _store(args)
+    key, _ = parse_drive_ref(args.key)
+    owned = store.key_path(crypto.encode_key(key)).exists()
+    if net.networked and (net.peers or not owned):
+        info = trio.run(_info_with_peers, args, net)
     else:
-        store = _store(args)
-        key, _ = parse_drive_ref(args.key)
         info = _info(store, key)
         info["peers"] = []
+        info["discovery"] = {}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -307,8 +336,12 @@ def cmd_info(args) -> int:
             if k == "peers":
                 print(f"{k:14} {len(v)} connected")
                 for p in v:
-                    print(f"  {p['address']}  node {(p['node_key'] or '?')[:16]}  "
+                    print(f"  {p['address']}  from {p['source']}  node {(p['node_key'] or '?')[:16]}  "
                           f"length {p['length']}  {p['blocks']} blocks announced")
+            elif k == "discovery":
+                for name, st in v.items():
+                    print(f"{name:14} " + ", ".join(f"{a} {b}" for a, b in st.items()
+                                                   if not isinstance(b, (dict, list))))
             else:
                 print(f"{k:14} {v}")
     return 0
@@ -407,18 +440,20 @@ def _setup_info(sub):
 
 
 def cmd_seed(args) -> int:
-    from .net import server, transport
+    from . import seeder
+    from .net import transport
 
     store = _store(args)
     keys = [parse_drive_ref(k)[0] for k in args.keys]
-    listen = args.listen or transport.DEFAULT_LISTEN
+    listen = args.listen or config.load().listen or transport.DEFAULT_LISTEN
     transport.parse_address(listen)
+    net = net_options(args, listen=listen)
 
     def listening(addresses: list[str]) -> None:
         for a in addresses:
             print(f"listening on {a}", flush=True)
 
-    trio.run(server.seed, store, keys, listen, listening, args.peer)
+    trio.run(seeder.seed, store, keys, net, listening)
     _err("p2pfs: seed: stopped")
     return 0
 
@@ -429,15 +464,15 @@ def _setup_seed(sub):
     p.add_argument("keys", metavar="KEY", nargs="+")
     p.add_argument("--listen", metavar="HOST:PORT", default=None,
                    help=f"address to accept peers on (default {DEFAULT_LISTEN}; port 0: any free port)")
-    p.add_argument("--peer", metavar="HOST:PORT", action="append", default=[],
-                   help="also keep a connection to this peer (repeatable)")
+    add_net_options(p)
     p.set_defaults(func=cmd_seed)
 
 
 def cmd_share(args) -> int:
     from . import share
     from .net import transport
-    opts = share.Options(listen=args.listen or transport.DEFAULT_LISTEN,
+    listen = args.listen or config.load().listen or transport.DEFAULT_LISTEN
+    opts = share.Options(listen=listen, net=net_options(args, listen=listen),
                          excludes=args.exclude or None, message_prefix=args.message_prefix,
                          quiet=args.debounce, max_delay=args.max_delay, progress=not args.quiet)
     if opts.quiet < 0 or opts.max_delay < opts.quiet:
@@ -464,14 +499,53 @@ def _setup_share(sub):
     p.add_argument("--daemon", action="store_true",
                    help="run in the background; return once the key is published and served")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar for the first import")
+    add_net_options(p)
     p.set_defaults(func=cmd_share)
+
+
+def cmd_dht(args) -> int:
+    import signal
+
+    from .node import run_dht_node
+    listen = args.listen or f"0.0.0.0:{DHT_PORT}"
+
+    def listening(addresses: list[str]) -> None:
+        for a in addresses:
+            print(f"dht listening on {a}", flush=True)
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_dht_node, net_options(args), listen, listening)
+                async for _sig in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(run)
+    _err("p2pfs: dht: stopped")
+    return 0
+
+
+def _setup_dht(sub):
+    p = sub.add_parser("dht", help="run a Mainline DHT node only (e.g. a bootstrap node; foreground)")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help=f"UDP address (default 0.0.0.0:{DHT_PORT}; port 0: any free port)")
+    p.add_argument("--bootstrap", metavar="HOST:PORT", action="append", default=None,
+                   help="bootstrap node (repeatable; default: the public routers)")
+    p.set_defaults(func=cmd_dht)
 
 
 def cmd_mount(args) -> int:
     from . import mount  # pyfuse3 is loaded only by the commands that mount
+    from .net import transport
+    net = net_options(args)
+    if net.discovery or args.listen:
+        # a mount found through discovery is announced there too: it serves
+        # what it holds to other readers
+        net.listen = args.listen or config.load().listen or transport.EPHEMERAL_LISTEN
     return mount.mount_command(home=args.home, ref=args.key, mountpoint=args.mountpoint,
                                daemon=args.daemon, allow_other=args.allow_other,
-                               argv=args.argv, **read_options(args))
+                               argv=args.argv, net=net)
 
 
 def cmd_umount(args) -> int:
@@ -488,6 +562,9 @@ def _setup_mount(sub):
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (needs user_allow_other in "
                         "/etc/fuse.conf unless root)")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help="accept peers here and serve them what the mount holds "
+                        "(default with discovery: any free port)")
     add_read_options(p)
     p.set_defaults(func=cmd_mount)
 
@@ -503,7 +580,7 @@ COMMANDS: list[tuple[str, Callable]] = [
     ("cat", _setup_cat), ("log", _setup_log), ("diff", _setup_diff), ("verify", _setup_verify),
     ("drives", _setup_drives), ("info", _setup_info), ("seed", _setup_seed),
     ("share", _setup_share),
-    ("mount", _setup_mount), ("umount", _setup_umount),
+    ("mount", _setup_mount), ("umount", _setup_umount), ("dht", _setup_dht),
 ]
 
 

@@ -13,6 +13,10 @@ so that callers further in can trust them.
 
 * The discovery key, which is all the network ever sees of a drive, is
   BLAKE3 derive_key("p2pfs discovery v1", drive key).
+* BEP 44 mutable items (the DHT's copy of a drive's latest head) are signed
+  with the drive's key over BEP 44's fixed layout (`bep44_message`); a
+  drive's own items are keyed by its *blinded* key (`blinded_key`), so
+  the DHT never sees the drive key.
 * The Noise and secretstream primitives used by `p2pfs.wire` are here too:
   X25519, ChaCha20-Poly1305 (IETF, Noise nonce layout) and libsodium's
   secretstream XChaCha20-Poly1305.
@@ -20,6 +24,7 @@ so that callers further in can trust them.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import struct
 
@@ -99,6 +104,103 @@ def discovery_key(drive_key: bytes) -> bytes:
     """The 32-byte name under which the network sees a drive."""
     _check(drive_key, PUBLIC_KEY_BYTES, "drive key")
     return blake3.blake3(drive_key, derive_key_context=DISCOVERY_CONTEXT).digest()
+
+
+# --- BEP 44 mutable items ------------------------------------------------------
+
+MAX_BEP44_SALT = 64
+
+
+def bep44_message(salt: bytes, seq: int, value: bytes) -> bytes:
+    """The bytes a BEP 44 mutable item's signature covers.
+
+    `value` is the item's value already bencoded; the layout is BEP 44's:
+    ``4:salt<len>:<salt>`` (only for a non-empty salt) ``3:seqi<seq>e1:v`` value."""
+    if not isinstance(salt, bytes) or len(salt) > MAX_BEP44_SALT:
+        raise ValueError(f"BEP 44 salt must be at most {MAX_BEP44_SALT} bytes")
+    if type(seq) is not int or not 0 <= seq < 2**63:
+        raise ValueError("BEP 44 sequence number out of range")
+    prefix = b"4:salt%d:%s" % (len(salt), salt) if salt else b""
+    return prefix + b"3:seqi%de1:v" % seq + value
+
+
+def sign_bep44(seed: bytes, salt: bytes, seq: int, value: bytes) -> bytes:
+    """Sign a BEP 44 item (value bencoded) with a drive's secret seed."""
+    signing = nacl.signing.SigningKey(_check(seed, SEED_BYTES, "secret seed"))
+    return signing.sign(bep44_message(salt, seq, value)).signature
+
+
+# --- the blinded key of a drive's DHT items --------------------------------------
+#
+# A drive's head travels in the DHT as a BEP 44 item, which names its public
+# key in every packet.  So that the DHT never learns a drive key, the item is
+# keyed by a *blinded* key A' = h*A, with h = SHA-512("p2pfs/dht/blind/v1" ||
+# A) reduced mod l (the blinding of Tor's v3 onion services).  Anyone who
+# knows the drive key computes A'; A' does not give A away.  The owner signs
+# with the blinded secret scalar a' = h*a mod l, as standard Ed25519 over the
+# BEP 44 message (nonce from a blinded prefix), so that any Ed25519 verifier
+# (libtorrent included) checks it against A'.
+
+BLIND_CONTEXT = b"p2pfs/dht/blind/v1"
+BLIND_PREFIX_CONTEXT = b"p2pfs/dht/blind-prefix/v1"
+
+
+def _sha512(data: bytes) -> bytes:
+    return hashlib.sha512(data).digest()
+
+
+def _blind_factor(drive_key: bytes) -> bytes:
+    return sodium.crypto_core_ed25519_scalar_reduce(_sha512(BLIND_CONTEXT + drive_key))
+
+
+def blinded_key(drive_key: bytes) -> bytes:
+    """The public key a drive's DHT items are stored under (see above).
+    Raises VerificationError for a drive key that is not a usable point."""
+    _check(drive_key, PUBLIC_KEY_BYTES, "drive key")
+    try:
+        return sodium.crypto_scalarmult_ed25519_noclamp(_blind_factor(drive_key), drive_key)
+    except (nacl.exceptions.CryptoError, nacl.exceptions.RuntimeError, ValueError):
+        raise VerificationError("drive key is not a valid Ed25519 point") from None
+
+
+def blinded_secret(seed: bytes) -> bytes:
+    """The expanded Ed25519 secret (scalar a' || nonce prefix, 64 bytes, as
+    ref10 and orlp/ed25519 keep it) that signs for `blinded_key` of the
+    drive whose secret seed this is."""
+    digest = _sha512(_check(seed, SEED_BYTES, "secret seed"))
+    clamped = bytearray(digest[:32])
+    clamped[0] &= 248
+    clamped[31] &= 127
+    clamped[31] |= 64
+    a = sodium.crypto_core_ed25519_scalar_reduce(bytes(clamped) + bytes(32))
+    drive_key = sodium.crypto_scalarmult_ed25519_base_noclamp(a)
+    a_blind = sodium.crypto_core_ed25519_scalar_mul(_blind_factor(drive_key), a)
+    return a_blind + _sha512(BLIND_PREFIX_CONTEXT + digest[32:])[:32]
+
+
+def sign_bep44_blinded(seed: bytes, salt: bytes, seq: int, value: bytes) -> bytes:
+    """The owner's signature of a BEP 44 item under its drive's blinded key
+    (standard Ed25519 with the expanded secret of `blinded_secret`)."""
+    expanded = blinded_secret(seed)
+    a_blind, prefix = expanded[:32], expanded[32:]
+    public = sodium.crypto_scalarmult_ed25519_base_noclamp(a_blind)
+    message = bep44_message(salt, seq, value)
+    r = sodium.crypto_core_ed25519_scalar_reduce(_sha512(prefix + message))
+    big_r = sodium.crypto_scalarmult_ed25519_base_noclamp(r)
+    k = sodium.crypto_core_ed25519_scalar_reduce(_sha512(big_r + public + message))
+    return big_r + sodium.crypto_core_ed25519_scalar_add(r, sodium.crypto_core_ed25519_scalar_mul(k, a_blind))
+
+
+def verify_bep44(public_key: bytes, salt: bytes, seq: int, value: bytes, signature: bytes) -> None:
+    """Check a BEP 44 item's signature.  Raises VerificationError if it is not the key's."""
+    if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
+        raise VerificationError("DHT item has a malformed signature")
+    if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
+        raise VerificationError("DHT item has a malformed public key")
+    try:
+        nacl.signing.VerifyKey(public_key).verify(bep44_message(salt, seq, value), signature)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise VerificationError(f"DHT item seq {seq} does not verify against its key") from None
 
 
 # --- key text ----------------------------------------------------------------

@@ -84,7 +84,18 @@ def spawn(argv: list[str], what: str) -> int:
                 del open_fds[fd]
     os.close(r)
     if message:
+        # What the child said before it was ready (a peer dropped, say) is not
+        # lost: it pointed its stderr at its log before saying "ready", so what
+        # is left in the pipe is all there is (read without waiting, in case
+        # something else still holds the pipe).
+        os.set_blocking(child.stderr.fileno(), False)
+        try:
+            while chunk := os.read(child.stderr.fileno(), 65536):
+                errors += chunk
+        except BlockingIOError:
+            pass
         child.stderr.close()
+        sys.stderr.write(errors.decode(errors="replace"))
         lines = message.decode(errors="replace").rstrip("\n").splitlines()
         for line in lines[:-1]:
             print(line, flush=True)

@@ -230,7 +230,7 @@ def _answering(mountpoint: str) -> None:
 
 
 async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
-                peers: Sequence[str] = (), timeout: float = node.DEFAULT_TIMEOUT,
+                net: node.NetOptions | None = None,
                 ready: Callable[[DriveFS], None] | None = None) -> None:
     """Mount `ref` (KEY or KEY@N) at `mountpoint` and serve until unmounted or signalled.
 
@@ -255,7 +255,7 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                     return
 
             outer.start_soon(stop_on_signal)
-            async with node.open_drive(store, ref, peers=peers, timeout=timeout) as drive:
+            async with node.open_drive(store, ref, net=net or node.NetOptions()) as drive:
                 # Read-ahead pays only when blocks come from peers; P2PFS_READAHEAD=0
                 # turns it off (for measuring it).
                 prefetch = drive.source is not None and os.environ.get("P2PFS_READAHEAD") != "0"
@@ -290,8 +290,8 @@ def _ready_message(ops: DriveFS, mountpoint: str) -> str:
 
 
 def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
-                  allow_other: bool = False, peers: Sequence[str] = (),
-                  timeout: float = node.DEFAULT_TIMEOUT, argv: Sequence[str] | None = None) -> int:
+                  allow_other: bool = False, net: node.NetOptions | None = None,
+                  argv: Sequence[str] | None = None) -> int:
     """`p2pfs mount`: foreground by default; `daemon` re-runs `argv` detached."""
     ready_fd = daemon_mod.ready_fd()
     if daemon and ready_fd is None:
@@ -309,8 +309,8 @@ def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
 
     store = node.open_store(home)
     try:
-        trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other, peers=peers,
-                               timeout=timeout, ready=ready))
+        trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other, net=net,
+                               ready=ready))
     finally:
         store.close()
     return 0

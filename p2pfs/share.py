@@ -37,7 +37,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -45,11 +45,10 @@ import trio
 
 from . import crypto, daemon as daemon_mod
 from .drive import Drive
-from .net.swarm import open_swarm
-from .net.transport import load_node_key, parse_address
+from .net.transport import parse_address
 from .errors import NotFoundError, StoreError
 from .ignore import Rules
-from .node import local_drive, open_store
+from .node import NetOptions, local_drive, open_network, open_store
 from .progress import Bar
 from .publish import Abandoned, Changes, Publisher, WriteResult, create_drive
 from .store import Store
@@ -118,6 +117,7 @@ def version_line(r: WriteResult) -> str:
 @dataclass
 class Options:
     listen: str
+    net: NetOptions | None = None  # peers and discovery (None: none)
     excludes: list[str] | None = None  # None: the remembered ones
     message_prefix: str = DEFAULT_PREFIX
     quiet: float = DEFAULT_QUIET
@@ -199,10 +199,10 @@ async def _share(store: Store, root: str, record: ShareRecord | None, excludes: 
             if result.published:
                 log(version_line(result))
         publisher.progress = None
-        async with open_swarm(store, load_node_key(store.home)) as swarm, \
-                trio.open_nursery() as listening:
+        addresses: list[str] = []
+        net = replace(opts.net or NetOptions(), listen=opts.listen)
+        async with open_network(store, net, on_listening=addresses.extend) as swarm:
             serving = swarm.add_drive(Drive(store, key))
-            addresses = await listening.start(swarm.listen, opts.listen)
             ready(record.key, addresses)
             while True:
                 changes = await watcher.next_batch()

@@ -530,11 +530,21 @@ def write_key_file(path: Path, secret: bytes, *, keep_existing: bool = False) ->
     """Write `secret` as hex to `path`, mode 0600, fsynced, atomically.
 
     With keep_existing, a file another process wrote first wins.  Raises OSError."""
-    tmp = path.with_suffix(".tmp")
+    write_private_file(path, secret.hex().encode() + b"\n", keep_existing=keep_existing)
+
+
+def write_private_file(path: Path, data: bytes, *, keep_existing: bool = False) -> None:
+    """Write `data` to `path`, mode 0600, fsynced, atomically (a reader sees the old
+    file or the new one, whole).  With keep_existing, a file another process wrote
+    first wins.  Raises OSError."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes never share one
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, secret.hex().encode() + b"\n")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
