@@ -24,6 +24,8 @@ from typing import Callable
 import trio
 
 from . import __version__, config, crypto, drive as drive_mod, publish
+from .ignore import Rules
+from .progress import Bar, size_text as _size
 from .errors import BlockUnavailableError, P2pfsError, UsageError, VerificationError
 from .index import KIND_DIR, KIND_SYMLINK, Entry, normalize_path, shown
 from .node import DEFAULT_TIMEOUT, DHT_PORT, NetOptions, local_drive, open_drive, open_store, parse_drive_ref
@@ -82,55 +84,6 @@ def _entry_line(name: bytes, entry: Entry, long: bool) -> bytes:
     return line + b"\n"
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-class _Progress:
-    """A rich progress bar on a terminal; a few plain lines otherwise."""
-
-    def __init__(self, quiet: bool, what: str):
-        self.quiet = quiet
-        self.what = what
-        self.total = 0
-        self.done = 0
-        self.next_report = 0
-        self.bar = None
-        self.task = None
-
-    def start(self, total: int) -> None:
-        self.total = total
-        if self.quiet:
-            return
-        if sys.stderr.isatty():
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                       TimeRemainingColumn, TransferSpeedColumn)
-            self.bar = Progress(TextColumn(self.what), BarColumn(), DownloadColumn(),
-                                TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(self.what, total=total)
-        elif total >= (64 << 20):
-            _err(f"{self.what}: {_size(total)} to hash")
-            self.next_report = total // 4
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.done)
-        elif not self.quiet and self.total >= (64 << 20) and self.done >= self.next_report:
-            _err(f"{self.what}: {self.done * 100 // max(self.total, 1)}%")
-            self.next_report += self.total // 4
-
-    def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-
-
 # --- seams -----------------------------------------------------------------------
 
 def add_net_options(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +103,13 @@ def add_read_options(parser: argparse.ArgumentParser) -> None:
     add_net_options(parser)
     parser.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
                         help=f"give up when no block arrives for this long (default {DEFAULT_TIMEOUT:g})")
+
+
+def add_exclude_option(parser: argparse.ArgumentParser) -> None:
+    """--exclude of the commands that publish a directory (create, import, share)."""
+    parser.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
+                        help="leave out paths matching this gitignore pattern (repeatable; "
+                             "after the patterns of DIR/.p2pfsignore)")
 
 
 def net_options(args: argparse.Namespace, listen: str | None = None) -> NetOptions:
@@ -186,11 +146,11 @@ def _store(args):
 
 def cmd_create(args) -> int:
     store = _store(args)
-    progress = _Progress(args.quiet, "create")
+    progress = Bar(args.quiet, "create")
     try:
         result = publish.create_drive(store, args.dir, message=args.message,
-                                        block_size=args.block_size, warn=_warning,
-                                        progress=progress.advance, on_scan=progress.start)
+                                      block_size=args.block_size, warn=_warning,
+                                      progress=progress, rules=Rules.load(args.dir, args.exclude))
     finally:
         progress.stop()
     key = crypto.encode_key(result.key)
@@ -206,11 +166,12 @@ def cmd_import(args) -> int:
     if version is not None:
         raise UsageError("import writes a new version: give the key without @VERSION")
     drive = local_drive(store, key)
-    progress = _Progress(args.quiet, "import")
+    progress = Bar(args.quiet, "import")
     try:
         result = publish.import_directory(drive, args.dir, message=args.message,
-                                            checksum=args.checksum, warn=_warning,
-                                            progress=progress.advance, on_scan=progress.start)
+                                          checksum=args.checksum, warn=_warning,
+                                          progress=progress,
+                                          rules=Rules.load(args.dir, args.exclude))
     finally:
         progress.stop()
     print(f"version {result.version}: {result.new_content_blocks} new content blocks, "
@@ -298,6 +259,12 @@ def cmd_log(args) -> int:
     drive = local_drive(store, key)
     drive.open_local()
     _note_newer(drive)
+    if args.json:
+        print(json.dumps([{"version": c.version, "length": length, "time_ns": c.time_ns,
+                           "time": dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
+                           .isoformat(), "files": c.files, "bytes": c.bytes,
+                           "message": c.message} for length, c in drive.versions()], indent=2))
+        return 0
     for length, c in drive.versions():
         t = dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
         line = (f"version {c.version:<5} length {length:<10} {t:%Y-%m-%d %H:%M:%S %z}  "
@@ -306,6 +273,36 @@ def cmd_log(args) -> int:
             line += f"  {c.message}"
         print(line)
     return 0
+
+
+def _version_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"{text!r} is not a version number: give N >= 1 (see 'p2pfs log KEY')")
+    return int(text)
+
+
+async def _diff(args) -> int:
+    from .history import classify
+    key, at = parse_drive_ref(args.key)
+    if at is not None:
+        raise UsageError("give the versions to compare after the key: p2pfs diff KEY V1 [V2]")
+    v1 = _version_arg(args.v1)
+    v2 = _version_arg(args.v2) if args.v2 is not None else None
+    async with open_drive(_store(args), key, **read_options(args)) as drive:
+        _, old = await drive.commit_at(v1)
+        _, new = await drive.commit_at(v2)
+        changes = classify(await drive.diff(old, new))
+    if args.json:
+        print(json.dumps({"key": crypto.encode_key(key), "from": old.version, "to": new.version,
+                          "changes": [c.as_json() for c in changes]}, indent=2))
+        return 0
+    for c in changes:
+        _out(c.line() + b"\n")
+    return 0
+
+
+def cmd_diff(args) -> int:
+    return trio.run(_diff, args)
 
 
 def cmd_verify(args) -> int:
@@ -412,6 +409,7 @@ def _setup_create(sub):
     p.add_argument("--block-size", type=int, default=drive_mod.DEFAULT_BLOCK_SIZE,
                    help="content block size in bytes (power of two, default 65536)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_exclude_option(p)
     p.set_defaults(func=cmd_create)
 
 
@@ -423,6 +421,7 @@ def _setup_import(sub):
     p.add_argument("-c", "--checksum", action="store_true",
                    help="hash every file instead of trusting size+mtime+mode")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_exclude_option(p)
     p.set_defaults(func=cmd_import)
 
 
@@ -447,7 +446,18 @@ def _setup_cat(sub):
 def _setup_log(sub):
     p = sub.add_parser("log", help="versions of a drive, newest first")
     p.add_argument("key", metavar="KEY")
+    p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(func=cmd_log)
+
+
+def _setup_diff(sub):
+    p = sub.add_parser("diff", help="what changed between two versions (default V2: the newest)")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("v1", metavar="V1")
+    p.add_argument("v2", metavar="V2", nargs="?", default=None)
+    p.add_argument("--json", action="store_true", help="JSON output")
+    add_read_options(p)
+    p.set_defaults(func=cmd_diff)
 
 
 def _setup_verify(sub):
@@ -496,6 +506,41 @@ def _setup_seed(sub):
                    help=f"address to accept peers on (default {DEFAULT_LISTEN}; port 0: any free port)")
     add_net_options(p)
     p.set_defaults(func=cmd_seed)
+
+
+def cmd_share(args) -> int:
+    from . import share
+    from .net import transport
+    listen = args.listen or config.load().listen or transport.DEFAULT_LISTEN
+    opts = share.Options(listen=listen, net=net_options(args, listen=listen),
+                         excludes=args.exclude or None, message_prefix=args.message_prefix,
+                         quiet=args.debounce, max_delay=args.max_delay, progress=not args.quiet)
+    if opts.quiet < 0 or opts.max_delay < opts.quiet:
+        raise UsageError("--debounce must be >= 0 and --max-delay at least as long")
+    return share.share_command(home=args.home, directory=args.dir, opts=opts,
+                               daemon=args.daemon, argv=args.argv)
+
+
+def _setup_share(sub):
+    from .net.transport import DEFAULT_LISTEN
+    from .watch import DEFAULT_MAX_DELAY, DEFAULT_QUIET
+    p = sub.add_parser("share", help="publish DIR as it changes and serve it (foreground); "
+                                     "prints its key")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help=f"address to accept peers on (default {DEFAULT_LISTEN}; port 0: any free port)")
+    p.add_argument("--message-prefix", metavar="TEXT", default="share: ",
+                   help="start of every version's message (default 'share: ')")
+    add_exclude_option(p)
+    p.add_argument("--debounce", metavar="SECONDS", type=float, default=DEFAULT_QUIET,
+                   help=f"publish this long after the last change (default {DEFAULT_QUIET:g})")
+    p.add_argument("--max-delay", metavar="SECONDS", type=float, default=DEFAULT_MAX_DELAY,
+                   help=f"... but at most this long after the first (default {DEFAULT_MAX_DELAY:g})")
+    p.add_argument("--daemon", action="store_true",
+                   help="run in the background; return once the key is published and served")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar for the first import")
+    add_net_options(p)
+    p.set_defaults(func=cmd_share)
 
 
 def cmd_dht(args) -> int:
@@ -572,8 +617,9 @@ def _setup_umount(sub):
 
 COMMANDS: list[tuple[str, Callable]] = [
     ("create", _setup_create), ("import", _setup_import), ("ls", _setup_ls),
-    ("cat", _setup_cat), ("log", _setup_log), ("verify", _setup_verify),
+    ("cat", _setup_cat), ("log", _setup_log), ("diff", _setup_diff), ("verify", _setup_verify),
     ("drives", _setup_drives), ("info", _setup_info), ("seed", _setup_seed),
+    ("share", _setup_share),
     ("mount", _setup_mount), ("umount", _setup_umount), ("dht", _setup_dht),
 ]
 

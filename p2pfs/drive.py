@@ -558,15 +558,25 @@ class Drive:
 
     def open_local(self, version: int | None = None) -> "Drive":
         """`open` from the blocks held here, synchronously (nothing is fetched)."""
+        return self._now(lambda: self.open(version))
+
+    def read_local(self, entry: Entry, offset: int, size: int, path: bytes | None = None) -> bytes:
+        """`read` from the blocks held here, synchronously (BlockUnavailableError
+        for a block not held)."""
+        return self._now(lambda: self.read(entry, offset, size, path))
+
+    def _now(self, make):
+        """Run the coroutine `make()` at once with no block source: it then
+        never waits (a missing block raises), so no event loop is needed."""
         source, self.source = self.source, None
         try:
-            coroutine = self.open(version)
+            coroutine = make()
             try:
-                coroutine.send(None)  # no source: nothing can suspend it
+                coroutine.send(None)
             except StopIteration as done:
                 return done.value
             coroutine.close()
-            raise AssertionError("a local open waited for something")
+            raise AssertionError("a local call waited for something")
         finally:
             self.source = source
 
@@ -620,6 +630,32 @@ class Drive:
         if commit.version != version:
             raise VerificationError(f"drive {self.key_text}: commit chain skips version {version}")
         return length, newest
+
+    async def commit_at(self, version: int | None) -> tuple[int, Commit]:
+        """(log length, Commit) of `version` (None: the one the view was opened
+        from, the newest readable), fetching what it needs.  NotFoundError for
+        a version that does not exist."""
+        head = self.target or self.head
+        length, _ = await self._sync(lambda: self._version_length(head, version))
+        return length, await self._sync(lambda: self._read_commit(length))
+
+    async def diff(self, old: Commit, new: Commit) -> list[tuple[bytes, Entry | None, Entry | None]]:
+        """(path, old entry, new entry) of every path that differs between two
+        versions (`index.diff`: subtrees both share are not read).  Keys that
+        are no path are left out (and reported once); entries are shown as
+        readers see them (`sanitized`)."""
+        changes = await self._sync(
+            lambda: list(index.diff(self.reader, old.root, new.root, self.node_cache, raw=True)))
+        out = []
+        for key, before, after in changes:
+            if not index.valid_key(key):
+                parent, _, name = key.partition(b"\x00")
+                self._report((parent, name), f"drive {self.key_text}: {shown(parent)}: an entry "
+                             f"with an invalid name {name!r} is left out")
+                continue
+            out.append((index.key_path(key), before and sanitized(before),
+                        after and sanitized(after)))
+        return out
 
     def versions(self, held_only: bool = False) -> list[tuple[int, Commit]]:
         """(length, Commit) of every version up to the one the view was opened

@@ -24,16 +24,22 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "wire": {"crypto", "types", "errors", "wire"},
     "store": PURE,
     "drive": PURE | {"store"},
-    "publish": PURE | {"store", "drive"},
+    "history": PURE | {"store", "drive"},
+    "ignore": {"errors"},
+    "publish": PURE | {"store", "drive", "ignore"},
+    "watch": PURE | {"store", "drive", "ignore", "publish"},
     "net": PURE | {"store", "drive", "publish", "net"},
     "fs": PURE | {"drive", "publish", "fs"},
     "node": None,  # wiring: everything
     "mount": None,  # wiring for `p2pfs mount` (the FUSE session's process)
+    "share": None,  # wiring for `p2pfs share` (watcher, publisher and swarm in one process)
+    "daemon": {"errors"},  # --daemon: re-run a command detached, wait until it is ready
+    "progress": set(),  # the progress bar of long writes (rich)
     "seeder": None,  # wiring for `p2pfs seed`
     "config": {"errors"},
     "cli": None,
 }
-NO_TRIO = PURE | {"store", "drive", "publish"}
+NO_TRIO = PURE | {"store", "drive", "history", "ignore", "publish"}
 SANS_IO_DIRS = {("net", "discovery", "dht"): {"node.py"}}  # folder -> its only trio drivers
 
 
