@@ -601,3 +601,19 @@ def test_a_million_entry_directory(tmp_path, home, st):
             peak = next(line.split()[1] for line in f if line.startswith("VmHWM"))
     print(f"1,000,000 entries: ls {took_ls:.1f} s, listdir {took_listdir:.1f} s, "
           f"find {took_find:.1f} s; mount peak RSS {int(peak) >> 10} MiB")
+
+
+def test_diff_leaves_out_keys_that_are_no_path(home, st):
+    """`p2pfs diff` of a hostile drive: a name with "/" would show as another
+    path, an empty one as the root; they are left out and reported."""
+    forge = Forge(st)
+    base = {ROOT: d(), key(b"/", b"a"): d()}
+    forge.commit(forge.leaf(base))
+    forge.commit(forge.leaf({**base, key(b"/", b"a/b"): forge.file(b"x"),
+                             key(b"/", b""): forge.file(b"y"), key(b"/a", b"ok"): forge.file(b"z"),
+                             key(b"/", b"s"): forge.file(b"s", mode=0o4755)}))
+    r = run_cli(home, "diff", forge.key_text, "1", "2", "--json")
+    import json
+    changes = {c["path"]: c for c in json.loads(r.out)["changes"]}
+    assert set(changes) == {"/a/ok", "/s"}, changes
+    assert len(warnings_of(r)) == 2 and all("invalid name" in w for w in warnings_of(r))
