@@ -207,7 +207,9 @@ class Swarm:
                 try:
                     stream = await transport.dial(address)
                 except (OSError, trio.TooSlowError) as exc:
-                    self.status[address] = f"unreachable ({getattr(exc, 'strerror', None) or 'timed out'})"
+                    why = ("timed out" if isinstance(exc, trio.TooSlowError)
+                           else exc.strerror or str(exc))
+                    self.status[address] = f"unreachable ({why})"
                     self._changed_now()
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 1.0)

@@ -58,12 +58,33 @@ def format_address(host: str, port: int) -> str:
 
 
 async def dial(address: str) -> trio.SocketStream:
-    """Open a TCP connection to 'HOST:PORT' (OSError on failure, like refusal)."""
+    """Open a TCP connection to 'HOST:PORT'.
+
+    Raises trio.TooSlowError after CONNECT_TIMEOUT, else OSError whose
+    strerror says why (``Connection refused``, ``Network is unreachable``)."""
     host, port = parse_address(address)
-    with trio.fail_after(CONNECT_TIMEOUT):
-        stream = await trio.open_tcp_stream(host, port)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise _reason(exc) from exc
     _tune(stream)
     return stream
+
+
+def _reason(exc: OSError) -> OSError:
+    """trio reports a failed connect as "all attempts ... failed" (no errno),
+    the attempts' own errors in its cause: the first of those, plainly."""
+    found: list[BaseException] = [exc]
+    while found:
+        e = found.pop(0)
+        if isinstance(e, OSError) and e.errno:
+            return OSError(e.errno, os.strerror(e.errno))
+        if isinstance(e, BaseExceptionGroup):
+            found.extend(e.exceptions)
+        elif e.__cause__ is not None:
+            found.append(e.__cause__)
+    return exc
 
 
 def _tune(stream: trio.SocketStream) -> None:
