@@ -23,9 +23,11 @@ from typing import Callable
 import trio
 
 from . import __version__, crypto, drive as drive_mod, publish
-from .errors import BlockUnavailableError, P2pfsError, UsageError, VerificationError
+from .errors import (BlockUnavailableError, P2pfsError, StoreDamagedError, UsageError,
+                     VerificationError)
 from .index import KIND_DIR, KIND_SYMLINK, Entry
 from .node import DEFAULT_TIMEOUT, local_drive, open_drive, open_store, parse_drive_ref
+from .store import check_structure
 
 CAT_CHUNK = 4 << 20
 
@@ -235,38 +237,113 @@ def cmd_cat(args) -> int:
         return 141  # like a cat killed by SIGPIPE; nothing printed
 
 
-def cmd_log(args) -> int:
+async def _log(args) -> int:
     store = _store(args)
-    key, _ = parse_drive_ref(args.key)
-    drive = local_drive(store, key)
-    drive.open_local()
-    for length, c in drive.versions():
-        t = dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
-        line = (f"version {c.version:<5} length {length:<10} {t:%Y-%m-%d %H:%M:%S %z}  "
-                f"{c.files} files  {_size(c.bytes)}")
-        if c.message:
-            line += f"  {c.message}"
-        print(line)
+    async with open_drive(store, args.key, **read_options(args)) as drive:
+        async for length, c in drive.history():
+            t = dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
+            line = (f"version {c.version:<5} length {length:<10} {t:%Y-%m-%d %H:%M:%S %z}  "
+                    f"{c.files} files  {_size(c.bytes)}")
+            if c.message:
+                line += f"  {c.message}"
+            print(line)
     return 0
+
+
+def cmd_log(args) -> int:
+    return trio.run(_log, args)
+
+
+RECOVERY = ("to recover: stop every p2pfs process using {home}, move {home}/store aside "
+            "(keep {home}/keys and {home}/node.key), then fetch the drives again with "
+            "--peer; see A DAMAGED STORE in p2pfs(1)")
+
+
+_SHOWN = 8  # structural problems listed by verify
+
+
+def _report(message: str) -> None:
+    _err(f"p2pfs: verify: {message}")
+
+
+def _verify_drive(store, key: bytes, version: int | None) -> bool:
+    """Verify one drive (at `version`: that version and those before it), print
+    the outcome; True if no problem was found."""
+    drive = local_drive(store, key)
+    length = None
+    ref = drive.key_text
+    if version is not None:
+        try:
+            drive.open_local(version)
+        except VerificationError as exc:
+            _report(str(exc))
+            _report(f"drive {ref}@{version}: 1 problem(s) found")
+            return False
+        length = drive.length
+        ref = f"{ref}@{version}"
+    problems = drive_mod.verify_drive(drive, report=_report, length=length)
+    if problems:
+        _report(f"drive {ref}: {len(problems)} problem(s) found")
+        return False
+    limit = drive.head.length if length is None else length
+    held = sum(min(b, limit) - a for a, b in store.held_ranges(key) if a < limit)
+    line = f"ok: drive {ref}, length {limit}, {held} blocks"
+    if length is None:
+        line += f" ({_size(store.held(key)[1])})"
+    line += " and every signed head verified"
+    if held < limit:
+        line += f"; {limit - held} blocks not held here were not checked"
+    print(line)
+    return True
+
+
+def _verify_damaged(exc: StoreDamagedError) -> int:
+    """verify of a store whose file is damaged: what is wrong and how to recover."""
+    _report(f"the store in {exc.home} is damaged: {exc.detail}")
+    problems = check_structure(exc.home)
+    for problem in problems[:_SHOWN]:
+        _report(problem)
+    if len(problems) > _SHOWN:
+        _report(f"... and {len(problems) - _SHOWN} more problems in data.mdb")
+    _report(RECOVERY.format(home=exc.home))
+    return 1
+
+
+async def _fetch_heads(args) -> None:
+    """Learn the newest signed head from the peers (stored, verified)."""
+    store = _store(args)
+    async with open_drive(store, args.key, **read_options(args)):
+        pass
 
 
 def cmd_verify(args) -> int:
-    store = _store(args)
-    key, _ = parse_drive_ref(args.key)
-    drive = local_drive(store, key)
-    problems = drive_mod.verify_drive(drive, report=lambda m: _err(f"p2pfs: verify: {m}"))
-    if problems:
-        _err(f"p2pfs: verify: drive {drive.key_text}: {len(problems)} problem(s) found")
-        return 1
-    blocks, nbytes = store.held(key)
-    print(f"ok: drive {drive.key_text}, length {drive.head.length}, "
-          f"{blocks} blocks ({_size(nbytes)}) and every signed head verified")
-    return 0
+    try:
+        if args.peer:
+            if args.key is None:
+                raise UsageError("verify --peer needs a KEY")
+            trio.run(_fetch_heads, args)
+        store = _store(args)
+        ok = True
+        if args.key is None:
+            targets = [(key, None) for key, _ in store.list_drives()]
+            for problem in store.check_structure():
+                _report(problem)
+                ok = False
+            if not ok:
+                _report(RECOVERY.format(home=store.home))
+        else:
+            targets = [parse_drive_ref(args.key)]
+        for key, version in targets:
+            ok = _verify_drive(store, key, version) and ok
+        return 0 if ok else 1
+    except StoreDamagedError as exc:
+        return _verify_damaged(exc)
 
 
-def _info(store, key: bytes, strict: bool = True) -> dict:
-    """What `info` shows.  A damaged drive raises VerificationError, or with
-    strict=False is marked "damaged" (so `drives` still lists the others)."""
+def _info(store, key: bytes, version: int | None = None, strict: bool = True) -> dict:
+    """What `info` shows (of `version`, default the newest).  A damaged drive
+    raises VerificationError, or with strict=False is marked "damaged" (so
+    `drives` still lists the others)."""
     drive = local_drive(store, key)
     blocks, nbytes = store.held(key)
     info = {"key": drive.key_text, "version": 0, "length": drive.head.length,
@@ -275,10 +352,12 @@ def _info(store, key: bytes, strict: bool = True) -> dict:
             "discovery_key": crypto.discovery_key(key).hex(),
             "forks": len(store.forks(key))}
     try:
-        drive.open_local()
-        info.update(version=drive.version, block_size=drive.block_size,
+        drive.open_local(version)
+        info.update(version=drive.version, length=drive.length, block_size=drive.block_size,
                     files=drive.commit.files, bytes=drive.commit.bytes)
     except BlockUnavailableError:
+        if version is not None:
+            raise
         pass  # a partial copy without the newest commit: version unknown
     except VerificationError as exc:
         if strict:
@@ -289,9 +368,9 @@ def _info(store, key: bytes, strict: bool = True) -> dict:
 
 async def _info_with_peers(args) -> dict:
     store = _store(args)
-    key, _ = parse_drive_ref(args.key)
-    async with open_drive(store, key, **read_options(args)) as drive:
-        info = _info(store, key)
+    key, version = parse_drive_ref(args.key)
+    async with open_drive(store, key, version, **read_options(args)) as drive:
+        info = _info(store, key, version)
         info["peers"] = drive.source.peer_info(key)
     return info
 
@@ -301,8 +380,7 @@ def cmd_info(args) -> int:
         info = trio.run(_info_with_peers, args)
     else:
         store = _store(args)
-        key, _ = parse_drive_ref(args.key)
-        info = _info(store, key)
+        info = _info(store, *parse_drive_ref(args.key))
         info["peers"] = []
     if args.json:
         print(json.dumps(info, indent=2))
@@ -323,6 +401,8 @@ def cmd_drives(args) -> int:
     for key, record in store.list_drives():
         try:
             info = _info(store, key, strict=False)
+        except StoreDamagedError:
+            raise  # the store, not one drive: one line for the whole command
         except P2pfsError as exc:
             print(f"{crypto.encode_key(key)}  damaged: {exc}")
             continue
@@ -373,14 +453,17 @@ def _setup_cat(sub):
 
 
 def _setup_log(sub):
-    p = sub.add_parser("log", help="versions of a drive, newest first")
-    p.add_argument("key", metavar="KEY")
+    p = sub.add_parser("log", help="versions of a drive, newest first (KEY@N: from version N down)")
+    p.add_argument("key", metavar="KEY[@VERSION]")
+    add_read_options(p)
     p.set_defaults(func=cmd_log)
 
 
 def _setup_verify(sub):
-    p = sub.add_parser("verify", help="re-check every held block, tree node and signature")
-    p.add_argument("key", metavar="KEY")
+    p = sub.add_parser("verify", help="re-check every held block, tree node and signature "
+                                      "(no KEY: the whole store and every drive)")
+    p.add_argument("key", metavar="KEY[@VERSION]", nargs="?", default=None)
+    add_read_options(p)
     p.set_defaults(func=cmd_verify)
 
 
@@ -391,7 +474,7 @@ def _setup_drives(sub):
 
 def _setup_info(sub):
     p = sub.add_parser("info", help="a drive's version, length and what is held")
-    p.add_argument("key", metavar="KEY")
+    p.add_argument("key", metavar="KEY[@VERSION]")
     p.add_argument("--json", action="store_true", help="JSON output")
     add_read_options(p)
     p.set_defaults(func=cmd_info)

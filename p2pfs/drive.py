@@ -33,7 +33,7 @@ the version it signed (`adopt_own_head`).
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Protocol
+from typing import AsyncIterator, Callable, Iterator, Protocol
 
 from . import crypto, flat, index, tree
 from .errors import (
@@ -417,21 +417,35 @@ class Drive:
             raise VerificationError(f"drive {self.key_text}: commit chain skips version {version}")
         return length
 
-    def versions(self) -> list[tuple[int, Commit]]:
-        """(length, Commit) of every version, newest first (all blocks held)."""
+    def versions(self, length: int | None = None) -> list[tuple[int, Commit]]:
+        """(length, Commit) of the version at `length` (None: the newest) and
+        every earlier one, newest first (all blocks held)."""
         assert self.head is not None
         out = []
-        length = self.head.length
+        length = self.head.length if length is None else length
         while length > 0:
             commit = self._local(lambda: self._read_commit(length))
             out.append((length, commit))
-            if commit.prev < 0:
-                break
-            if commit.prev >= length - 1:
-                raise VerificationError(f"drive {self.key_text}: commit chain is broken "
-                                        f"at block {length - 1}")
-            length = commit.prev + 1
+            length = self._prev_length(length, commit)
         return out
+
+    async def history(self) -> AsyncIterator[tuple[int, Commit]]:
+        """(length, Commit) of this view's version and every earlier one,
+        newest first; commit records not held come through the source."""
+        length = self.length
+        while length > 0:
+            commit = await self._sync(lambda: self._read_commit(length))
+            yield length, commit
+            length = self._prev_length(length, commit)
+
+    def _prev_length(self, length: int, commit: Commit) -> int:
+        """The length of the version before `commit` (at `length`); 0 after version 1."""
+        if commit.prev < 0:
+            return 0
+        if commit.prev >= length - 1:
+            raise VerificationError(f"drive {self.key_text}: commit chain is broken "
+                                    f"at block {length - 1}")
+        return commit.prev + 1
 
     def _load_sync(self, length: int) -> None:
         header = index.decode_block(self.reader.read_block(0))
@@ -664,8 +678,11 @@ class Drive:
         return seed
 
 
-def verify_drive(drive: Drive, report: Callable[[str], None] | None = None) -> list[str]:
-    """Check every signed head, held block and stored tree node.  Returns the problems."""
+def verify_drive(drive: Drive, report: Callable[[str], None] | None = None,
+                 length: int | None = None) -> list[str]:
+    """Check every signed head, and every held block and stored tree node
+    (with `length`: only those of the version of that length and the ones
+    before it).  Returns the problems."""
     problems: list[str] = []
 
     advice = f" (run 'p2pfs verify {drive.key_text}')"
@@ -693,7 +710,7 @@ def verify_drive(drive: Drive, report: Callable[[str], None] | None = None) -> l
     drive.head = good_heads[-1]
     drive._trusted.clear()
     drive._stored.clear()
-    limit = drive.head.length
+    limit = drive.head.length if length is None else length
     # every head: its peaks (where held) hash to its root
     for h in good_heads:
         try:
@@ -719,7 +736,7 @@ def verify_drive(drive: Drive, report: Callable[[str], None] | None = None) -> l
     if not problems and drive.writable:
         # an owned drive holds everything: every version's commit must decode
         try:
-            drive.versions()
+            drive.versions(limit)
         except (VerificationError, BlockUnavailableError) as exc:
             bad(str(exc))
     return problems

@@ -53,6 +53,7 @@ from p2pfs import node
 from p2pfs.crypto import encode_key
 from p2pfs.errors import P2pfsError, UsageError
 from p2pfs.fs import DriveFS
+from p2pfs.store import open_private
 
 __all__ = [
     "mount_command", "umount_command", "prepare_mountpoint", "clear_stale",
@@ -316,7 +317,7 @@ def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
         devnull = os.open(os.devnull, os.O_RDWR)
         log_path = os.path.join(store.home, LOG_NAME)
         try:
-            logfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            logfd = open_private(log_path, os.O_WRONLY | os.O_APPEND)
         except OSError:
             logfd = os.dup(devnull)
         os.dup2(devnull, 0)

@@ -9,6 +9,7 @@ head of a drive not yet held.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Sequence
@@ -23,9 +24,14 @@ from .store import Store, default_home
 DEFAULT_TIMEOUT = 30.0
 
 
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def open_store(home: str | os.PathLike | None = None) -> Store:
-    """The store of `home` (default: $P2PFS_HOME or the XDG data dir)."""
-    return Store(Path(home) if home is not None else default_home())
+    """The store of `home` (default: $P2PFS_HOME or the XDG data dir).  A home
+    that other users could read is made private, saying so on stderr."""
+    return Store(Path(home) if home is not None else default_home(), warn=_warn)
 
 
 def parse_drive_ref(text: str) -> tuple[bytes, int | None]:

@@ -13,7 +13,7 @@ import trio
 
 from .. import crypto
 from ..errors import KeyFileError, UsageError
-from ..store import read_key_file, write_key_file
+from ..store import make_private_dir, read_key_file, write_key_file
 
 NODE_KEY_FILE = "node.key"
 DEFAULT_PORT = 7640
@@ -31,7 +31,7 @@ def load_node_key(home: str | os.PathLike) -> bytes:
         return key
     private, _ = crypto.x25519_keypair()
     try:
-        Path(home).mkdir(parents=True, exist_ok=True)
+        make_private_dir(home)
         write_key_file(path, private, keep_existing=True)  # first writer wins a race
     except OSError as exc:
         raise KeyFileError(f"cannot write the node key {path}: {exc.strerror}") from None
