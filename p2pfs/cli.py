@@ -2,7 +2,8 @@
 
 Each subcommand is a small function `cmd_<name>(args) -> int`; `main` is the
 only place that turns exceptions into exit codes: a `P2pfsError` prints
-``p2pfs: <message>`` on stderr and exits with its `exit_code`; ^C exits 130.
+``p2pfs: <message>`` on stderr and exits with its `exit_code`; ^C exits 130;
+a closed stdout (``| head``) exits 141 quietly, for every command.
 
 Seams for later commands: `add_read_options(parser)` is called for every
 command that reads a drive (the network adds ``--peer``/``--timeout``
@@ -229,12 +230,7 @@ async def _cat(args) -> int:
 
 
 def cmd_cat(args) -> int:
-    try:
-        return trio.run(_cat, args)
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141  # like a cat killed by SIGPIPE; nothing printed
+    return trio.run(_cat, args)
 
 
 async def _log(args) -> int:
@@ -568,6 +564,22 @@ def _is_noise(exc: BaseException) -> bool:
     return isinstance(exc, (KeyboardInterrupt, trio.Cancelled))
 
 
+def _only(group: BaseExceptionGroup, kind: type) -> bool:
+    """Whether `group` holds `kind` and nothing else but noise."""
+    found, rest = group.split(kind)
+    return found is not None and (rest is None or rest.split(_is_noise)[1] is None)
+
+
+def _broken_pipe() -> int:
+    """The reader of our stdout went away (`| head`): exit quietly, as a
+    command killed by SIGPIPE would.  Whatever is still buffered for stdout
+    goes to /dev/null, so the interpreter's last flush is quiet too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
+
+
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
@@ -583,7 +595,11 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here for small outputs
+        return code
+    except BrokenPipeError:
+        return _broken_pipe()
     except P2pfsError as exc:
         _err(f"p2pfs: {exc}")
         return exc.exit_code
@@ -593,10 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     except BaseExceptionGroup as group:
         # A trio nursery wraps what its tasks raised.  A user-facing error in
         # it is reported like any other; anything else keeps its traceback.
-        errors, rest = group.split(P2pfsError)
-        if errors is None or (rest is not None and rest.split(_is_noise)[1] is not None):
+        if _only(group, BrokenPipeError):
+            return _broken_pipe()
+        if not _only(group, P2pfsError):
             raise
-        first = _first_leaf(errors)
+        first = _first_leaf(group.split(P2pfsError)[0])
         _err(f"p2pfs: {first}")
         return first.exit_code
     finally:

@@ -83,6 +83,22 @@ def test_cat_broken_pipe_is_quiet(home, tmp_path):
     assert p.stderr == b""
 
 
+def test_every_command_that_prints_is_quiet_into_a_closed_pipe(home, sample):
+    """`p2pfs ls | head` and the like: exit 141 quietly, as cat does (issue 7, 18)."""
+    key = create(home, sample)
+    (sample / "more").write_text("more")
+    run_cli(home, "import", "-q", key, sample)
+    for args in (["ls", key], ["ls", "-l", "-R", key], ["info", key], ["info", "--json", key],
+                 ["log", key], ["drives"], ["verify", key], ["verify"], ["cat", key, "/run.sh"]):
+        w = closed_pipe()
+        try:
+            p = subprocess.run(cli_command(home, *args), stdout=w, stderr=subprocess.PIPE,
+                               env=cli_env(), cwd=REPO)
+        finally:
+            os.close(w)
+        assert (p.returncode, p.stderr) == (141, b""), (args, p.stderr.decode())
+
+
 # --- acceptance 6: bad input ------------------------------------------------------------
 
 def _one_clear_line(r):
