@@ -508,6 +508,7 @@ def cmd_mount(args) -> int:
     from . import mount  # pyfuse3 is loaded only by the commands that mount
     return mount.mount_command(home=args.home, ref=args.key, mountpoint=args.mountpoint,
                                daemon=args.daemon, allow_other=args.allow_other,
+                               allow_non_empty=args.allow_non_empty,
                                argv=args.argv, **read_options(args))
 
 
@@ -525,6 +526,8 @@ def _setup_mount(sub):
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (needs user_allow_other in "
                         "/etc/fuse.conf unless root)")
+    p.add_argument("--allow-non-empty", action="store_true",
+                   help="mount even if MOUNTPOINT has files (they are hidden while mounted)")
     add_read_options(p)
     p.set_defaults(func=cmd_mount)
 

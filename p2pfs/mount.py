@@ -26,11 +26,13 @@ p2pfs mount answering) is refused with a message saying to unmount it.
 
 Readiness: the mount is ready once a `statfs` of the mount point, which the
 kernel always passes to our own main loop, has returned.  `--daemon` re-executes
-the same command line in a new session with `P2PFS_MOUNT_READY_FD` naming
+the same command line in a new session (with `python -P` and this package's
+directory first on PYTHONPATH, so a `p2pfs` folder in the current directory
+cannot take its place) with `P2PFS_MOUNT_READY_FD` naming
 the write end of a pipe; the child writes its "mounted" line there when
-ready (after pointing stdout at /dev/null and stderr at HOME/mount.log),
-and the parent returns 0.  If the pipe closes without that line, the
-parent prints what the child wrote on stderr and returns its exit status.
+ready (after pointing stdout at /dev/null and stderr at HOME/mount.log,
+and moving to `/`), and the parent returns 0.  If the pipe closes without
+that line, the parent prints what the child wrote on stderr and returns its exit status.
 """
 
 from __future__ import annotations
@@ -141,8 +143,9 @@ def clear_stale(path: str) -> int:
     raise MountError(f"{path}: more than {_MAX_STALE_LAYERS} stale mounts are stacked here")
 
 
-def prepare_mountpoint(path: str) -> str:
-    """Absolute mount point, checked and cleared of stale mounts.  UsageError if unusable."""
+def prepare_mountpoint(path: str, allow_non_empty: bool = False) -> str:
+    """Absolute mount point, checked and cleared of stale mounts.  UsageError if
+    unusable, or not empty (its files would be hidden) unless `allow_non_empty`."""
     path = os.path.abspath(path)
     if clear_stale(path):
         print(f"p2pfs: cleared a stale mount at {path}", file=sys.stderr)
@@ -158,6 +161,15 @@ def prepare_mountpoint(path: str) -> str:
     if mount is not None and mount[0].startswith("fuse"):
         raise UsageError(f"{path} is already mounted ({mount[1]}); "
                          f"run 'p2pfs umount {path}' first")
+    if not allow_non_empty:
+        try:
+            with os.scandir(path) as entries:
+                busy = next(entries, None) is not None
+        except OSError as exc:
+            raise UsageError(f"{path}: {exc.strerror}") from None
+        if busy:
+            raise UsageError(f"{path} is not empty: the mount would hide its files; "
+                             "mount on an empty directory, or give --allow-non-empty")
     return path
 
 
@@ -236,13 +248,14 @@ def _answering(mountpoint: str) -> None:
 
 
 async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
-                peers: Sequence[str] = (), timeout: float = node.DEFAULT_TIMEOUT,
+                allow_non_empty: bool = False, peers: Sequence[str] = (),
+                timeout: float = node.DEFAULT_TIMEOUT,
                 ready: Callable[[DriveFS], None] | None = None) -> None:
     """Mount `ref` (KEY or KEY@N) at `mountpoint` and serve until unmounted or signalled.
 
     SIGINT/SIGTERM before the mount is up abandon the opening; after, they
     end the FUSE main loop, and the mount is undone in a `finally`."""
-    mountpoint = prepare_mountpoint(mountpoint)
+    mountpoint = prepare_mountpoint(mountpoint, allow_non_empty)
     mounted = False
     session = trio.CancelScope()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -266,7 +279,7 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                 # turns it off (for measuring it).
                 prefetch = drive.source is not None and os.environ.get("P2PFS_READAHEAD") != "0"
                 ops = DriveFS(drive, live=drive.live, prefetch=prefetch)
-                mountpoint = prepare_mountpoint(mountpoint)
+                mountpoint = prepare_mountpoint(mountpoint, allow_non_empty)
                 _fuse_init(ops, mountpoint, mount_options(drive.key, allow_other))
                 mounted = True
                 try:
@@ -296,7 +309,8 @@ def _ready_message(ops: DriveFS, mountpoint: str) -> str:
 
 
 def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
-                  allow_other: bool = False, peers: Sequence[str] = (),
+                  allow_other: bool = False, allow_non_empty: bool = False,
+                  peers: Sequence[str] = (),
                   timeout: float = node.DEFAULT_TIMEOUT, argv: Sequence[str] | None = None) -> int:
     """`p2pfs mount`: foreground by default; `daemon` re-runs `argv` detached."""
     ready_fd = os.environ.pop(READY_ENV, None)
@@ -325,6 +339,7 @@ def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
         os.dup2(logfd, 2)
         os.close(devnull)
         os.close(logfd)
+        os.chdir("/")  # a daemon keeps no directory busy (every path it uses is absolute)
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message} (pid {os.getpid()})",
               file=sys.stderr, flush=True)
         fd = int(ready_fd)
@@ -333,20 +348,36 @@ def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
 
     store = node.open_store(home)
     try:
-        trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other, peers=peers,
+        trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other,
+                               allow_non_empty=allow_non_empty, peers=peers,
                                timeout=timeout, ready=ready))
     finally:
         store.close()
     return 0
 
 
+def _daemon_command(argv: list[str]) -> tuple[list[str], dict]:
+    """The command line and environment that re-run this p2pfs as the daemon.
+
+    The child must import this very p2pfs, whatever the current directory
+    holds: ``-P`` keeps the current directory off ``sys.path`` (a folder
+    named ``p2pfs`` there would otherwise win), and the directory this
+    package was imported from goes first on PYTHONPATH."""
+    import p2pfs
+    env = dict(os.environ)
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(p2pfs.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return [sys.executable, "-P", "-m", "p2pfs", *argv], env
+
+
 def _spawn_daemon(argv: list[str], mountpoint: str) -> int:
     """Re-run this command in a new session and wait until it is mounted (or failed)."""
     r, w = os.pipe()
-    env = dict(os.environ)
+    command, env = _daemon_command(argv)
     env[READY_ENV] = str(w)
     child = subprocess.Popen(
-        [sys.executable, "-m", "p2pfs", *argv],
+        command,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         pass_fds=(w,), start_new_session=True, env=env,
     )

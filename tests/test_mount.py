@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -508,3 +509,48 @@ def test_live_update_replaces_a_directory_by_a_file(tmp_path, home):
         assert os.stat(mnt / "thing").st_ino != old_ino
         assert os.stat(mnt / "thing").st_ino not in children
         same_tree(src, mnt)
+
+
+# ------------------------------------------- issue 7, findings 17 and 19
+
+def test_daemon_does_not_depend_on_the_current_directory(tmp_path, home):
+    """`mount --daemon` from a directory holding a folder named p2pfs (finding 17):
+    the daemon re-runs this p2pfs, not the folder's; it then leaves that directory."""
+    src = make_tree(tmp_path / "src", files=5)
+    key = create(home, src)
+    cwd = tmp_path / "work"
+    (cwd / "p2pfs").mkdir(parents=True)
+    (cwd / "p2pfs" / "__init__.py").write_text("raise ImportError('the wrong p2pfs')\n")
+    (cwd / "p2pfs" / "__main__.py").write_text("raise SystemExit('the wrong p2pfs')\n")
+    (cwd / "mnt").mkdir()
+    mnt = cwd / "mnt"
+    pid = None
+    try:
+        # as the installed `p2pfs` script starts: not from the current directory
+        r = subprocess.run([sys.executable, "-P", "-m", "p2pfs", "--home", os.path.relpath(home, cwd),
+                            "mount", key, "mnt", "--daemon"], cwd=cwd, env=cli_env(),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        pid = daemon_pid(r.stderr)
+        assert (mnt / "run.sh").read_bytes() == (src / "run.sh").read_bytes()
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    finally:
+        force_unmount(mnt)
+        if pid is not None:
+            stop(pid)
+
+
+def test_mount_over_a_non_empty_directory_is_refused(tmp_path, home):
+    """Its files would be hidden (finding 19): refused unless --allow-non-empty, as rclone does."""
+    src = make_tree(tmp_path / "src", files=5)
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (mnt / "mine.txt").write_text("mine")
+    for extra in ([], ["--daemon"]):
+        r = run_cli(home, "mount", key, mnt, *extra, check=False, timeout=60)
+        assert r.returncode == 2 and "not empty" in r.stderr and "--allow-non-empty" in r.stderr, r.stderr
+        assert mount_layers(mnt) == [] and (mnt / "mine.txt").read_text() == "mine"
+    with mounted(home, key, mnt, "--allow-non-empty"):
+        assert not (mnt / "mine.txt").exists() and (mnt / "run.sh").exists()
+    assert (mnt / "mine.txt").read_text() == "mine"
