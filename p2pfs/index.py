@@ -103,6 +103,7 @@ class Commit(msgspec.Struct, frozen=True, array_like=True, tag=2):
     message: str = ""
     files: _U = 0
     bytes: _U = 0
+    entries: _U = 0  # every entry, the root included (0: written before this field)
 
 
 class Leaf(msgspec.Struct, frozen=True, array_like=True, tag=3):

@@ -260,7 +260,8 @@ def _create(store: Store, key: bytes, seed: bytes, items: list[_Item], message: 
     idx_blocks, root = index.build(entries, app.length, block_size)
     for b in idx_blocks:
         app.append(b)
-    app.append(index.encode_block(Commit(1, root, -1, now, message, files, nbytes)))
+    app.append(index.encode_block(Commit(1, root, -1, now, message, files, nbytes,
+                                         len(items))))
     head = app.sign_and_commit(seed, DriveRecord(created_ns=now, owned=True, pinned=True))
     return WriteResult(key, 1, head.length, app.content_blocks, 0, len(idx_blocks), files, nbytes)
 
@@ -361,7 +362,7 @@ def _import(drive: Drive, seed: bytes, items: list[_Item], message: str, checksu
         app.append(b)
     version = drive.version + 1
     app.append(index.encode_block(Commit(version, root, length - 1, time.time_ns(),
-                                         message, files, nbytes)))
+                                         message, files, nbytes, len(items))))
     head = app.sign_and_commit(seed, None)
     drive.adopt_own_head(head)
     return WriteResult(key, version, head.length, app.content_blocks, reused,
