@@ -196,54 +196,10 @@ def constant_time_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
-# --- libsodium secretstream, keyed from the Noise split ------------------------
-
-SECRETSTREAM_HEADER_BYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
-SECRETSTREAM_ABYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES
-SECRETSTREAM_KEY_BYTES = sodium.crypto_secretstream_xchacha20poly1305_KEYBYTES
-
-
-class StreamEncryptor:
-    """Sending half of a secretstream.  `header` must reach the peer first."""
-
-    def __init__(self, key: bytes):
-        self._state = sodium.crypto_secretstream_xchacha20poly1305_state()
-        self.header = sodium.crypto_secretstream_xchacha20poly1305_init_push(
-            self._state, _check(key, SECRETSTREAM_KEY_BYTES, "secretstream key")
-        )
-
-    def encrypt(self, message: bytes) -> bytes:
-        return sodium.crypto_secretstream_xchacha20poly1305_push(self._state, message)
-
-
-class StreamDecryptor:
-    """Receiving half of a secretstream.  Any damaged input -> ProtocolError."""
-
-    def __init__(self, key: bytes, header: bytes):
-        if not isinstance(header, bytes) or len(header) != SECRETSTREAM_HEADER_BYTES:
-            raise ProtocolError("peer sent a malformed secretstream header")
-        self._state = sodium.crypto_secretstream_xchacha20poly1305_state()
-        try:
-            sodium.crypto_secretstream_xchacha20poly1305_init_pull(
-                self._state, header, _check(key, SECRETSTREAM_KEY_BYTES, "secretstream key")
-            )
-        except (nacl.exceptions.CryptoError, ValueError, TypeError, RuntimeError):
-            raise ProtocolError("peer sent a malformed secretstream header") from None
-
-    def decrypt(self, ciphertext: bytes) -> bytes:
-        if len(ciphertext) < SECRETSTREAM_ABYTES:
-            raise ProtocolError("peer sent a truncated encrypted frame")
-        try:
-            message, _tag = sodium.crypto_secretstream_xchacha20poly1305_pull(self._state, ciphertext)
-        except (nacl.exceptions.CryptoError, ValueError, TypeError, RuntimeError):
-            raise ProtocolError("peer sent a frame that fails authentication") from None
-        return message
-
-
 # --- transport ciphers, keyed from the Noise split ------------------------------
 #
 # Measured here (64 KiB, one core): OpenSSL AES-256-GCM 12.3 GB/s, OpenSSL
-# ChaCha20-Poly1305 3.65 GB/s, libsodium secretstream 1.6 GB/s.  AES comes
+# ChaCha20-Poly1305 3.65 GB/s, libsodium secretstream (wire version 1) 1.6 GB/s.  AES comes
 # first only on CPUs with AES instructions; without them software AES is
 # slower than ChaCha20 and not constant-time.
 
