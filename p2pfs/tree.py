@@ -483,16 +483,19 @@ def _leaf_of(block: int, data: object, what: str) -> Node:
     return leaf_node(block, data)
 
 
-def _claimed_leaf(block: int, leaf: object, what: str) -> Node:
-    """A peer's (hash, size) for the leaf of `block`, checked for shape."""
-    if not (isinstance(leaf, (tuple, list)) and len(leaf) == 2):
-        raise VerificationError(f"{what}: malformed leaf of block {block}")
-    digest, size = leaf
-    if not isinstance(digest, bytes) or len(digest) != HASH_BYTES:
-        raise VerificationError(f"{what}: leaf of block {block} has a malformed hash")
-    if type(size) is not int or not 0 <= size <= MAX_SIZE:
-        raise VerificationError(f"{what}: leaf of block {block} has a bad size")
-    return Node(2 * block, digest, size)
+def _claimed_leaves(start: int, leaves: Sequence[object], what: str) -> list[Node]:
+    """A peer's (hash, size) for each leaf of the run, checked for shape."""
+    out = []
+    for block, leaf in enumerate(leaves, start):
+        if not (type(leaf) is tuple or type(leaf) is list) or len(leaf) != 2:
+            raise VerificationError(f"{what}: malformed leaf of block {block}")
+        digest, size = leaf
+        if type(digest) is not bytes or len(digest) != HASH_BYTES:
+            raise VerificationError(f"{what}: leaf of block {block} has a malformed hash")
+        if type(size) is not int or not 0 <= size <= MAX_SIZE:
+            raise VerificationError(f"{what}: leaf of block {block} has a bad size")
+        out.append(Node(2 * block, digest, size))
+    return out
 
 
 def _matches(a: Node, b: Node) -> bool:
@@ -552,7 +555,7 @@ def verify_range(
     if leaves is not None and not (isinstance(leaves, (list, tuple)) and len(leaves) == count):
         raise VerificationError(f"{what}: {count} blocks need {count} leaves")
     actual = [_leaf_of(start + i, b, what) for i, b in enumerate(blocks)]
-    climb = actual if leaves is None else [_claimed_leaf(start + i, x, what) for i, x in enumerate(leaves)]
+    climb = actual if leaves is None else _claimed_leaves(start, leaves, what)
 
     given: dict[int, Node] = {}
     for raw in proof:
@@ -570,21 +573,26 @@ def verify_range(
     peaks = flat.full_roots(length)
     peak_set = set(peaks)
     computed: dict[int, Node] = {}
+    levels: list[dict[int, Node]] = []  # the climb's nodes, one dict per depth
     checked: dict[int, bool] = {}    # computed node -> matches a trusted node (only those looked up)
     fed: dict[int, int] = {}         # proof node -> the computed parent it went into
     used: set[int] = set()
     open_peak = False  # a peak was reached untrusted: the root is needed
     frontier = {leaf.index: leaf for leaf in climb}
     while frontier:
+        # every node of a level has the same depth: sibling and parent by bit flips
+        flip, up_bit = 2 << len(levels), 1 << len(levels)
+        levels.append(frontier)
         computed.update(frontier)
         anchored = True  # every node here matches a trusted node
         for n, node in frontier.items():
-            extra = given.get(n)
-            if extra is not None:
-                if not _matches(extra, node):
-                    raise VerificationError(f"{what}: proof node {n} does not match the run's own tree")
-                used.add(n)
-            if flat.sibling(n) in frontier:
+            if given:
+                extra = given.get(n)
+                if extra is not None:
+                    if not _matches(extra, node):
+                        raise VerificationError(f"{what}: proof node {n} does not match the run's own tree")
+                    used.add(n)
+            if n ^ flip in frontier:
                 anchored = False  # a pair: its parent is checked instead
                 continue
             trusted = get_trusted(n)
@@ -598,7 +606,7 @@ def verify_range(
             break  # everything below is anchored and nothing is left to learn
         up: dict[int, Node] = {}
         for n, node in frontier.items():
-            s = flat.sibling(n)
+            s = n ^ flip
             sib = frontier.get(s)
             if sib is not None:
                 if s < n:
@@ -609,13 +617,17 @@ def verify_range(
                 sib = given.get(s)
                 if sib is not None:
                     used.add(s)
-                    fed[s] = flat.parent(n)
+                    fed[s] = (n & ~flip) | up_bit
                 else:
                     sib = get_trusted(s)
                     if sib is None:
                         continue  # this climb ends here
-            parent = _parent(what, node, sib) if n < s else _parent(what, sib, node)
-            up[parent.index] = parent
+            left, right = (node, sib) if n < s else (sib, node)
+            size = left.size + right.size
+            if size > MAX_SIZE:
+                raise VerificationError(f"{what}: node sizes overflow in the proof")
+            p = (n & ~flip) | up_bit
+            up[p] = Node(p, blake3(PARENT_TAG + size.to_bytes(8, "little") + left.hash + right.hash).digest(), size)
         frontier = up
 
     root_ok = False
@@ -635,19 +647,21 @@ def verify_range(
     # Top-down: a node is verified under a verified parent, as a checked peak,
     # or when it matches a trusted node (looked up only where still needed).
     verified: set[int] = set()
-    for n in sorted(computed, key=flat.depth, reverse=True):
-        if flat.parent(n) in verified or (root_ok and n in peak_set):
-            verified.add(n)
-            continue
-        ok = checked.get(n)
-        if ok is None:
-            trusted = get_trusted(n)
-            if trusted is not None and not _matches(trusted, computed[n]):
-                raise VerificationError(
-                    f"{what}: tree node {n} does not match the trusted node (hash or size differs)")
-            ok = trusted is not None
-        if ok:
-            verified.add(n)
+    for depth in range(len(levels) - 1, -1, -1):
+        flip, up_bit = 2 << depth, 1 << depth
+        for n, node in levels[depth].items():
+            if (n & ~flip) | up_bit in verified or (root_ok and n in peak_set):
+                verified.add(n)
+                continue
+            ok = checked.get(n)
+            if ok is None:
+                trusted = get_trusted(n)
+                if trusted is not None and not _matches(trusted, node):
+                    raise VerificationError(
+                        f"{what}: tree node {n} does not match the trusted node (hash or size differs)")
+                ok = trusted is not None
+            if ok:
+                verified.add(n)
     for leaf in climb:
         if leaf.index not in verified:
             top = leaf.index
@@ -665,7 +679,7 @@ def verify_range(
     nodes.sort()
     bad = []
     if leaves is not None:
-        bad = [start + i for i, (a, c) in enumerate(zip(actual, climb)) if not _matches(a, c)]
+        bad = [start + i for i, (a, c) in enumerate(zip(actual, climb)) if a.hash != c.hash or a.size != c.size]
     return VerifiedRange(nodes, bad)
 
 
