@@ -346,7 +346,8 @@ class Connection:
 
         It touches only the receiving half (the frame buffer and the
         decryptor), so a driver may run it in a worker thread while its other
-        tasks send; nothing may call `receive_data`/`next_event` meanwhile.
+        tasks send; nothing may call `receive_data`, `get_buffer`,
+        `buffer_updated` or `next_event` meanwhile.
         A bad frame is kept and raised by `next_event` in its turn."""
         if not self.can_decrypt_ahead:
             return
