@@ -398,7 +398,7 @@ def _setup_info(sub):
 
 
 def cmd_seed(args) -> int:
-    from .net import server, transport
+    from .net import seeder, transport
 
     store = _store(args)
     keys = [parse_drive_ref(k)[0] for k in args.keys]
@@ -409,7 +409,7 @@ def cmd_seed(args) -> int:
         for a in addresses:
             print(f"listening on {a}", flush=True)
 
-    trio.run(server.seed, store, keys, listen, listening, args.peer)
+    trio.run(seeder.seed, store, keys, listen, listening, args.peer)
     _err("p2pfs: seed: stopped")
     return 0
 

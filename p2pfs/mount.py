@@ -365,7 +365,12 @@ def _spawn_daemon(argv: list[str], mountpoint: str) -> int:
                 del open_fds[fd]
     os.close(r)
     if message:
+        # What the mount said before it was ready (a peer dropped, say) is not
+        # lost: the child pointed its stderr at its log before saying "ready",
+        # so the rest of the pipe is there to read up to its end.
+        errors += child.stderr.read()
         child.stderr.close()
+        sys.stderr.write(errors.decode(errors="replace"))
         sys.stderr.write(message.decode(errors="replace").rstrip("\n") + f" (pid {child.pid})\n")
         return 0
     errors += child.stderr.read()

@@ -62,11 +62,37 @@ async def dial(address: str) -> trio.SocketStream:
     host, port = parse_address(address)
     with trio.fail_after(CONNECT_TIMEOUT):
         stream = await trio.open_tcp_stream(host, port)
-    _tune(stream)
+    tune(stream)
     return stream
 
 
-def _tune(stream: trio.SocketStream) -> None:
+def describe_dial_error(exc: BaseException) -> str:
+    """What a failed dial says to a user: refused, timed out, or the system's words."""
+    if isinstance(exc, trio.TooSlowError):
+        return f"timed out after {CONNECT_TIMEOUT:g} s"
+    # trio reports "all attempts to connect ... failed" with the real errors as the cause
+    errors = [exc]
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        errors = list(cause.exceptions)
+    elif cause is not None:
+        errors = [cause]
+    for e in errors:
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+    for e in errors:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror.lower() if e.strerror[:1].isupper() and e.strerror[1:2].islower() else e.strerror
+    return str(exc) or type(exc).__name__
+
+
+def address_host(address: str) -> str:
+    """The host part of 'HOST:PORT' (or '[v6]:PORT')."""
+    host = address.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
+def tune(stream: trio.SocketStream) -> None:
     import socket
 
     try:

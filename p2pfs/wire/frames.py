@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 
-from ..errors import ProtocolError
+from ..errors import ProtocolError, TruncatedError
 
 PREFIX = struct.Struct("<I")
 PREFIX_BYTES = PREFIX.size
@@ -128,5 +128,5 @@ class FrameDecoder:
                 with memoryview(self._buf) as view, view[start:self._start] as frame:
                     return transform(frame)
         if self._eof and avail:
-            raise ProtocolError("peer closed the connection in the middle of a frame")
+            raise TruncatedError("peer closed the connection in the middle of a frame")
         return None
