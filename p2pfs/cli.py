@@ -30,6 +30,7 @@ from .index import KIND_DIR, KIND_SYMLINK, Entry
 from .node import DEFAULT_TIMEOUT, DHT_PORT, NetOptions, local_drive, open_drive, open_store, parse_drive_ref
 
 CAT_CHUNK = 4 << 20
+CAT_FIRST = 1 << 20  # bytes a cold cat asks for with its first request
 
 
 # --- output helpers ------------------------------------------------------------
@@ -158,7 +159,8 @@ def cmd_import(args) -> int:
 
 async def _ls(args) -> int:
     store = _store(args)
-    async with open_drive(store, args.key, **read_options(args)) as drive:
+    async with open_drive(store, args.key, hint=(os.fsencode(args.path), 0),
+                          **read_options(args)) as drive:
         path = args.path
         entry = await drive.lookup(path)
         if entry.kind != KIND_DIR:
@@ -191,7 +193,9 @@ def cmd_ls(args) -> int:
 
 async def _cat(args) -> int:
     store = _store(args)
-    async with open_drive(store, args.key, **read_options(args)) as drive:
+    # the first bytes come with the index path, in the first round trip
+    async with open_drive(store, args.key, hint=(os.fsencode(args.path), CAT_FIRST),
+                          **read_options(args)) as drive:
         entry = await drive.lookup(args.path)
         if entry.kind == KIND_DIR:
             raise UsageError(f"{args.path}: is a directory")

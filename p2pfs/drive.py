@@ -298,6 +298,12 @@ class Drive:
         self._notify(head)
         return True
 
+    def root_of(self, length: int) -> bytes | None:
+        """The signed root of version `length`, if we hold that signed head."""
+        head = self.head if self.head is not None and self.head.length == length \
+            else self.store.get_head(self.key, length)
+        return None if head is None else head.root
+
     def verify_received(self, block: int, data: bytes, proof: list[Node], length: int,
                         get_trusted: Callable[[int], Node | None] | None = None,
                         ) -> list[Node] | None:

@@ -16,7 +16,7 @@ from typing import AsyncIterator, Sequence
 
 import trio
 
-from . import crypto
+from . import crypto, index
 from .drive import Drive
 from .errors import NotFoundError, UsageError
 from .store import Store, default_home
@@ -125,14 +125,17 @@ def discovery_sources(node_key: bytes, net: NetOptions, home: Path | None = None
 @asynccontextmanager
 async def open_drive(store: Store, key: bytes | str, version: int | None = None,
                      peers: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT,
-                     net: NetOptions | None = None) -> AsyncIterator[Drive]:
+                     net: NetOptions | None = None,
+                     hint: tuple[bytes, int] | None = None) -> AsyncIterator[Drive]:
     """Yield a Drive opened at `version` (None: newest, live).
 
     `key` is 32 bytes or key text (``KEY`` or ``KEY@N``; an explicit
     `version` wins).  `net` says where peers come from (default: the static
     `peers` only, waiting up to `timeout`).  A drive this home owns is read
-    locally unless static peers are given.  Raises UsageError for a bad
-    key, NotFoundError for an unknown drive or version."""
+    locally unless static peers are given.  `hint` = (path, bytes): what the
+    caller will read first, asked of every peer in the first flight (see
+    `Swarm.hint`).  Raises UsageError for a bad key, NotFoundError for an
+    unknown drive or version."""
     if isinstance(key, str):
         key, text_version = parse_drive_ref(key)
         version = version if version is not None else text_version
@@ -150,13 +153,17 @@ async def open_drive(store: Store, key: bytes | str, version: int | None = None,
     async with open_network(store, net) as swarm:
         drive = Drive(store, key, source=swarm)
         swarm.add_drive(drive)
+        path = b"/"
+        if hint is not None and version is None:
+            path = index.normalize_path(hint[0])
+            swarm.hint(drive, path, hint[1])
         started = trio.current_time()
         await swarm.wait_for_peers(drive, net.timeout)
         if drive.head is None:
             raise unavailable(drive.key_text, swarm, net.timeout, trio.current_time() - started)
         # the header, the newest commit and the index root in one round trip
         # (in a small drive the root is the whole index: no more trips to look up)
-        await swarm.fetch_path(drive, b"/")
+        await swarm.fetch_path(drive, path)
         await swarm.fetch(drive, [0, drive.head.length - 1])
         await drive.open(version)
         yield drive

@@ -46,7 +46,7 @@ from . import transport
 from .connections import Connections
 from .discovery import Candidate, Source
 from .discovery.static import StaticSource
-from .fetcher import DEFAULT_TIMEOUT, Fetcher, NodeCaches
+from .fetcher import DEFAULT_TIMEOUT, STALL_TIMEOUT, Fetcher, NodeCaches
 from .peer import Inflight, Peer, PeerDropped, raise_single
 from .serving import Server
 
@@ -84,6 +84,8 @@ class Swarm:
         self.static = StaticSource()
         self.sources: list[Source] = []
         self.port: int | None = None  # the TCP port we accept peers on, once listening
+        self._hints: dict[bytes, tuple[bytes, int]] = {}   # drive key -> (path, content bytes)
+        self._hinted: dict[bytes, list[Inflight]] = {}     # ... the first-flight requests sent
         self._nursery: trio.Nursery | None = None
 
     # --- registry ------------------------------------------------------------------
@@ -192,11 +194,22 @@ class Swarm:
 
     # --- PeerHost ------------------------------------------------------------------
 
+    def hint(self, drive: Drive, path: bytes, content_bytes: int = 0) -> None:
+        """Ask every peer we dial from now on, in the first flight (with the
+        channel's Open, before any reply), for the index path of `path` in
+        its newest version and the first `content_bytes` of it: a cold small
+        read then costs no further round trip."""
+        self.add_drive(drive)
+        self._hints[drive.key] = (path, content_bytes)
+
     def on_connected(self, peer: Peer) -> None:
         self.connections.admit(peer, self.node_public)
         if peer.initiator and not peer.closed:
             for key in self.drives:
                 peer.write(peer.conn.open_channel(key))
+                hint = self._hints.get(key)
+                if hint is not None:
+                    self._hinted.setdefault(key, []).append(peer.request_path(key, hint[0], 0, hint[1]))
         self.connections.changed()
 
     def on_channel_opened(self, peer: Peer, key: bytes) -> None:
@@ -259,7 +272,7 @@ class Swarm:
     async def output_room(self, peer: Peer) -> None:
         await self.connections.output_room(peer)
 
-    def answer(self, peer: Peer, key: bytes, msg) -> m.Message:
+    def answer(self, peer: Peer, key: bytes, msg) -> list[m.Message]:
         ch = peer.conn.local_channel(key)
         return self.server.answer(0 if ch is None else ch, key, msg)
 
@@ -291,8 +304,14 @@ class Swarm:
         await self.fetcher.fetch(drive, blocks)
 
     async def fetch_path(self, drive: Drive, path: bytes) -> None:
-        """Best effort: every index block on `path` from one peer, one round trip."""
+        """Best effort: every index block on `path` from one peer, one round trip
+        (none if a first-flight request for that path is answered or in flight)."""
         self.add_drive(drive)
+        hinted = [inf for inf in self._hinted.get(drive.key, ()) if inf.path == path]
+        if hinted:
+            with trio.move_on_after(min(self.timeout, STALL_TIMEOUT)):
+                await hinted[0].done.wait()  # answered (or refused: NoData) by its peer
+            return
         await self.fetcher.fetch_path(drive, path)
 
     # --- waiting and reporting -----------------------------------------------------------
