@@ -199,6 +199,30 @@ def sign_bep44_blinded(seed: bytes, salt: bytes, seq: int, value: bytes) -> byte
     return big_r + sodium.crypto_core_ed25519_scalar_add(r, sodium.crypto_core_ed25519_scalar_mul(k, a_blind))
 
 
+DHT_HEAD_SALT = b"p2pfs"
+DHT_HEAD_BYTES = 8 + 32 + 64
+
+
+def dht_head_value(length: int, root: bytes, signature: bytes) -> bytes:
+    """The BEP 44 value (bencoded) carrying a signed head:
+    ``104:`` u64le length || root (32) || head signature (64)."""
+    raw = struct.pack("<Q", length) + _check(root, HASH_BYTES, "tree root") + \
+        _check(signature, SIGNATURE_BYTES, "head signature")
+    return b"%d:%s" % (DHT_HEAD_BYTES, raw)
+
+
+def sign_dht_head(seed: bytes, length: int, root: bytes, signature: bytes) -> bytes:
+    """The owner's BEP 44 signature of a head's DHT item (under the blinded key)."""
+    return sign_bep44_blinded(seed, DHT_HEAD_SALT, length, dht_head_value(length, root, signature))
+
+
+def verify_dht_head(drive_key: bytes, length: int, root: bytes, signature: bytes,
+                    dht_signature: bytes) -> None:
+    """VerificationError unless `dht_signature` is the owner's for this head's DHT item."""
+    verify_bep44(blinded_key(drive_key), DHT_HEAD_SALT, length,
+                 dht_head_value(length, root, signature), dht_signature)
+
+
 def verify_bep44(public_key: bytes, salt: bytes, seq: int, value: bytes, signature: bytes) -> None:
     """Check a BEP 44 item's signature.  Raises VerificationError if it is not the key's."""
     if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:

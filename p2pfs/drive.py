@@ -298,6 +298,21 @@ class Drive:
         self._notify(head)
         return True
 
+    def accept_dht_signature(self, head: Head, dht_signature: bytes) -> bool:
+        """Keep the owner's DHT signature of a head this home holds, if it is
+        one (so this node can put the head in the DHT).  True if kept."""
+        if len(dht_signature) != crypto.SIGNATURE_BYTES or self.store.dht_signature(self.key, head.length):
+            return False
+        held = self.store.get_head(self.key, head.length)
+        if held is None or held.root != head.root:
+            return False
+        try:
+            crypto.verify_dht_head(self.key, head.length, head.root, held.signature, dht_signature)
+        except VerificationError:
+            return False
+        self.store.put_dht_signature(self.key, head.length, dht_signature)
+        return True
+
     def root_of(self, length: int) -> bytes | None:
         """The signed root of version `length`, if we hold that signed head."""
         head = self.head if self.head is not None and self.head.length == length \

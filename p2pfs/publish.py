@@ -293,7 +293,10 @@ class _Appender:
         length = self.builder.length
         root = self.builder.root()
         head = Head(length, root, crypto.sign_head(seed, self.key, length, root))
-        self.store.commit_version(self.key, head, self.nodes, record, self.batch)
+        # and the DHT's copy of it (BEP 44, under the blinded key), so that
+        # any node holding this head can put it in the DHT unchanged
+        dht_signature = crypto.sign_dht_head(seed, length, root, head.signature)
+        self.store.commit_version(self.key, head, self.nodes, record, self.batch, dht_signature)
         self.batch = []
         return head
 

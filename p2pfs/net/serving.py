@@ -63,7 +63,8 @@ class Server:
             if isinstance(msg, m.Request):
                 return [self._answer_run(channel, key, msg)]
             if msg.length == 0:
-                return [m.Head(channel, head.length, head.root, head.signature),
+                return [m.Head(channel, head.length, head.root, head.signature,
+                               self.store.dht_signature(key, head.length)),
                         self._answer_path(drive, channel, msg, head.length)]
             return [self._answer_path(drive, channel, msg, msg.length)]
         except (LookupError, MissingBlock, P2pfsError):
