@@ -156,7 +156,9 @@ async def test_a_reader_learns_the_newest_head_from_the_dht_alone(tmp_path):
                     await reader.add_source(DhtSource(DhtNode(bind=("127.0.0.8", 0), bootstrap=boot,
                                                               timeout=1.0)))
                     drive = reader.add_drive(Drive(reader_store, key))
-                    with trio.fail_after(30):
+                    # lookups are retried after 2, 4, 8 ... s while the owner's put is not
+                    # in yet (the owner's node bootstraps meanwhile, and retries too)
+                    with trio.fail_after(90):
                         while drive.head is None:
                             await reader.connections.wait_changed()
                     assert drive.head == owner_store.latest_head(key)
