@@ -302,6 +302,18 @@ def bench_remote(table: Table, work: Path, size: int, runs: int) -> None:
         log.close()
 
 
+def rerun_in_loopback_namespace(module: str, argv: list[str] | None) -> bool:
+    """Run `python -m module argv` again inside a loopback-only network
+    namespace (no packet can leave) unless already there; True if it did."""
+    if os.environ.get("P2PFS_BENCH_NETNS") == "1" or not shutil.which("unshare") \
+            or os.geteuid() != 0:
+        return False
+    cmd = ["unshare", "-n", "--", "bash", "-c", 'ip link set lo up && exec "$@"', "bench",
+           sys.executable, "-m", module, *(argv or [])]
+    subprocess.run(cmd, check=True, env={**env(), "P2PFS_BENCH_NETNS": "1"}, cwd=REPO)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="bench_mount")
     ap.add_argument("--size", type=int, default=1024, help="MiB of the big file (default 1024)")
@@ -309,11 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per figure (best is kept)")
     ap.add_argument("--no-remote", action="store_true", help="skip the seeder rows")
     args = ap.parse_args(argv if argv is not None else [])
-    if os.environ.get("P2PFS_BENCH_NETNS") != "1" and shutil.which("unshare") and os.geteuid() == 0:
-        # Re-run inside a loopback-only network namespace: no packet can leave.
-        cmd = ["unshare", "-n", "--", "bash", "-c", 'ip link set lo up && exec "$@"', "bench",
-               sys.executable, "-m", "bench.bench_mount", *(argv or [])]
-        subprocess.run(cmd, check=True, env={**env(), "P2PFS_BENCH_NETNS": "1"}, cwd=REPO)
+    if rerun_in_loopback_namespace("bench.bench_mount", argv):
         return
     size = args.size * MiB
     table = Table()

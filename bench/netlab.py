@@ -8,6 +8,12 @@ Theory of operation
   namespaces; no namespace gets a default route or any device of the root
   namespace.  Link N's ends are 10.77.N.1/24 (the `a` side) and 10.77.N.2/24
   (the `b` side); those addresses exist only inside the lab.
+* A bridge is a switched link for many namespaces: a Linux bridge in a lab
+  namespace of its own, one veth per member (bridge N's members are
+  10.77.N.1, .2, ...), multicast flooded to every port, and a 224.0.0.0/4
+  route in each member, so multicast works as on a LAN.  Links and bridges
+  share the numbering N.  `Lab.capture(bridge)` records every frame that
+  members send onto a bridge (a pcap file; `udp_datagrams` parses it).
 * The root namespace has no route to lab addresses (and must never get one),
   so every client runs inside a lab namespace too: `Lab.run`, `Lab.spawn`,
   `Lab.service` all take the namespace to run in.
@@ -30,7 +36,7 @@ Theory of operation
   clock, so several sinks can be summed into one aggregate.
 
 Entry points for the processes the lab places in namespaces:
-`python -m bench.netlab proxy|sink|source ...` (see `_cli`).  A process
+`python -m bench.netlab proxy|sink|source|capture ...` (see `_cli`).  A process
 that serves prints `listening on HOST:PORT` on stdout, as `p2pfs seed` does.
 """
 
@@ -46,7 +52,9 @@ import resource
 import secrets
 import shutil
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -221,6 +229,85 @@ async def tcp_source(stream: trio.SocketStream, nbytes: int, write_size: int = W
 
 
 # --------------------------------------------------------------------------
+# packet captures (pcap files of Ethernet frames)
+
+_PCAP_HEADER = struct.Struct("<IHHiIII")  # magic, version 2.4, zone, sigfigs, snaplen, linktype
+_PCAP_RECORD = struct.Struct("<IIII")     # seconds, microseconds, captured length, length
+_PCAP_MAGIC = 0xA1B2C3D4
+_SNAPLEN = 65535
+
+
+def pcap_header() -> bytes:
+    return _PCAP_HEADER.pack(_PCAP_MAGIC, 2, 4, 0, 0, _SNAPLEN, 1)  # linktype 1: Ethernet
+
+
+def pcap_record(frame: bytes, when: float) -> bytes:
+    seconds, micros = divmod(round(when * 1e6), 1_000_000)
+    return _PCAP_RECORD.pack(seconds, micros, len(frame), len(frame)) + frame
+
+
+def read_pcap(path: Path) -> list[bytes]:
+    """The frames of a pcap file written by `pcap_header` and `pcap_record`."""
+    data = Path(path).read_bytes()
+    if len(data) < _PCAP_HEADER.size or _PCAP_HEADER.unpack_from(data)[0] != _PCAP_MAGIC:
+        raise LabError(f"{path} is not a pcap file")
+    frames, pos = [], _PCAP_HEADER.size
+    while pos < len(data):
+        if pos + _PCAP_RECORD.size > len(data):
+            raise LabError(f"{path} ends inside a record header")
+        _, _, size, _ = _PCAP_RECORD.unpack_from(data, pos)
+        pos += _PCAP_RECORD.size
+        if pos + size > len(data):
+            raise LabError(f"{path} ends inside a frame")
+        frames.append(data[pos:pos + size])
+        pos += size
+    return frames
+
+
+@dataclass(frozen=True)
+class Datagram:
+    """A UDP datagram taken from a captured frame."""
+
+    src: tuple[str, int]
+    dst: tuple[str, int]
+    payload: bytes
+
+
+def udp_datagrams(frames: Sequence[bytes]) -> list[Datagram]:
+    """Every UDP datagram (IPv4 or IPv6) in Ethernet frames; other frames are
+    skipped.  A fragmented IPv4 datagram raises LabError (not reassembled:
+    a check of every datagram's bytes would miss the later fragments)."""
+    out = []
+    for frame in frames:
+        if len(frame) < 14:
+            continue
+        ethertype = int.from_bytes(frame[12:14], "big")
+        ip = frame[14:]
+        if ethertype == 0x0800 and len(ip) >= 20 and ip[0] >> 4 == 4:
+            header = (ip[0] & 0x0F) * 4
+            if ip[9] != 17:
+                continue
+            if int.from_bytes(ip[6:8], "big") & 0x3FFF:  # more fragments, or an offset
+                raise LabError("a captured UDP datagram is fragmented (not reassembled)")
+            src_ip, dst_ip = socket.inet_ntop(socket.AF_INET, ip[12:16]), socket.inet_ntop(socket.AF_INET, ip[16:20])
+            end = int.from_bytes(ip[2:4], "big")
+        elif ethertype == 0x86DD and len(ip) >= 40 and ip[0] >> 4 == 6:
+            header = 40
+            if ip[6] != 17:  # extension headers are not followed
+                continue
+            src_ip, dst_ip = socket.inet_ntop(socket.AF_INET6, ip[8:24]), socket.inet_ntop(socket.AF_INET6, ip[24:40])
+            end = 40 + int.from_bytes(ip[4:6], "big")
+        else:
+            continue
+        udp = ip[header:end]
+        if len(udp) < 8:
+            continue
+        src_port, dst_port, length = struct.unpack_from(">HHH", udp)
+        out.append(Datagram((src_ip, src_port), (dst_ip, dst_port), bytes(udp[8:length])))
+    return out
+
+
+# --------------------------------------------------------------------------
 # the lab
 
 
@@ -244,6 +331,38 @@ class Link:
     b_dev: str
     a_ip: str
     b_ip: str
+
+
+@dataclass(frozen=True)
+class BridgePort:
+    """A namespace on a bridge: `dev` (address `ip`) in `ns`, whose other end
+    `port_dev` is a port of the bridge in the bridge's namespace."""
+
+    ns: Netns
+    dev: str
+    ip: str
+    port_dev: str
+
+
+@dataclass
+class Bridge:
+    """A Linux bridge (`dev`, in its own namespace `ns`) with subnet 10.77.`subnet`.0/24:
+    one switched link for any number of namespaces (`Lab.attach`)."""
+
+    ns: Netns
+    dev: str
+    subnet: int
+    ports: list[BridgePort]
+
+    def port(self, ns: Netns) -> BridgePort:
+        for port in self.ports:
+            if port.ns == ns:
+                return port
+        raise LabError(f"{ns.name} is not attached to bridge {self.dev}")
+
+    def ip(self, ns: Netns) -> str:
+        """The address of `ns` on this bridge."""
+        return self.port(ns).ip
 
 
 @dataclass
@@ -285,6 +404,34 @@ class Service:
         return "\n".join(text.splitlines()[-lines:])
 
 
+@dataclass
+class Capture:
+    """A packet capture process (`Lab.capture`) writing a pcap file."""
+
+    proc: subprocess.Popen
+    pcap: Path
+    log: Path
+
+    def stop(self, timeout: float = 10.0) -> list[bytes]:
+        """Stop capturing; return every frame captured, in order.  Raises
+        LabError if the process failed or the kernel dropped any frame."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise LabError("the capture did not stop on SIGTERM") from None
+        lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.startswith("{")]
+        if self.proc.returncode != 0 or not lines:
+            raise LabError(f"the capture failed (code {self.proc.returncode}):\n{self.log.read_text(errors='replace')}")
+        summary = json.loads(lines[-1])
+        if summary["drops"]:
+            raise LabError(f"the capture lost {summary['drops']} of {summary['frames'] + summary['drops']} frames")
+        return read_pcap(self.pcap)
+
+
 def _sh(*argv: str, input: bytes | None = None) -> subprocess.CompletedProcess:
     """Run a set-up command; raise LabError with its stderr if it fails."""
     done = subprocess.run(argv, input=input, capture_output=True)
@@ -307,6 +454,16 @@ def require_tools() -> None:
         still = [t for t in ("ip", "tc", "nft") if shutil.which(t) is None]
         if still:
             raise LabError(f"missing {', '.join(still)} after installing iproute2 and nftables")
+
+
+def _wait_oper_up(ns: Netns, dev: str, timeout: float = 5.0) -> None:
+    """Poll until `dev` in `ns` is operationally up (carrier seen: the kernel
+    may take up to a second to say so after `ip link set up`)."""
+    deadline = time.monotonic() + timeout
+    while json.loads(_sh("ip", "-n", ns.name, "-j", "link", "show", "dev", dev).stdout)[0].get("operstate") != "UP":
+        if time.monotonic() > deadline:
+            raise LabError(f"{dev} in {ns.name} is not up after {timeout:g} s")
+        time.sleep(0.02)
 
 
 def list_netns() -> list[str]:
@@ -407,18 +564,25 @@ class Lab:
         """A new namespace with only `lo`, up."""
         if not re.fullmatch(r"[a-z0-9]{1,12}", role):
             raise ValueError(f"role must be 1-12 of [a-z0-9], got {role!r}")
-        ns = Netns(self.prefix + role)
+        return self._new_namespace(self.prefix + role)
+
+    def _new_namespace(self, name: str) -> Netns:
+        ns = Netns(name)
         self._namespaces.append(ns)  # before creating: close() must find it
         _sh("ip", "netns", "add", ns.name)
         _sh("ip", "-n", ns.name, "link", "set", "lo", "up")
         return ns
 
+    def _next_subnet(self) -> int:
+        """N of the next 10.77.N.0/24: one per link or bridge."""
+        if self._links >= 254:
+            raise LabError("a lab holds at most 254 links and bridges")
+        self._links += 1
+        return self._links
+
     def link(self, a: Netns, b: Netns, mtu: int | None = None) -> Link:
         """Join two lab namespaces with a veth pair; link N gets 10.77.N.1 (a), .2 (b)."""
-        if self._links >= 254:
-            raise LabError("a lab holds at most 254 links")
-        self._links += 1
-        n = self._links
+        n = self._next_subnet()
         link = Link(a, b, f"v{self._dev_tag}{n}a", f"v{self._dev_tag}{n}b", f"10.77.{n}.1", f"10.77.{n}.2")
         _sh("ip", "link", "add", link.a_dev, "netns", a.name, "type", "veth",
             "peer", "name", link.b_dev, "netns", b.name)
@@ -428,6 +592,57 @@ class Lab:
                 _sh("ip", "-n", ns.name, "link", "set", dev, "mtu", str(mtu))
             _sh("ip", "-n", ns.name, "link", "set", dev, "up")
         return link
+
+    def bridge(self, namespaces: Sequence[Netns] = ()) -> Bridge:
+        """A switched link: a Linux bridge in a namespace of its own (no
+        addresses there), each of `namespaces` attached by a veth (`attach`).
+        Bridge N's members get 10.77.N.1, .2, ... in the order attached.
+        Multicast is flooded to every port (snooping off, so no querier is
+        needed) and each member routes 224.0.0.0/4 to its first bridge, as a
+        host's default route would."""
+        n = self._next_subnet()
+        ns = self._new_namespace(f"{self.prefix}bridge-{n}")  # '-' is not in roles: no clash
+        bridge = Bridge(ns, f"b{self._dev_tag}{n}", n, [])
+        _sh("ip", "-n", ns.name, "link", "add", bridge.dev, "type", "bridge", "mcast_snooping", "0")
+        _sh("ip", "-n", ns.name, "link", "set", bridge.dev, "up")
+        for member in namespaces:
+            self.attach(bridge, member)
+        return bridge
+
+    def attach(self, bridge: Bridge, ns: Netns) -> BridgePort:
+        """Attach one more namespace to `bridge`; returns its port (device, address)."""
+        if any(p.ns == ns for p in bridge.ports):
+            raise LabError(f"{ns.name} is already on bridge {bridge.dev}")
+        i = len(bridge.ports) + 1
+        if i > 254:
+            raise LabError("a bridge holds at most 254 namespaces")
+        port = BridgePort(ns, f"v{self._dev_tag}{bridge.subnet}m{i}", f"10.77.{bridge.subnet}.{i}",
+                          f"v{self._dev_tag}{bridge.subnet}p{i}")
+        _sh("ip", "link", "add", port.dev, "netns", ns.name, "type", "veth",
+            "peer", "name", port.port_dev, "netns", bridge.ns.name)
+        _sh("ip", "-n", bridge.ns.name, "link", "set", port.port_dev, "master", bridge.dev)
+        _sh("ip", "-n", bridge.ns.name, "link", "set", port.port_dev, "up")
+        _sh("ip", "-n", ns.name, "addr", "add", f"{port.ip}/24", "dev", port.dev)
+        _sh("ip", "-n", ns.name, "link", "set", port.dev, "up")
+        routes = _sh("ip", "-n", ns.name, "-j", "route", "show", "224.0.0.0/4").stdout
+        if not json.loads(routes or "[]"):
+            _sh("ip", "-n", ns.name, "route", "add", "224.0.0.0/4", "dev", port.dev)
+        bridge.ports.append(port)
+        _wait_oper_up(ns, port.dev)
+        return port
+
+    def capture(self, bridge: Bridge, timeout: float = 15.0) -> Capture:
+        """Start recording every frame that enters `bridge` from any port (each
+        frame once: what members send, not the copies forwarded to them), up
+        to the ports attached now.  `Capture.stop()` returns the frames."""
+        if not bridge.ports:
+            raise LabError(f"bridge {bridge.dev} has no ports to capture on")
+        pcap = self.tmp / f"{bridge.dev}.{len(self._procs)}.pcap"
+        log = pcap.with_suffix(".log")
+        argv = self.python("-m", "bench.netlab", "capture", "--out", str(pcap),
+                           *[a for p in bridge.ports for a in ("--dev", p.port_dev)])
+        proc, _ = self._start_and_wait(bridge.ns, argv, "capture", log, re.compile(rb"capturing on"), timeout)
+        return Capture(proc, pcap, log)
 
     def rate_limit(self, ns: Netns, dev: str, rate: str, burst: str = "64kb", latency: str = "20ms") -> None:
         """Limit what `dev` in `ns` sends to `rate` (tc syntax, e.g. '200mbit') with tbf."""
@@ -492,20 +707,25 @@ class Lab:
         """Start a server in `ns` and wait (polling, up to `timeout` s) for it to
         print `listening on HOST:PORT`; its stdout and stderr go to a log file."""
         log = self.tmp / f"{name}.{len(self._procs)}.log"
+        proc, m = self._start_and_wait(ns, argv, name, log, _LISTENING, timeout, env)
+        return Service(proc, (m.group(1).decode(), int(m.group(2))), log)
+
+    def _start_and_wait(self, ns: Netns, argv: Sequence[str], name: str, log: Path, ready: re.Pattern,
+                        timeout: float, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, re.Match]:
+        """Start argv in `ns`, output to `log`; poll until the log matches `ready`."""
         with open(log, "wb") as out:
             proc = self.spawn(ns, argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         service = Service(proc, ("", 0), log)
         deadline = time.monotonic() + timeout
         while True:
-            m = _LISTENING.search(log.read_bytes())
+            m = ready.search(log.read_bytes())
             if m:
-                service.addr = (m.group(1).decode(), int(m.group(2)))
-                return service
+                return proc, m
             if proc.poll() is not None:
-                raise LabError(f"{name} exited with code {proc.returncode} before listening:\n{service.log_tail()}")
+                raise LabError(f"{name} exited with code {proc.returncode} before it was ready:\n{service.log_tail()}")
             if time.monotonic() > deadline:
                 service.stop()
-                raise LabError(f"{name} did not print 'listening on' within {timeout:g} s:\n{service.log_tail()}")
+                raise LabError(f"{name} did not print {ready.pattern.decode()!r} within {timeout:g} s:\n{service.log_tail()}")
             time.sleep(0.02)
 
     def python(self, *args: str) -> list[str]:
@@ -686,6 +906,38 @@ async def _source_main(connect: tuple[str, int], nbytes: int, write_size: int, w
         await tcp_source(stream, nbytes, write_size)
 
 
+_ETH_P_ALL = 0x0003
+_SOL_PACKET, _PACKET_STATISTICS, _PACKET_OUTGOING = 263, 6, 4
+_SO_RCVBUFFORCE = 33
+
+
+def _capture_main(devices: Sequence[str], out: Path) -> None:
+    """Write every frame received on `devices` (not those sent out of them)
+    to a pcap file until SIGTERM; then print {"frames", "drops"}."""
+    wanted = set(devices)
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 64 << 20)
+    frames = 0
+
+    def stop(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        with open(out, "wb") as pcap:
+            pcap.write(pcap_header())
+            print(f"capturing on {' '.join(devices)}", flush=True)
+            while True:
+                frame, (ifname, _, pkttype, *_) = sock.recvfrom(_SNAPLEN)
+                if ifname in wanted and pkttype != _PACKET_OUTGOING:
+                    pcap.write(pcap_record(frame, time.time()))
+                    frames += 1
+    finally:
+        _, drops = struct.unpack("II", sock.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8))
+        print(json.dumps({"frames": frames, "drops": drops}), flush=True)
+
+
 def _cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.netlab")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -701,8 +953,13 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--bytes", type=int, required=True)
     c.add_argument("--write-size", type=int, default=WRITE_SIZE)
     c.add_argument("--wait-go", action="store_true", help="after connecting, print 'connected' and wait for a stdin line")
+    k = sub.add_parser("capture", help="write every frame received on some devices to a pcap file")
+    k.add_argument("--dev", action="append", required=True, help="a device to capture on (repeatable)")
+    k.add_argument("--out", type=Path, required=True, help="the pcap file to write")
     args = parser.parse_args(argv)
-    if args.cmd == "proxy":
+    if args.cmd == "capture":
+        _capture_main(args.dev, args.out)
+    elif args.cmd == "proxy":
         trio.run(_proxy_main, args.listen, args.target, args.rtt, not args.no_handshake)
     elif args.cmd == "sink":
         trio.run(_sink_main, args.listen)

@@ -23,14 +23,17 @@ from typing import Callable
 
 import trio
 
-from . import __version__, crypto, drive as drive_mod, publish
+from . import __version__, config, crypto, drive as drive_mod, publish
 from .errors import (BlockUnavailableError, P2pfsError, StoreDamagedError, UsageError,
                      VerificationError)
+from .ignore import Rules
 from .index import KIND_DIR, KIND_SYMLINK, Entry
-from .node import DEFAULT_TIMEOUT, local_drive, open_drive, open_store, parse_drive_ref
+from .node import DEFAULT_TIMEOUT, DHT_PORT, NetOptions, local_drive, open_drive, open_store, parse_drive_ref
+from .progress import Bar, size_text as _size
 from .store import check_structure
 
 CAT_CHUNK = 4 << 20
+CAT_FIRST = 1 << 20  # bytes a cold cat asks for with its first request
 
 
 # --- output helpers ------------------------------------------------------------
@@ -62,70 +65,52 @@ def _entry_line(name: bytes, entry: Entry, long: bool) -> bytes:
     return line + b"\n"
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-class _Progress:
-    """A rich progress bar on a terminal; a few plain lines otherwise."""
-
-    def __init__(self, quiet: bool, what: str):
-        self.quiet = quiet
-        self.what = what
-        self.total = 0
-        self.done = 0
-        self.next_report = 0
-        self.bar = None
-        self.task = None
-
-    def start(self, total: int) -> None:
-        self.total = total
-        if self.quiet:
-            return
-        if sys.stderr.isatty():
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                       TimeRemainingColumn, TransferSpeedColumn)
-            self.bar = Progress(TextColumn(self.what), BarColumn(), DownloadColumn(),
-                                TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(self.what, total=total)
-        elif total >= (64 << 20):
-            _err(f"{self.what}: {_size(total)} to hash")
-            self.next_report = total // 4
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.done)
-        elif not self.quiet and self.total >= (64 << 20) and self.done >= self.next_report:
-            _err(f"{self.what}: {self.done * 100 // max(self.total, 1)}%")
-            self.next_report += self.total // 4
-
-    def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-
-
 # --- seams -----------------------------------------------------------------------
 
-def add_read_options(parser: argparse.ArgumentParser) -> None:
-    """Options of every command that reads a drive.  The network layer adds
-    --peer HOST:PORT and --timeout here."""
+def add_net_options(parser: argparse.ArgumentParser) -> None:
+    """Where peers come from: options of every command that reads or serves a drive."""
     parser.add_argument("--peer", metavar="HOST:PORT", action="append", default=[],
-                        help="fetch missing blocks from this peer (repeatable)")
+                        help="also use this peer (repeatable; adds to discovery)")
+    parser.add_argument("--no-lan", dest="lan", action="store_false", default=None,
+                        help="do not look for peers on the local network")
+    parser.add_argument("--no-dht", dest="dht", action="store_false", default=None,
+                        help="do not look for peers through the Mainline DHT")
+    parser.add_argument("--bootstrap", metavar="HOST:PORT", action="append", default=None,
+                        help="DHT bootstrap node (repeatable; default: the public routers)")
+
+
+def add_read_options(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that reads a drive."""
+    add_net_options(parser)
     parser.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
                         help=f"give up when no block arrives for this long (default {DEFAULT_TIMEOUT:g})")
 
 
+def add_exclude_option(parser: argparse.ArgumentParser) -> None:
+    """--exclude of the commands that publish a directory (create, import, share)."""
+    parser.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
+                        help="leave out paths matching this gitignore pattern (repeatable; "
+                             "after the patterns of DIR/.p2pfsignore)")
+
+
+def net_options(args: argparse.Namespace, listen: str | None = None) -> NetOptions:
+    """NetOptions from the command line over the configuration file."""
+    cfg = config.load()
+    timeout = getattr(args, "timeout", None) or cfg.timeout or DEFAULT_TIMEOUT
+    if timeout <= 0:
+        raise UsageError("--timeout must be above 0 seconds")
+    lan = cfg.lan if getattr(args, "lan", None) is None else args.lan
+    dht = cfg.dht if getattr(args, "dht", None) is None else args.dht
+    bootstrap = getattr(args, "bootstrap", None)
+    return NetOptions(peers=tuple(dict.fromkeys(list(getattr(args, "peer", None) or ()) + cfg.peers)),
+                      lan=lan, dht=dht, timeout=timeout, listen=listen,
+                      bootstrap=tuple(bootstrap) if bootstrap is not None else
+                      (tuple(cfg.bootstrap) if cfg.bootstrap is not None else None))
+
+
 def read_options(args: argparse.Namespace) -> dict:
     """open_drive keywords from the read options."""
-    return {"peers": getattr(args, "peer", None) or (),
-            "timeout": getattr(args, "timeout", None) or DEFAULT_TIMEOUT}
+    return {"net": net_options(args)}
 
 
 _open_stores: list = []
@@ -142,11 +127,11 @@ def _store(args):
 
 def cmd_create(args) -> int:
     store = _store(args)
-    progress = _Progress(args.quiet, "create")
+    progress = Bar(args.quiet, "create")
     try:
         result = publish.create_drive(store, args.dir, message=args.message,
-                                        block_size=args.block_size, warn=_err,
-                                        progress=progress.advance, on_scan=progress.start)
+                                      block_size=args.block_size, warn=_err, progress=progress,
+                                      rules=Rules.load(args.dir, args.exclude))
     finally:
         progress.stop()
     key = crypto.encode_key(result.key)
@@ -162,11 +147,11 @@ def cmd_import(args) -> int:
     if version is not None:
         raise UsageError("import writes a new version: give the key without @VERSION")
     drive = local_drive(store, key)
-    progress = _Progress(args.quiet, "import")
+    progress = Bar(args.quiet, "import")
     try:
         result = publish.import_directory(drive, args.dir, message=args.message,
-                                            checksum=args.checksum, warn=_err,
-                                            progress=progress.advance, on_scan=progress.start)
+                                          checksum=args.checksum, warn=_err, progress=progress,
+                                          rules=Rules.load(args.dir, args.exclude))
     finally:
         progress.stop()
     print(f"version {result.version}: {result.new_content_blocks} new content blocks, "
@@ -177,7 +162,8 @@ def cmd_import(args) -> int:
 
 async def _ls(args) -> int:
     store = _store(args)
-    async with open_drive(store, args.key, **read_options(args)) as drive:
+    async with open_drive(store, args.key, hint=(os.fsencode(args.path), 0),
+                          **read_options(args)) as drive:
         path = args.path
         entry = await drive.lookup(path)
         if entry.kind != KIND_DIR:
@@ -210,7 +196,9 @@ def cmd_ls(args) -> int:
 
 async def _cat(args) -> int:
     store = _store(args)
-    async with open_drive(store, args.key, **read_options(args)) as drive:
+    # the first bytes come with the index path, in the first round trip
+    async with open_drive(store, args.key, hint=(os.fsencode(args.path), CAT_FIRST),
+                          **read_options(args)) as drive:
         entry = await drive.lookup(args.path)
         if entry.kind == KIND_DIR:
             raise UsageError(f"{args.path}: is a directory")
@@ -236,6 +224,13 @@ def cmd_cat(args) -> int:
 async def _log(args) -> int:
     store = _store(args)
     async with open_drive(store, args.key, **read_options(args)) as drive:
+        if args.json:
+            print(json.dumps([{"version": c.version, "length": length, "time_ns": c.time_ns,
+                               "time": dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
+                               .isoformat(), "files": c.files, "bytes": c.bytes,
+                               "message": c.message} async for length, c in drive.history()],
+                             indent=2))
+            return 0
         async for length, c in drive.history():
             t = dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
             line = (f"version {c.version:<5} length {length:<10} {t:%Y-%m-%d %H:%M:%S %z}  "
@@ -312,6 +307,36 @@ async def _fetch_heads(args) -> None:
         pass
 
 
+def _version_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"{text!r} is not a version number: give N >= 1 (see 'p2pfs log KEY')")
+    return int(text)
+
+
+async def _diff(args) -> int:
+    from .history import classify
+    key, at = parse_drive_ref(args.key)
+    if at is not None:
+        raise UsageError("give the versions to compare after the key: p2pfs diff KEY V1 [V2]")
+    v1 = _version_arg(args.v1)
+    v2 = _version_arg(args.v2) if args.v2 is not None else None
+    async with open_drive(_store(args), key, **read_options(args)) as drive:
+        _, old = await drive.commit_at(v1)
+        _, new = await drive.commit_at(v2)
+        changes = classify(await drive.diff(old, new))
+    if args.json:
+        print(json.dumps({"key": crypto.encode_key(key), "from": old.version, "to": new.version,
+                          "changes": [c.as_json() for c in changes]}, indent=2))
+        return 0
+    for c in changes:
+        _out(c.line() + b"\n")
+    return 0
+
+
+def cmd_diff(args) -> int:
+    return trio.run(_diff, args)
+
+
 def cmd_verify(args) -> int:
     try:
         if args.peer:
@@ -362,22 +387,28 @@ def _info(store, key: bytes, version: int | None = None, strict: bool = True) ->
     return info
 
 
-async def _info_with_peers(args) -> dict:
+async def _info_with_peers(args, net: NetOptions) -> dict:
     store = _store(args)
     key, version = parse_drive_ref(args.key)
-    async with open_drive(store, key, version, **read_options(args)) as drive:
+    async with open_drive(store, key, version, net=net) as drive:
         info = _info(store, key, version)
-        info["peers"] = drive.source.peer_info(key)
+        swarm = drive.source
+        info["peers"] = swarm.peer_info(key) if swarm is not None else []
+        info["discovery"] = swarm.discovery_info() if swarm is not None else {}
     return info
 
 
 def cmd_info(args) -> int:
-    if getattr(args, "peer", None):
-        info = trio.run(_info_with_peers, args)
+    net = net_options(args)
+    store = _store(args)
+    key, version = parse_drive_ref(args.key)
+    owned = store.key_path(crypto.encode_key(key)).exists()
+    if net.networked and (net.peers or not owned):
+        info = trio.run(_info_with_peers, args, net)
     else:
-        store = _store(args)
-        info = _info(store, *parse_drive_ref(args.key))
+        info = _info(store, key, version)
         info["peers"] = []
+        info["discovery"] = {}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -385,8 +416,12 @@ def cmd_info(args) -> int:
             if k == "peers":
                 print(f"{k:14} {len(v)} connected")
                 for p in v:
-                    print(f"  {p['address']}  node {(p['node_key'] or '?')[:16]}  "
+                    print(f"  {p['address']}  from {p['source']}  node {(p['node_key'] or '?')[:16]}  "
                           f"length {p['length']}  {p['blocks']} blocks announced")
+            elif k == "discovery":
+                for name, st in v.items():
+                    print(f"{name:14} " + ", ".join(f"{a} {b}" for a, b in st.items()
+                                                   if not isinstance(b, (dict, list))))
             else:
                 print(f"{k:14} {v}")
     return 0
@@ -416,6 +451,7 @@ def _setup_create(sub):
     p.add_argument("--block-size", type=int, default=drive_mod.DEFAULT_BLOCK_SIZE,
                    help="content block size in bytes (power of two, default 65536)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_exclude_option(p)
     p.set_defaults(func=cmd_create)
 
 
@@ -427,6 +463,7 @@ def _setup_import(sub):
     p.add_argument("-c", "--checksum", action="store_true",
                    help="hash every file instead of trusting size+mtime+mode")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_exclude_option(p)
     p.set_defaults(func=cmd_import)
 
 
@@ -451,8 +488,19 @@ def _setup_cat(sub):
 def _setup_log(sub):
     p = sub.add_parser("log", help="versions of a drive, newest first (KEY@N: from version N down)")
     p.add_argument("key", metavar="KEY[@VERSION]")
+    p.add_argument("--json", action="store_true", help="JSON output")
     add_read_options(p)
     p.set_defaults(func=cmd_log)
+
+
+def _setup_diff(sub):
+    p = sub.add_parser("diff", help="what changed between two versions (default V2: the newest)")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("v1", metavar="V1")
+    p.add_argument("v2", metavar="V2", nargs="?", default=None)
+    p.add_argument("--json", action="store_true", help="JSON output")
+    add_read_options(p)
+    p.set_defaults(func=cmd_diff)
 
 
 def _setup_verify(sub):
@@ -477,18 +525,20 @@ def _setup_info(sub):
 
 
 def cmd_seed(args) -> int:
-    from .net import server, transport
+    from . import seeder
+    from .net import transport
 
     store = _store(args)
     keys = [parse_drive_ref(k)[0] for k in args.keys]
-    listen = args.listen or transport.DEFAULT_LISTEN
+    listen = args.listen or config.load().listen or transport.DEFAULT_LISTEN
     transport.parse_address(listen)
+    net = net_options(args, listen=listen)
 
     def listening(addresses: list[str]) -> None:
         for a in addresses:
             print(f"listening on {a}", flush=True)
 
-    trio.run(server.seed, store, keys, listen, listening, args.peer)
+    trio.run(seeder.seed, store, keys, net, listening)
     _err("p2pfs: seed: stopped")
     return 0
 
@@ -499,17 +549,89 @@ def _setup_seed(sub):
     p.add_argument("keys", metavar="KEY", nargs="+")
     p.add_argument("--listen", metavar="HOST:PORT", default=None,
                    help=f"address to accept peers on (default {DEFAULT_LISTEN}; port 0: any free port)")
-    p.add_argument("--peer", metavar="HOST:PORT", action="append", default=[],
-                   help="also keep a connection to this peer (repeatable)")
+    add_net_options(p)
     p.set_defaults(func=cmd_seed)
+
+
+def cmd_share(args) -> int:
+    from . import share
+    from .net import transport
+    listen = args.listen or config.load().listen or transport.DEFAULT_LISTEN
+    opts = share.Options(listen=listen, net=net_options(args, listen=listen),
+                         excludes=args.exclude or None, message_prefix=args.message_prefix,
+                         quiet=args.debounce, max_delay=args.max_delay, progress=not args.quiet)
+    if opts.quiet < 0 or opts.max_delay < opts.quiet:
+        raise UsageError("--debounce must be >= 0 and --max-delay at least as long")
+    return share.share_command(home=args.home, directory=args.dir, opts=opts,
+                               daemon=args.daemon, argv=args.argv)
+
+
+def _setup_share(sub):
+    from .net.transport import DEFAULT_LISTEN
+    from .watch import DEFAULT_MAX_DELAY, DEFAULT_QUIET
+    p = sub.add_parser("share", help="publish DIR as it changes and serve it (foreground); "
+                                     "prints its key")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help=f"address to accept peers on (default {DEFAULT_LISTEN}; port 0: any free port)")
+    p.add_argument("--message-prefix", metavar="TEXT", default="share: ",
+                   help="start of every version's message (default 'share: ')")
+    add_exclude_option(p)
+    p.add_argument("--debounce", metavar="SECONDS", type=float, default=DEFAULT_QUIET,
+                   help=f"publish this long after the last change (default {DEFAULT_QUIET:g})")
+    p.add_argument("--max-delay", metavar="SECONDS", type=float, default=DEFAULT_MAX_DELAY,
+                   help=f"... but at most this long after the first (default {DEFAULT_MAX_DELAY:g})")
+    p.add_argument("--daemon", action="store_true",
+                   help="run in the background; return once the key is published and served")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar for the first import")
+    add_net_options(p)
+    p.set_defaults(func=cmd_share)
+
+
+def cmd_dht(args) -> int:
+    import signal
+
+    from .node import run_dht_node
+    listen = args.listen or f"0.0.0.0:{DHT_PORT}"
+
+    def listening(addresses: list[str]) -> None:
+        for a in addresses:
+            print(f"dht listening on {a}", flush=True)
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_dht_node, net_options(args), listen, listening)
+                async for _sig in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(run)
+    _err("p2pfs: dht: stopped")
+    return 0
+
+
+def _setup_dht(sub):
+    p = sub.add_parser("dht", help="run a Mainline DHT node only (e.g. a bootstrap node; foreground)")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help=f"UDP address (default 0.0.0.0:{DHT_PORT}; port 0: any free port)")
+    p.add_argument("--bootstrap", metavar="HOST:PORT", action="append", default=None,
+                   help="bootstrap node (repeatable; default: the public routers)")
+    p.set_defaults(func=cmd_dht)
 
 
 def cmd_mount(args) -> int:
     from . import mount  # pyfuse3 is loaded only by the commands that mount
+    from .net import transport
+    net = net_options(args)
+    if net.discovery or args.listen:
+        # a mount found through discovery is announced there too: it serves
+        # what it holds to other readers
+        net.listen = args.listen or config.load().listen or transport.EPHEMERAL_LISTEN
     return mount.mount_command(home=args.home, ref=args.key, mountpoint=args.mountpoint,
                                daemon=args.daemon, allow_other=args.allow_other,
                                allow_non_empty=args.allow_non_empty,
-                               argv=args.argv, **read_options(args))
+                               argv=args.argv, net=net)
 
 
 def cmd_umount(args) -> int:
@@ -528,6 +650,9 @@ def _setup_mount(sub):
                         "/etc/fuse.conf unless root)")
     p.add_argument("--allow-non-empty", action="store_true",
                    help="mount even if MOUNTPOINT has files (they are hidden while mounted)")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help="accept peers here and serve them what the mount holds "
+                        "(default with discovery: any free port)")
     add_read_options(p)
     p.set_defaults(func=cmd_mount)
 
@@ -540,9 +665,10 @@ def _setup_umount(sub):
 
 COMMANDS: list[tuple[str, Callable]] = [
     ("create", _setup_create), ("import", _setup_import), ("ls", _setup_ls),
-    ("cat", _setup_cat), ("log", _setup_log), ("verify", _setup_verify),
+    ("cat", _setup_cat), ("log", _setup_log), ("diff", _setup_diff), ("verify", _setup_verify),
     ("drives", _setup_drives), ("info", _setup_info), ("seed", _setup_seed),
-    ("mount", _setup_mount), ("umount", _setup_umount),
+    ("share", _setup_share),
+    ("mount", _setup_mount), ("umount", _setup_umount), ("dht", _setup_dht),
 ]
 
 

@@ -298,6 +298,27 @@ class Drive:
         self._notify(head)
         return True
 
+    def accept_dht_signature(self, head: Head, dht_signature: bytes) -> bool:
+        """Keep the owner's DHT signature of a head this home holds, if it is
+        one (so this node can put the head in the DHT).  True if kept."""
+        if len(dht_signature) != crypto.SIGNATURE_BYTES or self.store.dht_signature(self.key, head.length):
+            return False
+        held = self.store.get_head(self.key, head.length)
+        if held is None or held.root != head.root:
+            return False
+        try:
+            crypto.verify_dht_head(self.key, head.length, head.root, held.signature, dht_signature)
+        except VerificationError:
+            return False
+        self.store.put_dht_signature(self.key, head.length, dht_signature)
+        return True
+
+    def root_of(self, length: int) -> bytes | None:
+        """The signed root of version `length`, if we hold that signed head."""
+        head = self.head if self.head is not None and self.head.length == length \
+            else self.store.get_head(self.key, length)
+        return None if head is None else head.root
+
     def verify_received(self, block: int, data: bytes, proof: list[Node], length: int,
                         get_trusted: Callable[[int], Node | None] | None = None,
                         ) -> list[Node] | None:
@@ -416,6 +437,18 @@ class Drive:
         if commit.version != version:
             raise VerificationError(f"drive {self.key_text}: commit chain skips version {version}")
         return length
+
+    async def commit_at(self, version: int | None) -> tuple[int, Commit]:
+        """(log length, Commit) of `version` (None: the newest), fetching what it needs.
+        NotFoundError for a version that does not exist."""
+        length = await self._sync(lambda: self.version_length(version))
+        return length, await self._sync(lambda: self._read_commit(length))
+
+    async def diff(self, old: Commit, new: Commit) -> list[tuple[bytes, Entry | None, Entry | None]]:
+        """(path, old entry, new entry) of every path that differs between two
+        versions (`index.diff`: subtrees both share are not read)."""
+        return await self._sync(
+            lambda: list(index.diff(self.reader, old.root, new.root, self.node_cache)))
 
     def versions(self, length: int | None = None) -> list[tuple[int, Commit]]:
         """(length, Commit) of the version at `length` (None: the newest) and

@@ -66,6 +66,11 @@ class ProtocolError(P2pfsError):
     """A peer sent bytes that break the protocol.  The only error peer input may raise."""
 
 
+class TruncatedError(ProtocolError):
+    """The peer's byte stream ended inside a frame: a connection cut (a
+    crash, a kill), not a breach of the protocol."""
+
+
 class MissingBlock(Exception):
     """Internal signal, never shown to users: block(s) needed are not held locally.
 

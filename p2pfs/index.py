@@ -55,7 +55,7 @@ __all__ = [
     "KIND_FILE", "KIND_DIR", "KIND_SYMLINK", "MAX_BLOCK_SIZE", "MAX_PATH", "MAX_NAME",
     "Header", "Commit", "Leaf", "Internal", "Entry", "encode_block", "decode_block",
     "normalize_path", "split_path", "path_key", "key_path", "children_range",
-    "subtree_ranges", "BlockReader", "NodeCache", "Index", "IndexWriter", "build",
+    "subtree_ranges", "BlockReader", "NodeCache", "Index", "IndexWriter", "build", "diff",
 ]
 
 KIND_FILE = 0
@@ -292,15 +292,19 @@ class _Tree:
         keys = node.keys
         clo = keys[i - 1] if i else lo
         chi = keys[i] if i < len(keys) else hi
-        child = self._node(node.children[i])
+        return self._bounded(node.children[i], clo, chi), clo, chi
+
+    def _bounded(self, ref, lo: bytes, hi: bytes | None):
+        """The node `ref` below the root, checked to hold only keys in [lo, hi)."""
+        child = self._node(ref)
         if isinstance(child, (Leaf, Internal)):
             ck = child.keys
             if ck:
-                if ck[0] < clo or (chi is not None and ck[-1] >= chi):
+                if ck[0] < lo or (hi is not None and ck[-1] >= hi):
                     raise VerificationError("index node holds keys outside its parent's range")
             elif isinstance(child, Leaf):
                 raise VerificationError("empty index leaf below the root")
-        return child, clo, chi
+        return child
 
     def _get(self, root, key: bytes):
         if root is None:
@@ -736,3 +740,110 @@ class IndexWriter(_Tree):
         if not pieces or (top and len(pieces) == 1):
             return pieces
         return em.internals(pieces, lo)
+
+
+# ---------------------------------------------------------------- comparing two versions
+
+
+def _height(tree: _Tree, root: int) -> int:
+    """Levels below `root` (0: a leaf), along the leftmost path."""
+    node = tree._node(root)
+    height = 0
+    while isinstance(node, Internal) and node.children:
+        height += 1
+        if height > MAX_DEPTH:
+            raise VerificationError("index deeper than any valid drive")
+        node = tree._node(node.children[0])
+    return height
+
+
+class _DiffSide:
+    """One version as a stack of pending pieces in key order (the top is next):
+    ("sub", block, lo, hi, height) for a stored subtree not read yet, whose
+    keys all lie in [lo, hi), or ("item", key, entry)."""
+
+    __slots__ = ("tree", "stack")
+
+    def __init__(self, tree: _Tree, root: int):
+        self.tree = tree
+        self.stack = [("sub", root, b"", None, _height(tree, root))]
+
+    def expand(self) -> None:
+        _, ref, lo, hi, height = self.stack.pop()
+        node = self.tree._node(ref) if lo == b"" and hi is None else self.tree._bounded(ref, lo, hi)
+        keys = node.keys
+        if isinstance(node, Leaf):
+            self.stack.extend(("item", k, e) for k, e in zip(reversed(keys), reversed(node.entries)))
+            return
+        children = node.children
+        for i in range(len(children) - 1, -1, -1):
+            self.stack.append(("sub", children[i], keys[i - 1] if i else lo,
+                               keys[i] if i < len(keys) else hi, height - 1))
+
+
+def diff(reader: BlockReader, old_root: int, new_root: int,
+         cache: NodeCache | None = None) -> Iterator[tuple[bytes, Entry | None, Entry | None]]:
+    """(path, old entry or None, new entry or None) for every path whose entry
+    differs between two versions of one drive's index, in key order.
+
+    Subtrees both versions share (the same block index: blocks never change)
+    are skipped without being read, so the cost follows the number of changed
+    keys (times the few nodes around each), not the size of the drive.  A
+    shared subtree is taken as equal even where a hostile drive placed it
+    out of its key range (it reads equally wrong in both versions).  May
+    raise MissingBlock (fetch and call again) and VerificationError.
+    """
+    tree = _Tree(reader, cache)
+    if old_root == new_root:
+        return
+    a, b = _DiffSide(tree, old_root), _DiffSide(tree, new_root)
+    sa, sb = a.stack, b.stack
+    while sa or sb:
+        if not sb:
+            top = sa[-1]
+            if top[0] == "sub":
+                a.expand()
+            else:
+                sa.pop()
+                yield key_path(top[1]), top[2], None
+            continue
+        if not sa:
+            top = sb[-1]
+            if top[0] == "sub":
+                b.expand()
+            else:
+                sb.pop()
+                yield key_path(top[1]), None, top[2]
+            continue
+        x, y = sa[-1], sb[-1]
+        if x[0] == "sub" and y[0] == "sub":
+            if x[1] == y[1]:  # the same stored subtree: equal, skip both
+                sa.pop()
+                sb.pop()
+            elif x[4] > y[4] or (x[4] == y[4] and x[2] <= y[2]):
+                a.expand()
+            else:
+                b.expand()
+        elif x[0] == "sub":  # y is an item: below x's range it is not in the old version
+            if y[1] < x[2]:
+                sb.pop()
+                yield key_path(y[1]), None, y[2]
+            else:
+                a.expand()
+        elif y[0] == "sub":
+            if x[1] < y[2]:
+                sa.pop()
+                yield key_path(x[1]), x[2], None
+            else:
+                b.expand()
+        elif x[1] == y[1]:
+            sa.pop()
+            sb.pop()
+            if x[2] != y[2]:
+                yield key_path(x[1]), x[2], y[2]
+        elif x[1] < y[1]:
+            sa.pop()
+            yield key_path(x[1]), x[2], None
+        else:
+            sb.pop()
+            yield key_path(y[1]), None, y[2]

@@ -25,44 +25,36 @@ stale layer with `fusermount3 -uz` (found with `statfs`, which unlike
 p2pfs mount answering) is refused with a message saying to unmount it.
 
 Readiness: the mount is ready once a `statfs` of the mount point, which the
-kernel always passes to our own main loop, has returned.  `--daemon` re-executes
-the same command line in a new session (with `python -P` and this package's
-directory first on PYTHONPATH, so a `p2pfs` folder in the current directory
-cannot take its place) with `P2PFS_MOUNT_READY_FD` naming
-the write end of a pipe; the child writes its "mounted" line there when
-ready (after pointing stdout at /dev/null and stderr at HOME/mount.log,
-and moving to `/`), and the parent returns 0.  If the pipe closes without
-that line, the parent prints what the child wrote on stderr and returns its exit status.
+kernel always passes to our own main loop, has returned.  `--daemon` is
+`p2pfs.daemon`: the command re-runs itself in a new session and its
+"mounted" line, sent once ready, is what the parent prints (the child's
+stderr then goes to HOME/mount.log).
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import select
 import signal
 import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 
 import pyfuse3
 import trio
 
-from p2pfs import node
+from p2pfs import daemon as daemon_mod, node
 from p2pfs.crypto import encode_key
 from p2pfs.errors import P2pfsError, UsageError
 from p2pfs.fs import DriveFS
-from p2pfs.store import open_private
 
 __all__ = [
     "mount_command", "umount_command", "prepare_mountpoint", "clear_stale",
-    "find_mount", "unmount", "READY_ENV", "READ_AHEAD_KB",
+    "find_mount", "unmount", "READ_AHEAD_KB",
 ]
 
-READY_ENV = "P2PFS_MOUNT_READY_FD"
 LOG_NAME = "mount.log"  # in the home: what a --daemon mount would have printed
 READ_AHEAD_KB = 1024  # kernel read-ahead for the mount: 1 MiB reads (the FUSE maximum)
 FUSERMOUNT = "fusermount3"
@@ -248,8 +240,7 @@ def _answering(mountpoint: str) -> None:
 
 
 async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
-                allow_non_empty: bool = False, peers: Sequence[str] = (),
-                timeout: float = node.DEFAULT_TIMEOUT,
+                allow_non_empty: bool = False, net: node.NetOptions | None = None,
                 ready: Callable[[DriveFS], None] | None = None) -> None:
     """Mount `ref` (KEY or KEY@N) at `mountpoint` and serve until unmounted or signalled.
 
@@ -274,7 +265,7 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                     return
 
             outer.start_soon(stop_on_signal)
-            async with node.open_drive(store, ref, peers=peers, timeout=timeout) as drive:
+            async with node.open_drive(store, ref, net=net or node.NetOptions()) as drive:
                 # Read-ahead pays only when blocks come from peers; P2PFS_READAHEAD=0
                 # turns it off (for measuring it).
                 prefetch = drive.source is not None and os.environ.get("P2PFS_READAHEAD") != "0"
@@ -310,102 +301,27 @@ def _ready_message(ops: DriveFS, mountpoint: str) -> str:
 
 def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
                   allow_other: bool = False, allow_non_empty: bool = False,
-                  peers: Sequence[str] = (),
-                  timeout: float = node.DEFAULT_TIMEOUT, argv: Sequence[str] | None = None) -> int:
+                  net: node.NetOptions | None = None,
+                  argv: Sequence[str] | None = None) -> int:
     """`p2pfs mount`: foreground by default; `daemon` re-runs `argv` detached."""
-    ready_fd = os.environ.pop(READY_ENV, None)
+    ready_fd = daemon_mod.ready_fd()
     if daemon and ready_fd is None:
         if argv is None:
             raise ValueError("daemon mode needs the command line to re-run")
-        return _spawn_daemon(list(argv), mountpoint)
+        return daemon_mod.spawn(list(argv), f"the mount process for {mountpoint}")
 
     def ready(ops: DriveFS) -> None:
         message = _ready_message(ops, mountpoint)
         if ready_fd is None:
             print(message + "; Ctrl-C or 'p2pfs umount' to unmount", file=sys.stderr, flush=True)
             return
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Detach from the parent's pipes; warnings (an EIO's cause) and any
-        # crash go to HOME/mount.log instead.
-        devnull = os.open(os.devnull, os.O_RDWR)
-        log_path = os.path.join(store.home, LOG_NAME)
-        try:
-            logfd = open_private(log_path, os.O_WRONLY | os.O_APPEND)
-        except OSError:
-            logfd = os.dup(devnull)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
-        os.dup2(logfd, 2)
-        os.close(devnull)
-        os.close(logfd)
-        os.chdir("/")  # a daemon keeps no directory busy (every path it uses is absolute)
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message} (pid {os.getpid()})",
-              file=sys.stderr, flush=True)
-        fd = int(ready_fd)
-        os.write(fd, message.encode() + b"\n")
-        os.close(fd)
+        # warnings (an EIO's cause) and any crash go to HOME/mount.log
+        daemon_mod.detach(ready_fd, message, os.path.join(store.home, LOG_NAME))
 
     store = node.open_store(home)
     try:
         trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other,
-                               allow_non_empty=allow_non_empty, peers=peers,
-                               timeout=timeout, ready=ready))
+                               allow_non_empty=allow_non_empty, net=net, ready=ready))
     finally:
         store.close()
     return 0
-
-
-def _daemon_command(argv: list[str]) -> tuple[list[str], dict]:
-    """The command line and environment that re-run this p2pfs as the daemon.
-
-    The child must import this very p2pfs, whatever the current directory
-    holds: ``-P`` keeps the current directory off ``sys.path`` (a folder
-    named ``p2pfs`` there would otherwise win), and the directory this
-    package was imported from goes first on PYTHONPATH."""
-    import p2pfs
-    env = dict(os.environ)
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(p2pfs.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return [sys.executable, "-P", "-m", "p2pfs", *argv], env
-
-
-def _spawn_daemon(argv: list[str], mountpoint: str) -> int:
-    """Re-run this command in a new session and wait until it is mounted (or failed)."""
-    r, w = os.pipe()
-    command, env = _daemon_command(argv)
-    env[READY_ENV] = str(w)
-    child = subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        pass_fds=(w,), start_new_session=True, env=env,
-    )
-    os.close(w)
-    message = b""
-    errors = b""
-    open_fds = {r: "ready", child.stderr.fileno(): "stderr"}
-    while "ready" in open_fds.values() and not message:
-        readable, _, _ = select.select(list(open_fds), [], [])
-        for fd in readable:
-            chunk = os.read(fd, 65536)
-            if open_fds[fd] == "ready":
-                message += chunk
-            else:
-                errors += chunk
-            if not chunk:
-                del open_fds[fd]
-    os.close(r)
-    if message:
-        child.stderr.close()
-        sys.stderr.write(message.decode(errors="replace").rstrip("\n") + f" (pid {child.pid})\n")
-        return 0
-    errors += child.stderr.read()
-    child.stderr.close()
-    code = child.wait()
-    sys.stderr.write(errors.decode(errors="replace"))
-    if code == 0:
-        print(f"p2pfs: the mount process for {mountpoint} exited before it was ready",
-              file=sys.stderr)
-        return 1
-    return code

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Sequence
 
 import trio
 
-from . import crypto
+from . import crypto, index
 from .drive import Drive
 from .errors import NotFoundError, UsageError
 from .store import Store, default_home
@@ -55,41 +56,137 @@ def local_drive(store: Store, key: bytes) -> Drive:
     return drive
 
 
+@dataclass
+class NetOptions:
+    """Where a command finds peers (the CLI fills it from options and the
+    configuration file).  Without static peers and discovery a command
+    reads the local store only."""
+
+    peers: Sequence[str] = ()
+    lan: bool = False
+    dht: bool = False
+    bootstrap: Sequence[str] | None = None  # DHT bootstrap nodes; None: the public routers
+    listen: str | None = None   # accept peers here (and announce the drives), if set
+    timeout: float = DEFAULT_TIMEOUT
+
+    @property
+    def discovery(self) -> bool:
+        return self.lan or self.dht
+
+    @property
+    def networked(self) -> bool:
+        return bool(self.peers) or self.discovery
+
+
+@asynccontextmanager
+async def open_network(store: Store, net: NetOptions, *, serve_all: bool = False,
+                       on_listening=None) -> AsyncIterator:
+    """A running swarm with the static peers and discovery sources of `net`,
+    listening on `net.listen` if set (`on_listening(addresses)` is called
+    then).  Yields the Swarm."""
+    from .net.swarm import open_swarm
+    from .net.transport import load_node_key, parse_address
+    for address in net.peers:
+        parse_address(address)  # UsageError before anything starts
+    if net.listen is not None:
+        parse_address(net.listen)
+    node_key = load_node_key(store.home)
+    async with open_swarm(store, node_key, timeout=net.timeout, serve_all=serve_all) as swarm:
+        for address in net.peers:
+            swarm.add_peer(address)
+        if net.listen is not None:
+            addresses = await swarm._nursery.start(swarm.listen, net.listen)
+            if on_listening is not None:
+                on_listening(addresses)
+        for source in discovery_sources(node_key, net, store.home):
+            await swarm.add_source(source)
+        yield swarm
+
+
+DHT_PORT = 7640  # UDP; the DHT's default port (any other if it is taken)
+
+
+def discovery_sources(node_key: bytes, net: NetOptions, home: Path | None = None) -> list:
+    """The discovery sources `net` asks for, not yet running."""
+    sources = []
+    if net.lan:
+        from .net.discovery.lan import LanSource
+        sources.append(LanSource(crypto.x25519_public(node_key)))
+    if net.dht:
+        from .net.discovery.dht.node import DEFAULT_BOOTSTRAP, STATE_FILE, DhtNode
+        from .net.discovery.dht_source import DhtSource
+        from .net.transport import parse_address
+        bootstrap = DEFAULT_BOOTSTRAP if net.bootstrap is None else \
+            [parse_address(a, DHT_PORT) for a in net.bootstrap]
+        # A node that listens is long-lived: it keeps a port and its routing
+        # table (HOME/dht.state) across runs; a short-lived reader takes a
+        # fresh identity and any port, and leaves the state alone.
+        long_lived = net.listen is not None
+        sources.append(DhtSource(DhtNode(
+            bind=("0.0.0.0", DHT_PORT if long_lived else 0), bootstrap=bootstrap,
+            state_path=(home / STATE_FILE) if long_lived and home is not None else None)))
+    return sources
+
+
 @asynccontextmanager
 async def open_drive(store: Store, key: bytes | str, version: int | None = None,
                      peers: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT,
-                     ) -> AsyncIterator[Drive]:
+                     net: NetOptions | None = None,
+                     hint: tuple[bytes, int] | None = None) -> AsyncIterator[Drive]:
     """Yield a Drive opened at `version` (None: newest, live).
 
     `key` is 32 bytes or key text (``KEY`` or ``KEY@N``; an explicit
-    `version` wins).  Raises UsageError for a bad key, NotFoundError for an
+    `version` wins).  `net` says where peers come from (default: the static
+    `peers` only, waiting up to `timeout`).  A drive this home owns is read
+    locally unless static peers are given.  `hint` = (path, bytes): what the
+    caller will read first, asked of every peer in the first flight (see
+    `Swarm.hint`).  Raises UsageError for a bad key, NotFoundError for an
     unknown drive or version."""
     if isinstance(key, str):
         key, text_version = parse_drive_ref(key)
         version = version if version is not None else text_version
-    if not peers:
+    if net is None:
+        net = NetOptions(peers=tuple(peers), timeout=timeout)
+    owned = store.key_path(crypto.encode_key(key)).exists()
+    if not net.networked or (owned and not net.peers):
         drive = local_drive(store, key)
         await drive.open(version)
         yield drive
         return
     # With peers: a swarm for the life of the block; the Drive fetches what it
     # misses through it, and follows heads the peers announce.
-    from .net.swarm import open_swarm, unavailable
-    from .net.transport import load_node_key, parse_address
-    for address in peers:
-        parse_address(address)  # UsageError before anything starts
-    async with open_swarm(store, load_node_key(store.home), timeout=timeout) as swarm:
+    from .net.swarm import unavailable
+    async with open_network(store, net) as swarm:
         drive = Drive(store, key, source=swarm)
         swarm.add_drive(drive)
-        for address in peers:
-            swarm.add_peer(address)
+        path = b"/"
+        if hint is not None and version is None:
+            path = index.normalize_path(hint[0])
+            swarm.hint(drive, path, hint[1])
         started = trio.current_time()
-        await swarm.wait_for_peers(drive, timeout)
+        await swarm.wait_for_peers(drive, net.timeout)
         if drive.head is None:
-            raise unavailable(drive.key_text, swarm, timeout, trio.current_time() - started)
+            raise unavailable(drive.key_text, swarm, net.timeout, trio.current_time() - started)
         # the header, the newest commit and the index root in one round trip
         # (in a small drive the root is the whole index: no more trips to look up)
-        await swarm.fetch_path(drive, b"/")
+        await swarm.fetch_path(drive, path)
         await swarm.fetch(drive, [0, drive.head.length - 1])
         await drive.open(version)
         yield drive
+
+
+async def run_dht_node(net: NetOptions, listen: str, on_listening) -> None:
+    """`p2pfs dht`: a Mainline DHT node and nothing else (a bootstrap node for
+    a private network, or a test's), until cancelled."""
+    from .net.discovery.dht.node import DEFAULT_BOOTSTRAP, DhtNode
+    from .net.transport import format_address, parse_address
+    host, port = parse_address(listen, DHT_PORT)
+    bootstrap = DEFAULT_BOOTSTRAP if net.bootstrap is None else \
+        [parse_address(a, DHT_PORT) for a in net.bootstrap]
+    node = DhtNode(bind=(host, port), bootstrap=bootstrap)
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(node.run)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on UDP {listen}: {exc.strerror or exc}") from None
+        on_listening([format_address(*node.address)])

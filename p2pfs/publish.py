@@ -1,4 +1,4 @@
-"""The write path: a directory (or, later, a set of changes) becomes a signed version.
+"""The write path: a directory, or a set of changes under one, becomes a signed version.
 
 Theory of operation
 -------------------
@@ -8,28 +8,68 @@ and then the tree nodes and the signed head are written in one final
 transaction (`Store.commit_version`).  Until then the new blocks are
 garbage past the signed length: a crash leaves the previous version intact,
 and the next write first deletes the garbage.  One writer per drive at a
-time: every write holds `Store.writer_lock` for the drive.
+time: every write holds `Store.writer_lock` for the drive (`Publisher`'s
+caller takes it, so that `share` can hold it for its whole run).
 
-`create_drive`, `import_directory` (and `share`, and the writable mount)
-all go through `_Appender` (blocks and tree growth) and `index.IndexWriter`
-/ `index.build` (the copy-on-write index).  `drive.Drive` is the read and
-verify view these writers start from.
+`create_drive` bulk-loads version 1 (`index.build`).  Every later version
+goes through a `Publisher`: "these paths changed under this root" plus
+"rescan these subtrees" (`Changes`) become one version, re-reading only
+the files that changed:
+
+* moves (paired renames from the watcher) are applied to the index first:
+  a renamed file or directory keeps its entries and blocks, whatever its size;
+* each changed path is looked at once (lstat): gone -> deleted with its
+  subtree; a new directory -> scanned whole; a file whose size, mtime and
+  mode are unchanged keeps its entry; a changed file is read again and every
+  block whose hash equals the old block at the same position is reused (one
+  changed byte in a 1 GiB file appends one block); a new file of the size of
+  one deleted in the same version is compared with it (renames the watcher
+  did not pair, and `import`, reuse blocks);
+* a subtree rescan compares the directory on disk with the index below it
+  (what `import` does for "/").
+
+A file is read through one descriptor, with `fstat` before and after: if
+its size, mtime or ctime moved meanwhile, the blocks appended for it are
+rolled back and the file is left for a later version (`WriteResult.retry`),
+so a version never holds a torn copy.  Paths the `Rules` ignore are never
+read, and are deleted from the index if they were there.  A `stop` event
+set by another thread abandons the version before it is signed
+(`Abandoned`); nothing of it is then visible.
 """
 
 from __future__ import annotations
 
 import os
 import stat as stat_mod
+import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
 
 from . import crypto, flat, index, tree
 from .drive import DEFAULT_BLOCK_SIZE, MAX_CREATE_BLOCK_SIZE, Drive
-from .errors import NotFoundError, StoreError, UsageError
+from .errors import NotFoundError, P2pfsError, StoreError, UsageError
+from .ignore import Rules
 from .index import Commit, Entry, Header, KIND_DIR, KIND_FILE, KIND_SYMLINK
 from .store import WRITE_BATCH_BYTES, DriveRecord, Store
 from .types import Head, Node
+
+READ_ATTEMPTS = 3  # a file that changes while read this often stops `import`
+
+
+class Progress(Protocol):
+    """What a long write reports (the CLI draws it)."""
+
+    def start(self, nbytes: int, files: int) -> None:
+        """`nbytes` in `files` files are about to be read."""
+
+    def advance(self, nbytes: int, files: int = 0) -> None:
+        """That many more bytes read (and files finished)."""
+
+
+class Abandoned(P2pfsError):
+    """The version in progress was abandoned before it was signed (a stop request)."""
+
 
 @dataclass
 class WriteResult:
@@ -41,6 +81,43 @@ class WriteResult:
     index_blocks: int = 0
     files: int = 0
     bytes: int = 0
+    published: bool = True  # False: nothing had changed, no version was written
+    added: int = 0      # entries (files, directories, links) new in this version
+    changed: int = 0    # entries whose content or metadata changed
+    deleted: int = 0    # entries gone
+    moved: int = 0      # renames applied (a directory counts once)
+    retry: set[bytes] = field(default_factory=set)  # paths left for a later version
+
+    def summary(self) -> str:
+        return _summary(self.added, self.changed, self.deleted, self.moved)
+
+
+def _summary(added: int, changed: int, deleted: int, moved: int) -> str:
+    parts = [f"{n} {what}" for n, what in ((added, "added"), (changed, "changed"),
+                                           (deleted, "deleted"), (moved, "moved")) if n]
+    return ", ".join(parts) or "no change"
+
+
+@dataclass
+class Changes:
+    """What changed under a root since the last version.
+
+    `moves` are applied first, in order; then each subtree in `subtrees` is
+    rescanned whole and each path in `paths` looked at once.  Files in `busy`
+    (still being written) keep the entry they have, wherever they are met.
+    Paths are normalised drive paths (`b"/a/b"`)."""
+
+    moves: list[tuple[bytes, bytes]] = field(default_factory=list)
+    paths: set[bytes] = field(default_factory=set)
+    subtrees: set[bytes] = field(default_factory=set)
+    busy: set[bytes] = field(default_factory=set)
+
+    @classmethod
+    def everything(cls) -> "Changes":
+        return cls(subtrees={b"/"})
+
+    def __bool__(self) -> bool:
+        return bool(self.moves or self.paths or self.subtrees)
 
 
 @dataclass
@@ -55,13 +132,38 @@ class _Item:
     inode: tuple[int, int] | None = None  # (dev, ino) of a file with hard links
 
 
-def scan_directory(root: str | os.PathLike, warn: Callable[[str], None] | None = None,
-                   ) -> list[_Item]:
-    """Every file, directory and symlink under `root` (not following links).
+def _local(root: bytes, path: bytes) -> bytes:
+    return root if path == b"/" else root + path
 
-    Sockets, fifos and devices are skipped with a warning.  Raises
-    NotFoundError/UsageError for a missing or unreadable directory."""
+
+def _item(path: bytes, local: bytes, st: os.stat_result) -> _Item | None:
+    """The item for an lstat result; None for sockets, fifos and devices."""
+    mode = stat_mod.S_IMODE(st.st_mode)
+    if stat_mod.S_ISDIR(st.st_mode):
+        return _Item(path, KIND_DIR, mode, st.st_mtime_ns, 0, local)
+    if stat_mod.S_ISREG(st.st_mode):
+        return _Item(path, KIND_FILE, mode, st.st_mtime_ns, st.st_size, local,
+                     inode=(st.st_dev, st.st_ino) if st.st_nlink > 1 else None)
+    if stat_mod.S_ISLNK(st.st_mode):
+        target = os.readlink(local)  # OSError: the caller decides
+        return _Item(path, KIND_SYMLINK, mode, st.st_mtime_ns, len(target), local, target)
+    return None
+
+
+def scan_directory(root: str | os.PathLike, warn: Callable[[str], None] | None = None,
+                   rules: Rules | None = None, under: bytes = b"/",
+                   strict: bool = True) -> list[_Item]:
+    """Every file, directory and symlink at and below drive path `under` of
+    the local directory `root` (not following links), sorted by index key.
+
+    Sockets, fifos and devices are skipped with a warning; so are paths the
+    `rules` ignore (an ignored directory is not entered).  The root must be a
+    directory (NotFoundError/UsageError otherwise).  Strict (create, import):
+    anything unreadable raises UsageError.  Not strict (share): a path that
+    vanishes during the scan is left out, one that cannot be read is warned
+    about and left out ([] if `under` itself is gone)."""
     root_b = os.fsencode(os.path.abspath(root))
+    rules = rules or Rules()
     try:
         st = os.stat(root_b)
     except FileNotFoundError:
@@ -70,39 +172,53 @@ def scan_directory(root: str | os.PathLike, warn: Callable[[str], None] | None =
         raise UsageError(f"{os.fsdecode(root_b)}: {exc.strerror}") from None
     if not stat_mod.S_ISDIR(st.st_mode):
         raise UsageError(f"{os.fsdecode(root_b)}: not a directory")
-    items = [_Item(b"/", KIND_DIR, stat_mod.S_IMODE(st.st_mode), st.st_mtime_ns, 0, root_b)]
-    stack = [(root_b, b"")]
+
+    def trouble(local: bytes, exc: OSError, what: str = "") -> None:
+        if strict:
+            raise UsageError(f"{os.fsdecode(local)}: {what}{exc.strerror}") from None
+        if not isinstance(exc, (FileNotFoundError, NotADirectoryError)) and warn is not None:
+            warn(f"skipping {os.fsdecode(local)}: {what}{exc.strerror}")
+
+    items: list[_Item] = []
+    top_local = _local(root_b, under)
+    try:
+        top = _item(under, top_local, os.lstat(top_local) if under != b"/" else st)
+    except OSError as exc:
+        trouble(top_local, exc)
+        return []
+    if top is None or rules.ignored(under, top.kind == KIND_DIR):
+        return []
+    items.append(top)
+    stack = [(top_local, under)] if top.kind == KIND_DIR else []
     while stack:
         local, rel = stack.pop()
         try:
             with os.scandir(local) as it:
                 children = list(it)
         except OSError as exc:
-            raise UsageError(f"{os.fsdecode(local)}: cannot read directory: {exc.strerror}") from None
+            trouble(local, exc, "cannot read directory: ")
+            continue
+        base = b"" if rel == b"/" else rel
         for de in children:
-            path = rel + b"/" + de.name
+            path = base + b"/" + de.name
             try:
                 st = de.stat(follow_symlinks=False)
+                if rules.ignored_here(path, stat_mod.S_ISDIR(st.st_mode)):
+                    continue
+                item = _item(path, de.path, st)
             except OSError as exc:
-                raise UsageError(f"{os.fsdecode(de.path)}: {exc.strerror}") from None
-            mode = stat_mod.S_IMODE(st.st_mode)
-            if stat_mod.S_ISDIR(st.st_mode):
-                items.append(_Item(path, KIND_DIR, mode, st.st_mtime_ns, 0, de.path))
+                trouble(de.path, exc)
+                continue
+            if item is None:
+                if warn is not None:
+                    warn(f"skipping {os.fsdecode(de.path)}: not a regular file, directory "
+                         "or symlink")
+                continue
+            if item.kind == KIND_FILE and strict and not os.access(de.path, os.R_OK):
+                raise UsageError(f"{os.fsdecode(de.path)}: permission denied")
+            items.append(item)
+            if item.kind == KIND_DIR:
                 stack.append((de.path, path))
-            elif stat_mod.S_ISREG(st.st_mode):
-                if not os.access(de.path, os.R_OK):
-                    raise UsageError(f"{os.fsdecode(de.path)}: permission denied")
-                items.append(_Item(path, KIND_FILE, mode, st.st_mtime_ns, st.st_size, de.path,
-                                   inode=(st.st_dev, st.st_ino) if st.st_nlink > 1 else None))
-            elif stat_mod.S_ISLNK(st.st_mode):
-                try:
-                    target = os.readlink(de.path)
-                except OSError as exc:
-                    raise UsageError(f"{os.fsdecode(de.path)}: {exc.strerror}") from None
-                items.append(_Item(path, KIND_SYMLINK, mode, st.st_mtime_ns, len(target),
-                                   de.path, target))
-            elif warn is not None:
-                warn(f"skipping {os.fsdecode(de.path)}: not a regular file, directory or symlink")
     for it in items:
         index.normalize_path(it.path)  # over-long names -> UsageError before writing
     items.sort(key=lambda it: index.path_key(it.path))
@@ -120,10 +236,14 @@ def _extents(blocks: list[int]) -> tuple[tuple[int, int], ...]:
 
 
 class _Appender:
-    """Appends unsigned blocks in batches and grows the tree as it goes."""
+    """Appends unsigned blocks in batches and grows the tree as it goes.
+
+    `mark`/`rollback` drop what was appended since the mark (a file that
+    changed while it was read); blocks already flushed past the final
+    length are garbage like any interrupted write's."""
 
     def __init__(self, store: Store, key: bytes, length: int, peaks: list[Node],
-                 progress: Callable[[int], None] | None):
+                 progress: Progress | None, stop: threading.Event | None = None):
         self.store = store
         self.key = key
         self.builder = tree.TreeBuilder(length, peaks)
@@ -131,13 +251,17 @@ class _Appender:
         self.batch: list[tuple[int, bytes]] = []
         self.batch_bytes = 0
         self.progress = progress
+        self.stop = stop
         self.content_blocks = 0
+        self.reused = 0
 
     @property
     def length(self) -> int:
         return self.builder.length
 
     def append(self, data: bytes) -> int:
+        if self.stop is not None and self.stop.is_set():
+            raise Abandoned("stopped before the version in progress was signed")
         i = self.builder.length
         self.nodes.extend(self.builder.append(data))
         self.batch.append((i, data))
@@ -146,45 +270,35 @@ class _Appender:
             self.flush()
         return i
 
+    def mark(self) -> tuple[int, list[Node], int, int]:
+        return self.builder.length, list(self.builder.peaks), len(self.nodes), self.content_blocks
+
+    def rollback(self, mark: tuple[int, list[Node], int, int]) -> None:
+        length, peaks, nodes, content = mark
+        self.builder = tree.TreeBuilder(length, peaks)
+        del self.nodes[nodes:]
+        self.batch = [(i, d) for i, d in self.batch if i < length]
+        self.batch_bytes = sum(len(d) for _, d in self.batch)
+        self.content_blocks = content
+
     def flush(self) -> None:
         if self.batch:
             self.store.put_block_items(self.key, self.batch)
-            if self.progress is not None:
-                self.progress(self.batch_bytes)
             self.batch = []
             self.batch_bytes = 0
 
     def sign_and_commit(self, seed: bytes, record: DriveRecord | None) -> Head:
+        if self.stop is not None and self.stop.is_set():
+            raise Abandoned("stopped before the version in progress was signed")
         length = self.builder.length
         root = self.builder.root()
         head = Head(length, root, crypto.sign_head(seed, self.key, length, root))
-        self.store.commit_version(self.key, head, self.nodes, record, self.batch)
-        if self.progress is not None:
-            self.progress(self.batch_bytes)
+        # and the DHT's copy of it (BEP 44, under the blinded key), so that
+        # any node holding this head can put it in the DHT unchanged
+        dht_signature = crypto.sign_dht_head(seed, length, root, head.signature)
+        self.store.commit_version(self.key, head, self.nodes, record, self.batch, dht_signature)
         self.batch = []
         return head
-
-
-def _read_file(item: _Item, block_size: int) -> Iterator[bytes]:
-    try:
-        f = open(item.source, "rb", buffering=0)
-    except OSError as exc:
-        raise UsageError(f"{os.fsdecode(item.source)}: cannot read: {exc.strerror}") from None
-    with f:
-        while True:
-            try:
-                data = f.read(block_size)
-            except OSError as exc:
-                raise UsageError(f"{os.fsdecode(item.source)}: read error: {exc.strerror}") from None
-            if not data:
-                return
-            # a short read that is not the end: fill the block
-            while len(data) < block_size:
-                more = f.read(block_size - len(data))
-                if not more:
-                    break
-                data += more
-            yield data
 
 
 def _entry(item: _Item, size: int = 0, extents=()) -> Entry:
@@ -195,28 +309,54 @@ def _entry(item: _Item, size: int = 0, extents=()) -> Entry:
     return Entry(KIND_DIR, item.mode, item.mtime_ns)
 
 
+def _read_blocks(fd: int, block_size: int) -> Iterator[bytes]:
+    while True:
+        data = os.read(fd, block_size)
+        if not data:
+            return
+        while len(data) < block_size:  # a short read that is not the end: fill the block
+            more = os.read(fd, block_size - len(data))
+            if not more:
+                break
+            data += more
+        yield data
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == \
+        (b.st_size, b.st_mtime_ns, b.st_ctime_ns, b.st_ino)
+
+
+class _Torn(Exception):
+    """The file changed while it was read (or could not be read for now)."""
+
+
 def create_drive(store: Store, directory: str | os.PathLike, *, message: str = "",
                  block_size: int = DEFAULT_BLOCK_SIZE,
                  warn: Callable[[str], None] | None = None,
-                 progress: Callable[[int], None] | None = None,
-                 on_scan: Callable[[int], None] | None = None) -> WriteResult:
+                 progress: Progress | None = None,
+                 rules: Rules | None = None,
+                 stop: threading.Event | None = None) -> WriteResult:
     """Create a new drive equal to `directory` as version 1 and keep its secret key.
 
-    The key file is written first; the drive exists only once its signed head
-    is committed, so an interrupted create leaves no drive."""
+    `rules` default to the directory's .p2pfsignore.  The key file is written
+    first; the drive exists only once its signed head is committed, so an
+    interrupted create leaves no drive."""
     if not 4096 <= block_size <= MAX_CREATE_BLOCK_SIZE or block_size & (block_size - 1):
         raise UsageError(
             f"block size must be a power of two between 4096 and {MAX_CREATE_BLOCK_SIZE}")
-    items = scan_directory(directory, warn)
-    total = sum(it.size for it in items if it.kind == KIND_FILE)
-    if on_scan is not None:
-        on_scan(total)
+    if rules is None:
+        rules = Rules.load(directory)
+    items = scan_directory(directory, warn, rules)
+    if progress is not None:
+        files = [it for it in items if it.kind == KIND_FILE]
+        progress.start(sum(it.size for it in files), len(files))
     _discard_orphans(store)
     key, seed = crypto.generate_keypair()
     key_text = crypto.encode_key(key)
     with store.writer_lock(key, f"drive {key_text}"):
         store.save_secret(key_text, seed)
-        return _create(store, key, seed, items, message, block_size, progress)
+        return _create(store, key, seed, items, message, block_size, progress, stop)
 
 
 def _discard_orphans(store: Store) -> None:
@@ -230,9 +370,9 @@ def _discard_orphans(store: Store) -> None:
 
 
 def _create(store: Store, key: bytes, seed: bytes, items: list[_Item], message: str,
-            block_size: int, progress) -> WriteResult:
+            block_size: int, progress: Progress | None, stop) -> WriteResult:
     now = time.time_ns()
-    app = _Appender(store, key, 0, [], progress)
+    app = _Appender(store, key, 0, [], progress, stop)
     app.append(index.encode_block(Header(1, block_size, now)))
     entries: list[tuple[bytes, Entry]] = []
     files = nbytes = 0
@@ -241,161 +381,388 @@ def _create(store: Store, key: bytes, seed: bytes, items: list[_Item], message: 
         if item.kind == KIND_FILE and item.inode in linked:
             e = linked[item.inode]
             entries.append((item.path, _entry(item, e.size, e.extents)))
-            files += 1
-            nbytes += e.size
         elif item.kind == KIND_FILE:
-            blocks = []
-            size = 0
-            for data in _read_file(item, block_size):
-                blocks.append(app.append(data))
-                size += len(data)
-            app.content_blocks += len(blocks)
-            entries.append((item.path, _entry(item, size, _extents(blocks))))
+            entry = _read_file(app, item, None, None, block_size, strict=True)
+            entries.append((item.path, entry))
             if item.inode is not None:
-                linked[item.inode] = entries[-1][1]
-            files += 1
-            nbytes += size
+                linked[item.inode] = entry
         else:
             entries.append((item.path, _entry(item)))
+            continue
+        files += 1
+        nbytes += entries[-1][1].size
     idx_blocks, root = index.build(entries, app.length, block_size)
     for b in idx_blocks:
         app.append(b)
     app.append(index.encode_block(Commit(1, root, -1, now, message, files, nbytes,
                                          len(items))))
     head = app.sign_and_commit(seed, DriveRecord(created_ns=now, owned=True, pinned=True))
-    return WriteResult(key, 1, head.length, app.content_blocks, 0, len(idx_blocks), files, nbytes)
+    return WriteResult(key, 1, head.length, app.content_blocks, 0, len(idx_blocks), files, nbytes,
+                       added=len(entries))
+
+
+def _read_file(app: _Appender, item: _Item, ref: Entry | None, drive: Drive | None,
+               bs: int, strict: bool) -> Entry:
+    """Append a file's blocks, reusing `ref`'s where the hash at the same
+    position matches; the entry takes its metadata from the descriptor read.
+
+    Raises _Torn (after rolling the appends back) when the file changed while
+    read or cannot be read now, FileNotFoundError when it is gone; strict:
+    UsageError instead of _Torn after READ_ATTEMPTS."""
+    ref_blocks: list[int] = []
+    if ref is not None:
+        for start, count in ref.extents:
+            ref_blocks.extend(range(start, start + count))
+    ref_nodes = (drive.store.get_nodes(drive.key, [2 * b for b in ref_blocks])
+                 if ref_blocks and drive is not None else [])
+    name = os.fsdecode(item.source)
+    for _attempt in range(READ_ATTEMPTS if strict else 1):
+        mark = app.mark()
+        try:
+            fd = os.open(item.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if strict:
+                raise UsageError(f"{name}: cannot read: {exc.strerror}") from None
+            raise _Torn(f"{name}: cannot read: {exc.strerror}") from None
+        blocks: list[int] = []
+        size = reused = unreported = 0
+        try:
+            before = os.fstat(fd)
+            if not stat_mod.S_ISREG(before.st_mode):
+                raise _Torn(f"{name}: no longer a regular file")
+            for j, data in enumerate(_read_blocks(fd, bs)):
+                size += len(data)
+                unreported += len(data)
+                if unreported >= WRITE_BATCH_BYTES and app.progress is not None:
+                    app.progress.advance(unreported)
+                    unreported = 0
+                if j < len(ref_nodes) and ref_nodes[j] is not None:
+                    old = ref_nodes[j]
+                    leaf = tree.leaf_node(ref_blocks[j], data)
+                    if leaf.hash == old.hash and leaf.size == old.size:
+                        blocks.append(ref_blocks[j])
+                        reused += 1
+                        continue
+                blocks.append(app.append(data))
+                app.content_blocks += 1
+            after = os.fstat(fd)
+        except OSError as exc:
+            app.rollback(mark)
+            if strict:
+                raise UsageError(f"{name}: read error: {exc.strerror}") from None
+            raise _Torn(f"{name}: read error: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        if _same_file(before, after) and size == before.st_size:
+            app.reused += reused
+            if app.progress is not None:
+                app.progress.advance(unreported, 1)
+            return Entry(KIND_FILE, stat_mod.S_IMODE(before.st_mode), before.st_mtime_ns, size,
+                         _extents(blocks))
+        app.rollback(mark)
+    if strict:
+        raise UsageError(f"{name} kept changing while it was read; publish it when it is quiet")
+    raise _Torn(f"{name} changed while it was read")
 
 
 def import_directory(drive: Drive, directory: str | os.PathLike, *, message: str = "",
                      checksum: bool = False,
                      warn: Callable[[str], None] | None = None,
-                     progress: Callable[[int], None] | None = None,
-                     on_scan: Callable[[int], None] | None = None) -> WriteResult:
-    """Write a new version of an owned drive equal to `directory`.
+                     progress: Progress | None = None,
+                     rules: Rules | None = None) -> WriteResult:
+    """Write a new version of an owned drive equal to `directory` (a rescan
+    of "/" by a `Publisher`; `rules` default to the directory's .p2pfsignore).
 
     Unchanged files (same size, mtime and mode, unless `checksum`) keep their
     entries; a changed file reuses every old block whose hash is unchanged at
     the same position; a file that appears where one of the same size
-    vanished is compared with it block by block (renames reuse blocks)."""
-    seed = drive.seed()
-    items = scan_directory(directory, warn)
+    vanished is compared with it block by block (renames reuse blocks).
+    Writes a version even if nothing changed."""
+    drive.seed()  # ReadOnlyError before anything is scanned
+    if rules is None:
+        rules = Rules.load(directory)
+    publisher = Publisher(drive, directory, rules, checksum=checksum, warn=warn,
+                          progress=progress, strict=True)
     with drive.store.writer_lock(drive.key, f"drive {drive.key_text}"):
-        return _import(drive, seed, items, message, checksum, progress, on_scan)
+        return publisher.publish(Changes.everything(), message, always=True)
 
 
-def _import(drive: Drive, seed: bytes, items: list[_Item], message: str, checksum: bool,
-            progress, on_scan) -> WriteResult:
-    store, key = drive.store, drive.key
-    latest = store.latest_head(key)  # another process may have written since
-    if latest is None:
-        raise NotFoundError(f"unknown drive {drive.key_text}")
-    if drive.head is None or latest.length > drive.head.length:
-        drive.check_signature(latest)
-        drive.head = latest
-    drive.open_local()  # the newest version, verified
-    store.discard_blocks_from(key, drive.head.length)  # an interrupted write's garbage
-    old = dict(drive.walk_local())
-    bs = drive.block_size
-    new_paths = {it.path for it in items}
-    total = sum(it.size for it in items if it.kind == KIND_FILE
-                if checksum or not _unchanged(old.get(it.path), it))
-    if on_scan is not None:
-        on_scan(total)
+class Publisher:
+    """Turns changes under a local `root` into signed versions of an owned drive.
 
-    length = drive.head.length
-    peaks = [drive.trusted_node(p) for p in flat.full_roots(length)]
-    app = _Appender(store, key, length, peaks, progress)
-    writer = index.IndexWriter(drive.reader, drive.commit.root, drive.node_cache)
+    The caller holds `drive.store.writer_lock(drive.key)` around every
+    `publish`.  Not thread-safe: one publish at a time, and `drive` is this
+    publisher's own view (the writer's), not one a server or mount reads
+    through.  Strict (import): an unreadable path or a file that keeps
+    changing raises UsageError; otherwise (share) it is warned about or left
+    for later (`WriteResult.retry`)."""
 
-    # files that vanished, by size: candidates for renames
-    vanished: dict[int, list[bytes]] = {}
-    for path, e in old.items():
-        if e.kind == KIND_FILE and path not in new_paths and e.size > 0:
-            vanished.setdefault(e.size, []).append(path)
+    def __init__(self, drive: Drive, root: str | os.PathLike, rules: Rules | None = None, *,
+                 checksum: bool = False, warn: Callable[[str], None] | None = None,
+                 progress: Progress | None = None, strict: bool = False,
+                 stop: threading.Event | None = None):
+        self.drive = drive
+        self.root = os.fsencode(os.path.abspath(root))
+        self.rules = rules or Rules()
+        self.checksum = checksum
+        self.warn = warn
+        self.progress = progress
+        self.strict = strict
+        self.stop = stop
 
-    for path in sorted(old):
-        if path not in new_paths:
-            writer.delete(path)  # False when a deleted directory took it already
+    def publish(self, changes: Changes, message: str | Callable[[str], str] = "", *,
+                always: bool = False) -> WriteResult:
+        """One new signed version holding `changes` (none if nothing changed,
+        unless `always`).  `message` may be a function of the summary of what
+        changed ("2 added, 1 deleted").  Raises Abandoned if `stop` is set
+        before signing."""
+        drive, store, key = self.drive, self.drive.store, self.drive.key
+        seed = drive.seed()
+        latest = store.latest_head(key)  # another process may have written since
+        if latest is None:
+            raise NotFoundError(f"unknown drive {drive.key_text}")
+        if drive.head is None or latest.length > drive.head.length:
+            drive.check_signature(latest)
+            drive.head = latest
+        drive.open_local()  # the newest version, verified
+        store.discard_blocks_from(key, drive.head.length)  # an interrupted write's garbage
+        length = drive.head.length
+        peaks = [drive.trusted_node(p) for p in flat.full_roots(length)]
+        app = _Appender(store, key, length, peaks, self.progress, self.stop)
+        job = _Job(self, app, index.IndexWriter(drive.reader, drive.commit.root, drive.node_cache))
+        job.run(changes)
+        commit = drive.commit
+        files, nbytes = commit.files + job.files, commit.bytes + job.bytes
+        if not job.dirty and not always:
+            return WriteResult(key, drive.version, length, files=files, bytes=nbytes,
+                               published=False, retry=job.retry)
+        idx_blocks, root = job.writer.finish(app.length, drive.block_size)
+        for b in idx_blocks:
+            app.append(b)
+        version = drive.version + 1
+        if callable(message):
+            message = message(_summary(job.added, job.changed, job.deleted, job.moved))
+        # entries: counted once for a version written before commits counted them
+        entries = (commit.entries or sum(1 for _ in drive.walk_local())) + job.entries
+        app.append(index.encode_block(Commit(version, root, length - 1, time.time_ns(),
+                                             message, files, nbytes, entries)))
+        head = app.sign_and_commit(seed, None)
+        drive.adopt_own_head(head)
+        drive.open_local()
+        return WriteResult(key, version, head.length, app.content_blocks,
+                           app.reused, len(idx_blocks), files, nbytes,
+                           added=job.added, changed=job.changed, deleted=job.deleted,
+                           moved=job.moved, retry=job.retry)
 
-    reused = 0
-    files = nbytes = 0
-    linked: dict[tuple[int, int], Entry] = {}  # hard links share their blocks
-    for item in items:
-        prev = old.get(item.path)
+
+class _Job:
+    """The state of one publish: the index writer and what it changed."""
+
+    def __init__(self, pub: Publisher, app: _Appender, writer: index.IndexWriter):
+        self.pub = pub
+        self.app = app
+        self.writer = writer
+        self.bs = pub.drive.block_size
+        self.files = self.bytes = self.entries = 0  # deltas of the commit's totals
+        self.added = self.changed = self.deleted = self.moved = 0
+        self.dirty = False
+        self.retry: set[bytes] = set()
+        # deleted files, the candidates for renames nobody reported: by size, and
+        # by (size, name); a list is searched for the same mtime only while small
+        self.vanished: dict[int, list[Entry]] = {}
+        self.vanished_named: dict[tuple[int, bytes], list[Entry]] = {}
+        self.done: set[bytes] = set()  # subtrees rescanned in this job
+        self.busy: set[bytes] = set()  # files being written: left as they are
+
+    # --- index edits that keep the totals ----------------------------------------
+
+    def _count(self, entry: Entry | None, sign: int) -> None:
+        if entry is not None and entry.kind == KIND_FILE:
+            self.files += sign
+            self.bytes += sign * entry.size
+
+    def delete(self, path: bytes) -> None:
+        gone = list(self.writer.items(path))
+        if not gone:
+            return
+        for p, e in gone:
+            self._count(e, -1)
+            if e.kind == KIND_FILE and e.size > 0:
+                self.vanished.setdefault(e.size, []).append(e)
+                self.vanished_named.setdefault((e.size, index.split_path(p)[1]), []).append(e)
+        self.writer.delete(path)
+        self.deleted += len(gone)
+        self.entries -= len(gone)
+        self.dirty = True
+
+    def put(self, path: bytes, entry: Entry, prev: Entry | None) -> None:
+        if prev == entry:
+            return
+        if prev is not None and prev.kind != entry.kind:
+            self.delete(path)  # e.g. a directory (and its subtree) replaced by a file
+            prev = None
+        self._count(prev, -1)
+        self._count(entry, 1)
+        self.writer.put(path, entry)
+        if prev is None:
+            self.added += 1
+            self.entries += 1
+        else:
+            self.changed += 1
+        self.dirty = True
+
+    def move(self, old: bytes, new: bytes) -> bool:
+        """Apply a rename to the index; False if `old` is not there (the new
+        path is then scanned instead)."""
+        if old == new or self.writer.get(old) is None or new.startswith(old + b"/") \
+                or old == b"/" or new == b"/":
+            return False
+        for _p, e in self.writer.items(new):  # whatever the rename replaced
+            self._count(e, -1)
+            self.deleted += 1
+            self.entries -= 1
+        self.writer.move(old, new)
+        self.moved += 1
+        self.dirty = True
+        return True
+
+    # --- looking at the disk ----------------------------------------------------------
+
+    def run(self, changes: Changes) -> None:
+        self.busy = changes.busy
+        subtrees = set(changes.subtrees)
+        paths = set(changes.paths)
+        for old, new in changes.moves:
+            if not self.move(old, new):
+                subtrees.add(new)
+            paths.add(old)
+            paths.add(new)
+        for s in sorted(subtrees, key=lambda p: (p.count(b"/"), index.path_key(p))):
+            if not self._covered(s):
+                self.sync_subtree(s)
+        for p in sorted(paths, key=lambda p: (p.count(b"/"), index.path_key(p))):
+            if not self._covered(p):
+                self.sync_path(p)
+
+    def _covered(self, path: bytes) -> bool:
+        """Whether a subtree rescanned in this job holds `path`."""
+        while path:
+            if path in self.done:
+                return True
+            path = index.split_path(path)[0]
+        return False
+
+    def _ignored(self, path: bytes, item: _Item | None) -> bool:
+        return self.pub.rules.ignored(path, item is not None and item.kind == KIND_DIR)
+
+    def _missing_ancestor(self, path: bytes) -> bytes | None:
+        """The topmost ancestor of `path` the index does not hold, if any."""
+        top = None
+        parent = index.split_path(path)[0]
+        while parent and parent != b"/" and self.writer.get(parent) is None:
+            top = parent
+            parent = index.split_path(parent)[0]
+        return top
+
+    def sync_path(self, path: bytes) -> None:
+        """Make the index agree with the disk at `path` (a new directory: its subtree)."""
+        if path in self.busy:
+            return
+        local = _local(self.pub.root, path)
+        try:
+            st = os.lstat(local)
+            item = _item(path, local, st)
+        except (FileNotFoundError, NotADirectoryError):
+            item = None
+        except OSError as exc:
+            if self.pub.strict:
+                raise UsageError(f"{os.fsdecode(local)}: {exc.strerror}") from None
+            self._warn(f"skipping {os.fsdecode(local)}: {exc.strerror}")
+            return
+        if item is None or self._ignored(path, item):
+            if path != b"/":
+                self.delete(path)
+            return
+        missing = self._missing_ancestor(path)
+        if missing is not None:
+            self.sync_subtree(missing)
+            return
+        prev = self.writer.get(path)
+        if item.kind == KIND_DIR and (prev is None or prev.kind != KIND_DIR):
+            self.sync_subtree(path)
+            return
+        self.sync_item(item, prev, {})
+
+    def sync_subtree(self, top: bytes) -> None:
+        """Make the index below `top` agree with the disk (what import does for "/")."""
+        self.done.add(top)
+        missing = self._missing_ancestor(top) if top != b"/" else None
+        if missing is not None:
+            top = missing
+            self.done.add(top)
+        items = scan_directory(self.pub.root, self.pub.warn, self.pub.rules, top,
+                               strict=self.pub.strict)
+        seen = {it.path for it in items}
+        old = dict(self.writer.items(top))
+        for path in sorted(old, key=index.path_key):
+            if path not in seen and path != b"/" and path not in self.busy:
+                self.delete(path)
+        if self.pub.progress is not None:
+            todo = [it for it in items if it.kind == KIND_FILE
+                    and (self.pub.checksum or not _unchanged(old.get(it.path), it))]
+            self.pub.progress.start(sum(it.size for it in todo), len(todo))
+        linked: dict[tuple[int, int], Entry] = {}
+        for item in items:
+            self.sync_item(item, old.get(item.path), linked)
+
+    def sync_item(self, item: _Item, prev: Entry | None, linked: dict) -> None:
+        if item.path in self.busy:
+            return
         if item.kind != KIND_FILE:
-            entry = _entry(item)
-            if prev != entry:
-                if prev is not None and prev.kind != item.kind:
-                    writer.delete(item.path)
-                writer.put(item.path, entry)
-            continue
-        files += 1
-        if not checksum and _unchanged(prev, item):
-            nbytes += prev.size
-            continue
+            self.put(item.path, _entry(item), prev)
+            return
+        if not self.pub.checksum and _unchanged(prev, item):
+            return
         if item.inode in linked:
             e = linked[item.inode]
-            entry = _entry(item, e.size, e.extents)
-            nbytes += entry.size
-            if prev != entry:
-                if prev is not None and prev.kind != KIND_FILE:
-                    writer.delete(item.path)
-                writer.put(item.path, entry)
-            continue
+            self.put(item.path, _entry(item, e.size, e.extents), prev)
+            return
         ref = prev if prev is not None and prev.kind == KIND_FILE else None
         if ref is None:
-            for cand in vanished.get(item.size, []):
-                ref = old[cand]
-                break
-        entry, n_new, n_reused = _write_file(drive, app, item, ref, bs)
+            ref = self._rename_source(item)
+        try:
+            entry = _read_file(self.app, item, ref, self.pub.drive, self.bs, self.pub.strict)
+        except FileNotFoundError:
+            self.delete(item.path)
+            return
+        except _Torn as exc:
+            self._warn(f"{exc}; trying again later")
+            self.retry.add(item.path)
+            return
         if item.inode is not None:
             linked[item.inode] = entry
-        reused += n_reused
-        nbytes += entry.size
-        if prev != entry:
-            if prev is not None and prev.kind != KIND_FILE:
-                writer.delete(item.path)
-            writer.put(item.path, entry)
+        self.put(item.path, entry, prev)
 
-    idx_blocks, root = writer.finish(app.length, bs)
-    for b in idx_blocks:
-        app.append(b)
-    version = drive.version + 1
-    app.append(index.encode_block(Commit(version, root, length - 1, time.time_ns(),
-                                         message, files, nbytes, len(items))))
-    head = app.sign_and_commit(seed, None)
-    drive.adopt_own_head(head)
-    return WriteResult(key, version, head.length, app.content_blocks, reused,
-                       len(idx_blocks), files, nbytes)
+    def _rename_source(self, item: _Item) -> Entry | None:
+        """The deleted file most likely to be `item` under its old name: of the
+        same size, best also of the same name and mtime (what a move keeps)."""
+        name = index.split_path(item.path)[1]
+        for candidates in (self.vanished_named.get((item.size, name)),
+                           self.vanished.get(item.size)):
+            if candidates:
+                for e in candidates[:16]:
+                    if e.mtime_ns == item.mtime_ns:
+                        return e
+                return candidates[0]
+        return None
+
+    def _warn(self, text: str) -> None:
+        if self.pub.warn is not None:
+            self.pub.warn(text)
 
 
 def _unchanged(prev: Entry | None, item: _Item) -> bool:
     return (prev is not None and prev.kind == KIND_FILE and prev.size == item.size
             and prev.mtime_ns == item.mtime_ns and prev.mode == item.mode)
-
-
-def _write_file(drive: Drive, app: _Appender, item: _Item, ref: Entry | None,
-                bs: int) -> tuple[Entry, int, int]:
-    """Append a file's changed blocks; reuse `ref`'s blocks where the hash matches."""
-    ref_blocks: list[int] = []
-    if ref is not None:
-        for start, count in ref.extents:
-            ref_blocks.extend(range(start, start + count))
-    ref_nodes = drive.store.get_nodes(drive.key, [2 * b for b in ref_blocks]) if ref_blocks else []
-    blocks: list[int] = []
-    size = new = reused = 0
-    for j, data in enumerate(_read_file(item, bs)):
-        size += len(data)
-        if j < len(ref_nodes) and ref_nodes[j] is not None:
-            leaf = tree.leaf_node(ref_blocks[j], data)
-            old = ref_nodes[j]
-            if leaf.hash == old.hash and leaf.size == old.size:
-                blocks.append(ref_blocks[j])
-                reused += 1
-                if app.progress is not None:
-                    app.progress(len(data))
-                continue
-        blocks.append(app.append(data))
-        new += 1
-    app.content_blocks += new
-    return _entry(item, size, _extents(blocks)), new, reused

@@ -30,7 +30,7 @@ big-endian so that one drive's records are one sorted range):
 
     blocks   key || block        -> block bytes
     nodes    key || node         -> hash (32) || u64le size     tree nodes
-    heads    key || length       -> root (32) || signature (64) signed heads
+    heads    key || length       -> root (32) || signature (64) [|| DHT signature (64)]
     forks    key || length || root -> signature                 fork evidence
     drives   key                 -> DriveRecord (msgpack)
     held     key                 -> u64le blocks || u64le bytes accounting
@@ -87,6 +87,7 @@ WRITE_BATCH_BYTES = 8 << 20  # callers keep write transactions below this
 KEY_BYTES = 32
 HASH_BYTES = 32
 SIGNATURE_BYTES = 64
+_SIGNED = HASH_BYTES + SIGNATURE_BYTES  # a heads value: root, signature [, DHT signature]
 
 _U64 = struct.Struct(">Q")
 _NODE = struct.Struct("<Q")
@@ -763,13 +764,29 @@ class Store:
 
     @staticmethod
     def _head(k: bytes, v: bytes) -> Head:
-        return Head(_U64.unpack_from(k, KEY_BYTES)[0], v[:HASH_BYTES], v[HASH_BYTES:])
+        return Head(_U64.unpack_from(k, KEY_BYTES)[0], bytes(v[:HASH_BYTES]), bytes(v[HASH_BYTES:_SIGNED]))
 
     @_guard
     def get_head(self, key: bytes, length: int) -> Head | None:
         with self.env.begin(db=self._heads) as txn:
             raw = txn.get(_bk(key, length))
-        return None if raw is None else Head(length, raw[:HASH_BYTES], raw[HASH_BYTES:])
+        return None if raw is None else Head(length, raw[:HASH_BYTES], raw[HASH_BYTES:_SIGNED])
+
+    def dht_signature(self, key: bytes, length: int) -> bytes:
+        """The owner's BEP 44 signature of the head of `length` (its DHT item),
+        if this home has it (b"" if not)."""
+        with self.env.begin(db=self._heads) as txn:
+            raw = txn.get(_bk(key, length))
+        return b"" if raw is None else bytes(raw[_SIGNED:_SIGNED + SIGNATURE_BYTES])
+
+    def put_dht_signature(self, key: bytes, length: int, signature: bytes) -> None:
+        """Keep the (verified) DHT signature of a head already held."""
+        if len(signature) != SIGNATURE_BYTES:
+            raise ValueError("a DHT signature is 64 bytes")
+        with self._write() as txn:
+            raw = txn.get(_bk(key, length), db=self._heads)
+            if raw is not None:
+                txn.put(_bk(key, length), bytes(raw[:_SIGNED]) + signature, db=self._heads)
 
     @_guard
     def heads(self, key: bytes) -> list[Head]:
@@ -817,7 +834,7 @@ class Store:
     @_guard
     def commit_version(self, key: bytes, head: Head, nodes: Iterable[Node],
                        record: DriveRecord | None = None,
-                       blocks: Iterable[tuple[int, bytes]] = ()) -> None:
+                       blocks: Iterable[tuple[int, bytes]] = (), dht_signature: bytes = b"") -> None:
         """Write the last blocks, tree nodes, signed head and drive record of a
         version in one transaction, then flush to disk.  Before this returns
         the version does not exist; after, it is durable."""
@@ -825,7 +842,7 @@ class Store:
         with self._write() as txn:
             self._put_blocks(txn, key, blocks)
             self._put_nodes(txn, key, nodes)
-            txn.put(_bk(key, head.length), head.root + head.signature, db=self._heads)
+            txn.put(_bk(key, head.length), head.root + head.signature + dht_signature, db=self._heads)
             if record is not None or txn.get(key, db=self._drives) is None:
                 txn.put(key, _record_encoder.encode(record or DriveRecord()), db=self._drives)
         self.sync()
@@ -862,10 +879,20 @@ def write_key_file(path: Path, secret: bytes, *, keep_existing: bool = False) ->
     """Write `secret` as hex to `path`, mode 0600, fsynced, atomically.
 
     With keep_existing, a file another process wrote first wins.  Raises OSError."""
-    tmp = path.with_suffix(".tmp")
+    write_private_file(path, secret.hex().encode() + b"\n", keep_existing=keep_existing)
+
+
+def write_private_file(path: Path, data: bytes, *, keep_existing: bool = False) -> None:
+    """Write `data` to `path`, mode 0600, fsynced, atomically (a reader sees the old
+    file or the new one, whole).  With keep_existing, a file another process wrote
+    first wins.  Raises OSError."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes never share one
     fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
-        os.write(fd, secret.hex().encode() + b"\n")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from helpers import make_tree
+from helpers import TEST_CONFIG, make_tree
+
+# in-process code reads the same configuration as the CLI subprocesses
+os.environ["P2PFS_CONFIG"] = str(TEST_CONFIG)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 import blake3
 
 REPO = Path(__file__).resolve().parent.parent
+TEST_CONFIG = Path(__file__).resolve().parent / "data" / "config.toml"
 
 
 @dataclass
@@ -39,6 +40,7 @@ def cli_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("P2PFS_HOME", None)
+    env["P2PFS_CONFIG"] = str(TEST_CONFIG)
     return env
 
 

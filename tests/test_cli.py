@@ -370,7 +370,9 @@ def test_progress_plain_without_a_terminal_and_bar_on_one(home, tmp_path):
     write_random(src / "f", 80 << 20, seed=3)
     r = run_cli(home, "create", src)
     lines = r.stderr.strip().splitlines()
-    assert lines[0].startswith("create: 80.0 MiB to hash") and lines[-1] == "create: 100%"
+    assert lines[0] == "create: 1 files, 80.0 MiB to read"
+    assert lines[-1].startswith("create: 100% (1/1 files, 80.0 MiB of 80.0 MiB, ")
+    assert lines[-1].endswith("/s, 0 s left)") and len(lines) <= 6
     assert run_cli(home, "create", "-q", src).stderr == ""
     # on a terminal: a rich progress bar (needs util-linux `script` for a pty)
     import shutil
@@ -382,6 +384,7 @@ def test_progress_plain_without_a_terminal_and_bar_on_one(home, tmp_path):
     assert p.returncode == 0
     out = p.stdout.decode("utf-8", "replace")
     assert "\x1b[" in out and "create" in out  # drawn with terminal escapes
+    assert "/1 files" in out
     assert re.search(r"[ybndrfg8ejkmcpqxot1uwisza345h769]{52}", out)
 
 

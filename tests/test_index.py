@@ -628,3 +628,91 @@ def test_normalize_path_agrees_with_a_slow_reference(parts, lead, trail):
     else:
         assert normalize_path(raw) == want
         assert normalize_path(want) == want
+
+
+# ---------------------------------------------------------------- diff of two versions
+
+
+def slow_diff(log: Log, old_root: int, new_root: int) -> list:
+    """The reference: walk both versions whole and compare."""
+    old = {path_key(p): e for p, e in Index(log, old_root).walk()}
+    new = {path_key(p): e for p, e in Index(log, new_root).walk()}
+    return [(key_path(k), old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)]
+
+
+@pytest.mark.parametrize("block_size", [512, 1024, 65536])
+@pytest.mark.parametrize("base", [{b"/": DIR}, BASE], ids=["empty", "deep"])
+def test_diff_matches_a_slow_reference(block_size, base):
+    @given(st.lists(ops, max_size=30), st.booleans())
+    @settings(max_examples=40 if len(base) == 1 else 20, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    def prop(sequence, bulk):
+        log = Log()
+        blocks, root = build(base.items(), 1, block_size)
+        log.append(blocks)
+        roots = [root]
+        writer = IndexWriter(log, root, NodeCache(8))
+        model = dict(base)
+        for op in sequence + [("commit",)]:
+            if op[0] == "put":
+                writer.put(op[1], op[2])
+                model[op[1]] = op[2]
+            elif op[0] == "delete":
+                writer.delete(op[1])
+                model_delete(model, op[1])
+            elif op[0] == "fill":
+                for i in range(op[2]):
+                    writer.put(op[1] + b"/f%03d" % i, f(i + 1000))
+                    model[op[1] + b"/f%03d" % i] = f(i + 1000)
+            elif op[0] == "move":
+                if op[1] in model and not op[2].startswith(op[1] + b"/"):
+                    writer.move(op[1], op[2])
+                    model = dict(writer.items())
+            else:
+                blocks, root = writer.finish(len(log.blocks), block_size)
+                log.append(blocks)
+                roots.append(root)
+        if bulk:  # an unrelated layout of the same content: nothing shared
+            blocks, root = build(model.items(), len(log.blocks), block_size)
+            log.append(blocks)
+            roots.append(root)
+        for old in roots:
+            for new in roots:
+                assert list(ix.diff(log, old, new)) == slow_diff(log, old, new)
+
+    prop()
+
+
+def test_diff_reads_only_the_changed_paths():
+    log, root, model = big_drive(200, 500, 4096)  # 100,200 entries, ~1,500 leaves
+    depth = len(Index(log, root).path_blocks(b"/d0100/f00100"))
+    writer = IndexWriter(log, root)
+    writer.put(b"/d0100/f00100", f(7))
+    writer.delete(b"/d0150/f00003")
+    writer.put(b"/d0199/new", f(8))
+    blocks, new_root = writer.finish(len(log.blocks), 4096)
+    log.append(blocks)
+    log.reads = 0
+    got = list(ix.diff(log, root, new_root))
+    assert [(p, n) for p, _, n in got] == [(b"/d0100/f00100", f(7)), (b"/d0150/f00003", None),
+                                           (b"/d0199/new", f(8))]
+    # each change costs its leaf and the nodes above it, on both sides (a
+    # neighbouring leaf now and then): nowhere near the ~1,500 leaves of the index
+    assert log.reads <= 4 * 3 * depth, log.reads
+    log.reads = 0
+    assert list(ix.diff(log, new_root, new_root)) == [] and log.reads == 0
+
+
+def test_diff_of_hostile_nodes_raises_verification_error():
+    log = Log()
+    good, root = build([(b"/", DIR), (b"/a", f(1)), (b"/b", f(2))], 1, 512)
+    log.append(good)
+    leaf = len(log.blocks)
+    log.append([encode_block(Leaf([path_key(b"/z")], [f(3)]))])  # keys outside the range below
+    log.append([encode_block(Internal([path_key(b"/m")], [leaf, leaf]))])
+    with pytest.raises(VerificationError):
+        list(ix.diff(log, root, len(log.blocks) - 1))
+    log.append([encode_block(Internal([], [len(log.blocks) + 5]))])  # points forward
+    with pytest.raises(VerificationError):
+        list(ix.diff(log, root, len(log.blocks) - 1))

@@ -8,10 +8,11 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "p2pfs"
 
 PURE = {"errors", "types", "flat", "crypto", "tree", "index", "wire"}
-THIRD_PURE = {"blake3", "nacl", "msgspec"}
+THIRD_PURE = {"blake3", "nacl", "cryptography", "msgspec"}
 FORBIDDEN_EVERYWHERE_BUT = {  # third-party module -> the only p2pfs modules that may import it
     "lmdb": {"store"},
     "nacl": {"crypto"},
+    "cryptography": {"crypto"},
     "pyfuse3": {"fs", "mount", "node", "cli"},
 }
 ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
@@ -24,14 +25,23 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "wire": {"crypto", "types", "errors", "wire"},
     "store": PURE,
     "drive": PURE | {"store"},
-    "publish": PURE | {"store", "drive"},
+    "history": PURE | {"store", "drive"},
+    "ignore": {"errors"},
+    "publish": PURE | {"store", "drive", "ignore"},
+    "watch": PURE | {"store", "drive", "ignore", "publish"},
     "net": PURE | {"store", "drive", "publish", "net"},
     "fs": PURE | {"drive", "publish", "fs"},
     "node": None,  # wiring: everything
     "mount": None,  # wiring for `p2pfs mount` (the FUSE session's process)
+    "share": None,  # wiring for `p2pfs share` (watcher, publisher and swarm in one process)
+    "daemon": {"errors"},  # --daemon: re-run a command detached, wait until it is ready
+    "progress": set(),  # the progress bar of long writes (rich)
+    "seeder": None,  # wiring for `p2pfs seed`
+    "config": {"errors"},
     "cli": None,
 }
-NO_TRIO = PURE | {"store", "drive", "publish"}
+NO_TRIO = PURE | {"store", "drive", "history", "ignore", "publish"}
+SANS_IO_DIRS = {("net", "discovery", "dht"): {"node.py"}}  # folder -> its only trio drivers
 
 
 def _modules(pkg: Path = PKG):
@@ -108,6 +118,11 @@ def _problems(pkg: Path = PKG) -> list[str]:
                 problems.append(f"{path.relative_to(pkg)} (pure core) imports {lib}")
         if top == "fs" and "net" in ours:
             problems.append(f"{path.relative_to(pkg)} imports net")
+        rel = path.relative_to(pkg)
+        drivers = SANS_IO_DIRS.get(rel.parts[:-1])
+        if drivers is not None and rel.name not in drivers:
+            for lib in theirs & {"socket", "trio", "time", "asyncio"}:
+                problems.append(f"{rel} (sans-IO) imports {lib}")
     return problems
 
 
@@ -126,9 +141,13 @@ def test_checker_catches_violations(tmp_path):
     (pkg / "drive.py").write_text("import lmdb\n")
     (pkg / "net" / "x.py").write_text("from ..drive import Drive\nfrom . import y\n")
     (pkg / "net" / "y.py").write_text("import p2pfs.fs\n")
+    (pkg / "net" / "discovery" / "dht").mkdir(parents=True)
+    (pkg / "net" / "discovery" / "dht" / "routing.py").write_text("import time\n")
+    (pkg / "net" / "discovery" / "dht" / "node.py").write_text("import trio\nimport time\n")
     got = "\n".join(_problems(pkg))
     for expected in ["tree.py imports ['store']", "tree.py (pure core) imports trio",
                      "index.py imports ['drive']", "fs.py imports ['net']",
-                     "drive.py imports lmdb", "net/y.py imports ['fs']"]:
+                     "drive.py imports lmdb", "net/y.py imports ['fs']",
+                     "net/discovery/dht/routing.py (sans-IO) imports time"]:
         assert expected in got, (expected, got)
-    assert "store.py" not in got and "net/x.py" not in got
+    assert "store.py" not in got and "net/x.py" not in got and "dht/node.py" not in got

@@ -30,9 +30,8 @@ def _owner(tmp_path, size):
 
 async def _connect(nursery, server_swarm, client_swarm, address="memory:1"):
     a, b = trio.testing.memory_stream_pair()
-    nursery.start_soon(server_swarm._run_peer, peer_mod.Peer(server_swarm, a, False, "memory-client"))
-    client_swarm.status[address] = "connecting"
-    nursery.start_soon(client_swarm._run_peer, peer_mod.Peer(client_swarm, b, True, address))
+    server_swarm.connections.attach(a, initiator=False, address="memory-client")
+    client_swarm.connections.attach(b, initiator=True, address=address)
 
 
 async def test_fetch_a_whole_file_between_two_swarms(tmp_path):
@@ -41,8 +40,8 @@ async def test_fetch_a_whole_file_between_two_swarms(tmp_path):
 
 async def test_fetch_with_a_node_cache_too_small_for_the_drive(tmp_path, monkeypatch):
     """Past MAX_CACHED_NODES both sides fall back to the store for nodes."""
-    from p2pfs.net import swarm as swarm_mod
-    monkeypatch.setattr(swarm_mod, "MAX_CACHED_NODES", 8)
+    from p2pfs.net import fetcher
+    monkeypatch.setattr(fetcher, "MAX_CACHED_NODES", 8)
     await _fetch_whole_file(tmp_path)
 
 
@@ -62,9 +61,9 @@ async def _fetch_whole_file(tmp_path):
         assert await drive.read(await drive.lookup("/small.txt"), 0, 100) == b"small\n"
         [info] = sb.peer_info(key)
         assert info["blocks"] == drive.head.length and info["blocks_received"] > 80
-        from p2pfs.net import swarm as swarm_mod
-        small = swarm_mod.MAX_CACHED_NODES < 100
-        assert sb._nodes_complete[key] is not small and sa._nodes_complete[key] is not small
+        from p2pfs.net import fetcher
+        small = fetcher.MAX_CACHED_NODES < 100
+        assert sb.nodes.complete[key] is not small and sa.nodes.complete[key] is not small
     blocks, nbytes = store_b.held(key)
     assert nbytes >= len(data)
     store_a.close()
@@ -81,6 +80,10 @@ async def test_two_waiters_on_a_full_output_both_wake():
         @staticmethod
         def lookup_key(dk):
             return None
+
+        @staticmethod
+        def output_changed(delta):
+            pass
 
     p = peer_mod.Peer(_Swarm, send_side, True, "memory")
     woke = []

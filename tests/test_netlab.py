@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -288,3 +290,92 @@ def test_raw_tcp_baseline_cleans_up_after_itself():
     before = set(list_netns())
     assert netlab.raw_tcp_baseline(nbytes=4 * 1024 * 1024, runs=1) > 0
     assert set(list_netns()) == before
+
+
+RECEIVE_ONE = (
+    "import socket, struct, sys\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "s.bind(('0.0.0.0', 5000))\n"
+    "if sys.argv[1] != '-':  # join with INADDR_ANY: the kernel picks the interface by route\n"
+    "    s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,\n"
+    "                 struct.pack('4s4s', socket.inet_aton(sys.argv[1]), bytes(4)))\n"
+    "print('ready', flush=True)\n"
+    "s.settimeout(20)\n"
+    "data, src = s.recvfrom(100)\n"
+    "print(data.decode(), src[0], flush=True)\n"
+)
+SEND = (
+    "import socket, sys\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "for dest, text in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+    "    s.sendto(text.encode(), (dest, 5000))\n"
+)
+
+
+@needs_root
+def test_bridge_switches_unicast_and_multicast_among_many_namespaces():
+    with Lab() as lab:
+        a, b, c, d = (lab.namespace(r) for r in "abcd")
+        lab.link(a, b)  # link 1: the bridge takes the next subnet
+        bridge = lab.bridge([a, b, c])
+        assert bridge.subnet == 2
+        assert [bridge.ip(ns) for ns in (a, b, c)] == ["10.77.2.1", "10.77.2.2", "10.77.2.3"]
+        port = lab.attach(bridge, d)
+        assert port.ip == "10.77.2.4" and bridge.port(d) == port
+        with pytest.raises(netlab.LabError, match="already on bridge"):
+            lab.attach(bridge, d)
+        capture = lab.capture(bridge)
+        receivers = {ns: lab.spawn(ns, [sys.executable, "-c", RECEIVE_ONE, "239.1.2.3" if ns != d else "-"],
+                                   stdout=subprocess.PIPE, text=True) for ns in (b, c, d)}
+        for proc in receivers.values():
+            assert proc.stdout.readline() == "ready\n"
+        lab.run(a, [sys.executable, "-c", SEND, "239.1.2.3", "to-all", bridge.ip(d), "to-d"], check=True)
+        got = {ns: proc.stdout.readline().split() for ns, proc in receivers.items()}
+        assert got == {b: ["to-all", "10.77.2.1"], c: ["to-all", "10.77.2.1"], d: ["to-d", "10.77.2.1"]}
+        datagrams = netlab.udp_datagrams(capture.stop())
+        names = lab_names(lab)
+    sent = [(dg.dst, dg.payload) for dg in datagrams if dg.src[0] == "10.77.2.1"]
+    # Each datagram entered the bridge once, whatever the number of ports it left by.
+    assert sent == [(("239.1.2.3", 5000), b"to-all"), (("10.77.2.4", 5000), b"to-d")]
+    assert any(name.endswith("-bridge-2") for name in names)
+    assert lab_names(lab) == []  # the bridge's namespace went with the rest
+
+
+@needs_root
+def test_a_namespace_on_two_bridges_routes_multicast_to_the_first():
+    with Lab() as lab:
+        m, x, y = lab.namespace("m"), lab.namespace("x"), lab.namespace("y")
+        first, second = lab.bridge([m, x]), lab.bridge([m, y])
+        with pytest.raises(netlab.LabError, match="not attached"):
+            first.ip(y)
+        routes = lab.run(m, ["ip", "route", "show", "224.0.0.0/4"], capture_output=True, text=True, check=True).stdout
+        assert routes.split()[:3] == ["224.0.0.0/4", "dev", first.port(m).dev]
+        assert lab.run(m, [sys.executable, "-c", SEND, second.ip(y), "x"]).returncode == 0
+
+
+def test_pcap_round_trip_and_udp_parsing(tmp_path):
+    def ipv4_udp(src, dst, sport, dport, payload, frag=0):
+        udp = struct.pack(">HHHH", sport, dport, 8 + len(payload), 0) + payload
+        ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, frag, 1, 17, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst))
+        return bytes(12) + b"\x08\x00" + ip + udp + bytes(6)  # Ethernet padding after the IP packet
+
+    def ipv6_udp(payload):
+        udp = struct.pack(">HHHH", 1, 2, 8 + len(payload), 0) + payload
+        ip = struct.pack(">IHBB16s16s", 6 << 28, len(udp), 17, 1,
+                         socket.inet_pton(socket.AF_INET6, "fe80::1"), socket.inet_pton(socket.AF_INET6, "ff12::7"))
+        return bytes(12) + b"\x86\xdd" + ip + udp
+
+    frames = [ipv4_udp("10.77.1.1", "239.1.2.3", 40000, 7641, b"hello"), b"\x00" * 60, ipv6_udp(b"six"), b""]
+    path = tmp_path / "x.pcap"
+    path.write_bytes(netlab.pcap_header() + b"".join(netlab.pcap_record(f, 1.5) for f in frames))
+    assert netlab.read_pcap(path) == frames
+    assert netlab.udp_datagrams(frames) == [
+        netlab.Datagram(("10.77.1.1", 40000), ("239.1.2.3", 7641), b"hello"),
+        netlab.Datagram(("fe80::1", 1), ("ff12::7", 2), b"six"),
+    ]
+    with pytest.raises(netlab.LabError, match="fragmented"):
+        netlab.udp_datagrams([ipv4_udp("10.0.0.1", "10.0.0.2", 1, 2, b"x", frag=0x2000)])
+    path.write_bytes(netlab.pcap_header() + netlab.pcap_record(b"abc", 0)[:-1])
+    with pytest.raises(netlab.LabError, match="inside a frame"):
+        netlab.read_pcap(path)

@@ -1,7 +1,13 @@
-"""The swarm: every peer connection of a node, the block fetcher and the server.
+"""The swarm: a node's drives, heads and peers, composed from one module per concern.
 
 Theory of operation
 -------------------
+The swarm owns the drive registry and the signed heads; it is the `PeerHost`
+every `Peer` reports to and passes each report to the part that deals with
+it: `connections.Connections` (dialling, accepting, dedupe, caps, bans),
+`fetcher.Fetcher` (the drives' BlockSource: wants, scheduling, verifying,
+storing), `serving.Server` (answers).
+
 *Drives.*  The swarm knows the drives registered with `add_drive` (those
 the node reads or seeds) and, with `serve_all`, every drive in the store.
 `lookup_key` answers the wire layer's "do we know this discovery key"; a
@@ -18,105 +24,48 @@ another process on the same LMDB home) and pushes a new Head and Have to
 every peer with the channel open; heads adopted from peers are passed on
 the same way.  Heads from peers go through `Drive.accept_head`: a bad
 signature drops the peer, a fork is reported (the evidence is kept by the
-drive) and the peer stays, an older head changes nothing.
-
-*Fetching* (the drive's `BlockSource`).  `fetch` turns missing blocks into
-wants, queued in request order.  `schedule` hands queued wants to peers
-that announced the block and have a free pipeline slot (`PIPELINE`
-requests per peer), least-loaded first, skipping peers that already failed
-that want.  A long sequential fetch also queues the blocks after it
-(read-ahead), so the pipelines do not drain between reads.  Each Request
-asks for the proof nodes we do not hold (a per-drive cache of verified
-nodes, filled from the store once) against our head's length; the reply is
-verified against the signed head of exactly that length, so adopting a
-newer head meanwhile cannot make an honest reply look bad.  Verified blocks
-are written by a worker thread, many per transaction; their waiters wake
-once they are stored.  A NoData moves the want
-to another peer; a peer that disconnects or stalls (in-flight requests and
-nothing received for `STALL_TIMEOUT`) has its wants queued again for the
-others.  Anything failing verification (a block, a proof, a head
-signature) drops the peer, reports it, and bans its address and node key
-for the session.  A fetch fails with BlockUnavailableError when no block
-of it arrived for `timeout` seconds, or at once when no peer is left to
-ask (every static peer banned).
+drive) and the peer stays, an older head changes nothing.  A Head we hold
+already is recognised by its bytes, before any signature check.
 """
 
 from __future__ import annotations
 
 import sys
-from collections import deque
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
 import trio
 
-from .. import crypto, index, tree
+from .. import crypto
 from ..drive import Drive
-from ..errors import (
-    BlockUnavailableError, ForkError, MissingBlock, NotFoundError, P2pfsError, VerificationError,
-)
+from ..errors import BlockUnavailableError, ForkError, NotFoundError, P2pfsError, VerificationError
 from ..store import Store
 from ..types import Head
 from ..wire import messages as m
 from . import transport
+from .connections import Connections
+from .discovery import Candidate, Source
+from .discovery.static import StaticSource
+from .fetcher import DEFAULT_TIMEOUT, STALL_TIMEOUT, Fetcher, NodeCaches
 from .peer import Inflight, Peer, PeerDropped, raise_single
+from .serving import Server
 
-PIPELINE = 128             # requests in flight per peer
-READAHEAD_MIN = 8          # a fetch of this many contiguous blocks ...
-READAHEAD_MAX = 256        # ... also queues twice as many following blocks (at most this many)
-MAX_CACHED_NODES = 1 << 18   # tree nodes kept in memory per drive (an 8 GiB drive; ~40 MiB)
-MAX_UNWRITTEN = 64 << 20     # verified block bytes waiting for the store before reads pause
 POLL_INTERVAL = 0.15       # seconds between polls of the store's latest heads
-STALL_TIMEOUT = 3.0        # a peer with requests out and silent this long is stalled
-DEFAULT_TIMEOUT = 30.0
-INDEX_REPLY_BUDGET = m.MAX_REPLY_DATA - (64 << 10)
+DISCOVERY_GRACE = 1.0      # s a reader holding a drive looks for a newer version before going on
+HEAD_LOOKUP_EVERY = 300.0  # s between looking up a drive's newest head in the DHT
+HEAD_RETRY_FIRST = 2.0     # s before a failed head lookup or put is tried again (doubling)
 
 
 def _stderr(text: str) -> None:
     print(f"p2pfs: {text}", file=sys.stderr, flush=True)
 
 
-class _Want:
-    __slots__ = ("block", "done", "tried", "error", "waiters")
-
-    def __init__(self, block: int):
-        self.block = block
-        self.done = trio.Event()
-        self.tried: set[Peer] = set()
-        self.error: str | None = None
-        self.waiters = 0
-
-
-class _Fetches:
-    """Per-drive fetch state."""
-
-    __slots__ = ("wants", "queue", "last_progress", "ahead_start", "ahead_end", "window")
-
-    def __init__(self):
-        self.wants: dict[int, _Want] = {}
-        self.queue: deque[int] = deque()
-        self.last_progress = 0.0
-        self.ahead_start = self.ahead_end = self.window = 0  # the read-ahead window
-
-
-class _StoreReader:
-    """index.BlockReader over raw stored blocks (serving: the receiver verifies)."""
-
-    def __init__(self, store: Store, key: bytes, length: int):
-        self.store, self.key, self.length = store, key, length
-
-    def read_block(self, i: int) -> bytes:
-        data = self.store.get_block(self.key, i) if 0 <= i < self.length else None
-        if data is None:
-            raise MissingBlock(i)
-        return data
-
-
 class Swarm:
     """A node's peers.  Use `open_swarm`; then `add_drive`, `add_peer`, `listen`."""
 
     def __init__(self, store: Store, node_key: bytes, *, serve_all: bool = False,
-                 timeout: float = DEFAULT_TIMEOUT, report: Callable[[str], None] = _stderr):
+                 timeout: float = DEFAULT_TIMEOUT, report: Callable[[str], None] = _stderr,
+                 max_connections: int | None = None):
         self.store = store
         self.node_key = node_key
         self.node_public = crypto.x25519_public(node_key)
@@ -126,24 +75,34 @@ class Swarm:
         self.drives: dict[bytes, Drive] = {}
         self._dk: dict[bytes, bytes] = {}
         self._store_keys_checked = -1e9
-        self.peers: list[Peer] = []
-        self.status: dict[str, str] = {}        # static address -> what happened last
-        self.banned_addresses: set[str] = set()
-        self.banned_keys: set[bytes] = set()
-        self._fetches: dict[bytes, _Fetches] = {}
-        self._nodes: dict[bytes, dict[int, object]] = {}   # verified tree nodes, per drive
-        self._nodes_complete: dict[bytes, bool] = {}        # ... and whether that is all we hold
-        self._batch: dict[bytes, tuple[list, list]] = {}   # verified, not yet stored
-        self._batch_bytes = 0
-        self._writing_bytes = 0
-        self._batch_event = trio.Event()
-        self._room_event = trio.Event()
-        self._dialers = 0
-        self._changed = trio.Event()
-        self._nursery: trio.Nursery | None = None
         self._unsubscribe: dict[bytes, Callable[[], None]] = {}
+        self.nodes = NodeCaches(store)
+        self.connections = Connections(self, report=report, max_connections=max_connections,
+                                       topic_peers=self._topic_peers)
+        self.fetcher = Fetcher(store, self.nodes, timeout=timeout, peers=self._peers,
+                               drive=self.drives.get, more_peers_coming=self._more_peers_coming,
+                               describe=self.describe_peers)
+        self.server = Server(store, self.nodes, self.drives.get)
+        self.static = StaticSource()
+        self.sources: list[Source] = []
+        self.port: int | None = None  # the TCP port we accept peers on, once listening
+        self._hints: dict[bytes, tuple[bytes, int]] = {}   # drive key -> (path, content bytes)
+        self._hinted: dict[bytes, list[Inflight]] = {}     # ... the first-flight requests sent
+        self._put_heads = trio.Event()  # a head (or its DHT signature) to put in the DHT
+        self._nursery: trio.Nursery | None = None
 
     # --- registry ------------------------------------------------------------------
+
+    @property
+    def peers(self) -> list[Peer]:
+        return self.connections.peers
+
+    def _peers(self) -> list[Peer]:
+        return self.connections.peers
+
+    @property
+    def status(self) -> dict[str, str]:
+        return self.connections.status()
 
     def add_drive(self, drive: Drive) -> Drive:
         """Fetch/serve this Drive object (the one the caller reads through)."""
@@ -153,7 +112,11 @@ class Swarm:
         if old is not None:
             self._unsubscribe.pop(drive.key)()
         self.drives[drive.key] = drive
-        self._dk[crypto.discovery_key(drive.key)] = drive.key
+        self._put_heads.set()
+        dk = crypto.discovery_key(drive.key)
+        self._dk[dk] = drive.key
+        for source in self.sources:
+            source.join(dk, announce=self.port is not None)
         self._unsubscribe[drive.key] = drive.subscribe(lambda head, d=drive: self._announce(d))
         for peer in self.peers:
             if peer.initiator and not peer.closed and peer.conn.can_send:
@@ -177,68 +140,54 @@ class Swarm:
                 key = self._dk.get(discovery_key)
         return key
 
-    def _changed_now(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+    def _topic_peers(self, discovery_key: bytes) -> int:
+        key = self._dk.get(discovery_key)
+        if key is None:
+            return 0
+        return sum(1 for p in self.peers if not p.closed and p.conn.is_open(key))
 
-    # --- lifecycle ---------------------------------------------------------------------
+    def _more_peers_coming(self) -> bool:
+        return self.connections.dialing or any(src.active for src in self.sources)
 
-    async def _run_peer(self, peer: Peer) -> str:
-        self.peers.append(peer)
-        try:
-            reason = await peer.run()
-        finally:
-            if peer in self.peers:
-                self.peers.remove(peer)
-            self._peer_gone(peer)
-        return reason
+    # --- peers -------------------------------------------------------------------
 
     def add_peer(self, address: str) -> None:
         """Keep a connection to a static peer (reconnecting) for the swarm's life."""
-        transport.parse_address(address)
-        self.status.setdefault(address, "connecting")
-        self._dialers += 1
-        self._nursery.start_soon(self._dial_loop, address)
+        self.static.add(address)
 
-    async def _dial_loop(self, address: str) -> None:
-        backoff = 0.05
-        try:
-            while address not in self.banned_addresses:
-                try:
-                    stream = await transport.dial(address)
-                except (OSError, trio.TooSlowError) as exc:
-                    why = ("timed out" if isinstance(exc, trio.TooSlowError)
-                           else exc.strerror or str(exc))
-                    self.status[address] = f"unreachable ({why})"
-                    self._changed_now()
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, 1.0)
-                    continue
-                backoff = 0.05
-                self.status[address] = "connected"
-                reason = await self._run_peer(Peer(self, stream, True, address))
-                if address in self.banned_addresses:
-                    break
-                self.status[address] = reason
-                self._changed_now()
-                await trio.sleep(backoff)
-        finally:
-            self._dialers -= 1
-            self.schedule()
-            self._changed_now()
+    async def add_source(self, source: Source) -> None:
+        """Feed a discovery source's candidates to the connections from now on."""
+        self.sources.append(source)
+        source.set_port(self.port)
+        for dk in self._dk:
+            if dk in self._wanted_topics():
+                source.join(dk, announce=self.port is not None)
+        await self._nursery.start(source.run, self._candidate)
+        if hasattr(source, "get_head"):
+            self._nursery.start_soon(self._dht_heads, source)
+
+    def _wanted_topics(self) -> set[bytes]:
+        return {crypto.discovery_key(k) for k in self.drives}
+
+    def _candidate(self, discovery_key: bytes | None, candidate: Candidate) -> None:
+        if candidate.source == "static":
+            self.connections.add_static(candidate.address)
+        elif discovery_key is not None:
+            self.connections.add_candidate(discovery_key, candidate)
 
     async def listen(self, address: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Accept peers on 'HOST:PORT'; task_status gets the bound addresses."""
+        """Accept peers on 'HOST:PORT'; task_status gets the bound addresses.
+        Discovery sources then announce the swarm's drives with that port."""
         listeners = await transport.listen(address)
-        task_status.started([transport.listener_address(lst) for lst in listeners])
-        await trio.serve_listeners(self._accepted, listeners)
-
-    async def _accepted(self, stream: trio.SocketStream) -> None:
-        transport._tune(stream)
-        address = transport.peer_address(stream)
-        reason = await self._run_peer(Peer(self, stream, False, address))
-        if reason not in ("closed the connection",) and not reason.startswith("connection lost"):
-            self.report(f"peer {address}: {reason}; disconnected")
+        addresses = [transport.listener_address(lst) for lst in listeners]
+        if self.port is None and addresses:
+            self.port = int(addresses[0].rpartition(":")[2])
+            for source in self.sources:
+                source.set_port(self.port)
+                for dk in self._wanted_topics():
+                    source.join(dk, announce=True)
+        task_status.started(addresses)
+        await self.connections.serve(listeners)
 
     async def _poll_heads(self) -> None:
         while True:
@@ -249,30 +198,25 @@ class Swarm:
                 except VerificationError as exc:
                     self.report(str(exc))
 
-    async def _watch_stalls(self) -> None:
-        while True:
-            await trio.sleep(0.25)
-            now = trio.current_time()
-            for peer in list(self.peers):
-                if peer.paused:
-                    peer.last_progress = now
-                elif peer.inflight and not peer.stalled and now - peer.last_progress > STALL_TIMEOUT:
-                    peer.stalled = True
-                    for inf in peer.inflight.values():
-                        self._requeue(peer, inf)
-                    self.schedule()
+    # --- PeerHost ------------------------------------------------------------------
 
-    # --- events from peers ---------------------------------------------------------------
+    def hint(self, drive: Drive, path: bytes, content_bytes: int = 0) -> None:
+        """Ask every peer we dial from now on, in the first flight (with the
+        channel's Open, before any reply), for the index path of `path` in
+        its newest version and the first `content_bytes` of it: a cold small
+        read then costs no further round trip."""
+        self.add_drive(drive)
+        self._hints[drive.key] = (path, content_bytes)
 
     def on_connected(self, peer: Peer) -> None:
-        if peer.remote_key in self.banned_keys:
-            raise PeerDropped("its node key was dropped earlier in this session")
-        if peer.remote_key == self.node_public:
-            raise PeerDropped("it is this node itself")
-        if peer.initiator:
+        self.connections.admit(peer, self.node_public)
+        if peer.initiator and not peer.closed:
             for key in self.drives:
                 peer.write(peer.conn.open_channel(key))
-        self._changed_now()
+                hint = self._hints.get(key)
+                if hint is not None:
+                    self._hinted.setdefault(key, []).append(peer.request_path(key, hint[0], 0, hint[1]))
+        self.connections.changed()
 
     def on_channel_opened(self, peer: Peer, key: bytes) -> None:
         drive = self._drive(key)
@@ -280,10 +224,13 @@ class Swarm:
             return
         ch = peer.conn.local_channel(key)
         if drive.head is not None:
-            h = drive.head
-            peer.write(peer.conn.send(m.Head(ch, h.length, h.root, h.signature)))
+            peer.write(peer.conn.send(self._head_message(ch, drive)))
         self._send_have(peer, drive)
-        self._changed_now()
+        self.connections.changed()
+
+    def _head_message(self, channel: int, drive: Drive) -> m.Head:
+        h = drive.head
+        return m.Head(channel, h.length, h.root, h.signature, self.store.dht_signature(drive.key, h.length))
 
     def _send_have(self, peer: Peer, drive: Drive) -> None:
         ch = peer.conn.local_channel(drive.key)
@@ -292,358 +239,216 @@ class Swarm:
             peer.write(peer.conn.send(m.Have(ch, ranges[i:i + m.MAX_HAVE_RANGES])))
 
     def on_channel_closed(self, peer: Peer, key: bytes, rejected: bool) -> None:
-        for rid, inf in list(peer.inflight.items()):
-            if inf.key == key:
-                del peer.inflight[rid]
-                self._requeue(peer, inf)
-        if peer.initiator and peer.address in self.status:
-            self.status[peer.address] = "does not have the drive" if rejected else "closed the drive"
-        self.schedule()
-        self._changed_now()
+        self.fetcher.channel_closed(peer, key)
+        target = self.connections.targets.get(peer.address) if peer.initiator else None
+        if target is not None and target.static:
+            target.status = "does not have the drive" if rejected else "closed the drive"
+        self.connections.changed()
 
-    def on_head(self, peer: Peer, key: bytes, head: Head) -> None:
+    def on_head(self, peer: Peer, key: bytes, head: Head, dht_signature: bytes = b"") -> None:
         drive = self.drives.get(key)
         if drive is None:
             return
-        try:
-            drive.accept_head(head)
-        except ForkError as exc:
-            self.report(f"{exc} (announced by peer {peer.address})")
-        except VerificationError as exc:
-            self._ban(peer, f"sent a signed head that does not verify ({exc})")
+        if drive.head != head:  # the head we hold is not checked again
+            try:
+                drive.accept_head(head)
+            except ForkError as exc:
+                self.report(f"{exc} (announced by peer {peer.address})")
+            except VerificationError as exc:
+                raise PeerDropped(f"sent a signed head that does not verify ({exc})") from None
+        if dht_signature and drive.accept_dht_signature(head, dht_signature):
+            self._put_heads.set()
         old = peer.heads.get(key)
-        if old is None or head.length > old.length:
+        if old is None or head.length >= old.length:
             peer.heads[key] = head
-        self.schedule()
-        self._changed_now()
+        self.fetcher.schedule()
+        self.connections.changed()
 
     def on_have(self, peer: Peer, key: bytes) -> None:
-        self.schedule()
-        self._changed_now()
+        self.fetcher.schedule()
+        self.connections.changed()
 
     def on_reply(self, peer: Peer, inf: Inflight, msg) -> None:
-        peer.last_progress = trio.current_time()
-        peer.stalled = False
-        drive = self.drives.get(inf.key)
-        if drive is None:
-            return
-        if isinstance(msg, m.Data):
-            try:
-                self._accept(peer, drive, msg.block, msg.data, msg.nodes, inf.length)
-            except PeerDropped:
-                self._requeue(peer, inf)
-                raise
-        elif isinstance(msg, m.IndexData):
-            try:
-                for item in msg.blocks:
-                    self._accept(peer, drive, item.block, item.data, item.nodes, inf.length)
-            finally:
-                inf.done.set()
-        else:  # NoData
-            if inf.path is not None:
-                inf.done.set()
-            else:
-                self._requeue(peer, inf)
-        self.schedule()
+        self.fetcher.on_reply(peer, inf, msg)
 
     def after_input(self, peer: Peer) -> None:
-        """Called after each chunk a peer sent has been handled."""
-        if self._batch:
-            self._batch_event.set()
+        self.fetcher.after_input()
 
     async def input_room(self) -> None:
-        """Wait while too many verified blocks wait to be written."""
-        while self._batch_bytes + self._writing_bytes > MAX_UNWRITTEN:
-            # every peer's reader may wait here: share one event
-            if self._room_event.is_set():
-                self._room_event = trio.Event()
-            await self._room_event.wait()
+        await self.fetcher.input_room()
 
-    async def _writer(self) -> None:
-        """Store verified blocks in a worker thread (LMDB releases the GIL), a
-        transaction per drive per round, then wake their waiters.  Blocks
-        that arrive meanwhile gather into the next, larger, round."""
-        while True:
-            if not self._batch:
-                self._batch_event = trio.Event()
-                await self._batch_event.wait()
-                continue
-            batch, self._batch = self._batch, {}
-            self._writing_bytes, self._batch_bytes = self._batch_bytes, 0
-            try:
-                await trio.to_thread.run_sync(self._write, batch)
-            finally:
-                self._writing_bytes = 0
-                self._room_event.set()
-            for key, (items, _nodes) in batch.items():
-                drive = self.drives.get(key)
-                if drive is not None:  # verified by _accept, now stored
-                    drive.note_stored([block for block, _data in items])
-                for block, _data in items:
-                    self._done(key, block)
-            self.schedule()
+    def output_changed(self, delta: int) -> None:
+        self.connections.output_changed(delta)
 
-    def _write(self, batch: dict) -> None:
-        for key, (items, nodes) in batch.items():
-            self.store.put_block_items(key, items, nodes)
+    async def output_room(self, peer: Peer) -> None:
+        await self.connections.output_room(peer)
 
-    def _peer_gone(self, peer: Peer) -> None:
-        if self._batch:  # what it sent before it went is verified: keep it
-            self._batch_event.set()
-        for inf in peer.inflight.values():
-            if inf.path is not None:
-                inf.done.set()
-            else:
-                self._requeue(peer, inf)
-        peer.inflight.clear()
-        self.schedule()
-        self._changed_now()
+    def answer(self, peer: Peer, key: bytes, msg) -> list[m.Message]:
+        ch = peer.conn.local_channel(key)
+        return self.server.answer(0 if ch is None else ch, key, msg)
 
-    def _ban(self, peer: Peer, reason: str) -> None:
-        if peer.initiator:
-            self.banned_addresses.add(peer.address)
-            self.status[peer.address] = f"dropped: {reason}"
-        if peer.remote_key is not None:
-            self.banned_keys.add(peer.remote_key)
-        self.report(f"peer {peer.address} {reason}; dropped it and will not ask it again")
-        raise PeerDropped(reason)
-
-    # --- verifying what arrives ---------------------------------------------------------
-
-    def _accept(self, peer: Peer, drive: Drive, block: int, data: bytes, proof, length: int) -> None:
-        key = drive.key
-        try:
-            nodes = drive.verify_received(block, data, proof, length, self._trusted_getter(key))
-        except VerificationError as exc:
-            self._ban(peer, f"sent block {block} of drive {drive.key_text} that fails verification ({exc})")
-        if nodes is None:
-            return  # we never held that version's head: cannot check, do not store
-        self._remember(key, nodes)
-        items, batch_nodes = self._batch.setdefault(key, ([], []))
-        items.append((block, data))
-        batch_nodes.extend(nodes)
-        self._batch_bytes += len(data)
-        peer.blocks_received += 1
-
-    def _serving_getter(self, key: bytes):
-        """Stored nodes for proofs: the cache, then the store (an owner's
-        import in another process adds nodes the cache has not seen)."""
-        cache = self._node_cache(key)
-        store = self.store
-
-        def get(n: int):
-            node = cache.get(n)
-            if node is None:
-                node = store.get_node(key, n)
-                if node is not None and len(cache) < MAX_CACHED_NODES:
-                    cache[n] = node
-            return node
-        return get
-
-    def _node_cache(self, key: bytes) -> dict:
-        """Verified tree nodes of a drive: filled from the store by one cursor
-        scan on first use (up to MAX_CACHED_NODES), then by what we verify."""
-        cache = self._nodes.get(key)
-        if cache is None:
-            cache = self._nodes[key] = {}
-            complete = True
-            for node in self.store.iter_nodes(key):
-                if len(cache) >= MAX_CACHED_NODES:
-                    complete = False
-                    break
-                cache[node.index] = node
-            self._nodes_complete[key] = complete
-        return cache
-
-    def _remember(self, key: bytes, nodes) -> None:
-        cache = self._node_cache(key)
-        for n in nodes:
-            if len(cache) >= MAX_CACHED_NODES:
-                self._nodes_complete[key] = False
-                return
-            cache[n.index] = n
-
-    def _trusted_getter(self, key: bytes):
-        """get(n) -> verified Node or None.  A dict lookup while the cache
-        holds every node we have; else the store answers what it lacks."""
-        cache = self._node_cache(key)
-        if self._nodes_complete[key]:
-            return cache.get
-        store = self.store
-
-        def get(n: int):
-            node = cache.get(n)
-            return node if node is not None else store.get_node(key, n)
-        return get
-
-    def _done(self, key: bytes, block: int) -> None:
-        f = self._fetches.get(key)
-        if f is None:
-            return
-        want = f.wants.pop(block, None)
-        if want is not None:
-            f.last_progress = trio.current_time()
-            want.done.set()
-
-    def _requeue(self, peer: Peer, inf: Inflight) -> None:
-        if inf.path is not None:
-            return
-        f = self._fetches.get(inf.key)
-        want = f.wants.get(inf.block) if f is not None else None
-        if want is not None and not want.done.is_set():
-            want.tried.add(peer)
-            if inf.block not in f.queue:
-                f.queue.appendleft(inf.block)
-
-    # --- scheduling --------------------------------------------------------------------
+    def peer_gone(self, peer: Peer) -> None:
+        self.fetcher.peer_gone(peer)
 
     def schedule(self) -> None:
-        """Hand queued wants to peers with free pipeline slots."""
-        for key, f in self._fetches.items():
-            if not f.queue:
-                continue
-            drive = self.drives.get(key)
-            if drive is None or drive.head is None:
-                continue
-            peers = [p for p in self.peers if p.can_request(key) and not p.stalled]
-            if not peers:
-                if not self.peers and self._dialers == 0:
-                    self._fail_all(f, "no peer is left to ask")
-                continue
-            deferred = []
-            length = drive.head.length
-            get_trusted = self._trusted_getter(key)
-            while f.queue:
-                free = [p for p in peers if len(p.inflight) < PIPELINE]
-                if not free:
-                    break
-                block = f.queue.popleft()
-                want = f.wants.get(block)
-                if want is None or want.done.is_set():
-                    continue
-                if block >= length:
-                    deferred.append(block)
-                    continue
-                if drive.has_block(block):
-                    self._done(key, block)
-                    continue
-                cands = [p for p in free if p not in want.tried and p.has(key, block)]
-                if not cands:
-                    deferred.append(block)
-                    continue
-                peer = min(cands, key=lambda p: len(p.inflight))
-                siblings, peaks = tree.proof_request(block, length, lambda n: get_trusted(n) is not None)
-                peer.request_block(key, block, length, siblings, peaks)
-            f.queue.extendleft(reversed(deferred))
+        self.fetcher.schedule()
 
-    def _fail_all(self, f: _Fetches, why: str) -> None:
-        for want in list(f.wants.values()):
-            want.error = why
-            want.done.set()
-        f.wants.clear()
-        f.queue.clear()
+    # --- announcing ----------------------------------------------------------------
 
-    def describe_peers(self) -> str:
-        if not self.status:
-            return "no peers given (use --peer HOST:PORT)"
-        return "; ".join(f"{a}: {s}" for a, s in self.status.items())
+    async def _dht_heads(self, source) -> None:
+        """The drives' heads and the DHT (a HeadSource): put every head we hold
+        with its owner's DHT signature (once per length once some node took
+        it; the source puts it again while it lives), and look up the newest
+        head of every drive we do not own: at once, again after 2, 4, 8 ...
+        s while none is found, then every HEAD_LOOKUP_EVERY s (a reader
+        learns a new version before any peer tells it)."""
+        put: dict[bytes, int] = {}           # drive -> length some DHT node took
+        next_put: dict[bytes, tuple[float, float]] = {}   # drive -> (when, backoff)
+        next_get: dict[bytes, tuple[float, float]] = {}
+        busy: set[tuple[str, bytes]] = set()
+
+        async def do_put(drive: Drive, head: Head, sig: bytes) -> None:
+            try:
+                took = await source.put_head(drive.key, head.length, head.root, head.signature, sig)
+            except (P2pfsError, OSError) as exc:
+                self.report(f"could not put the head of drive {drive.key_text} in the DHT: {exc}")
+                took = 0
+            finally:
+                busy.discard(("put", drive.key))
+            when, backoff = next_put.get(drive.key, (0.0, HEAD_RETRY_FIRST))
+            if took:
+                put[drive.key] = max(put.get(drive.key, -1), head.length)
+                next_put.pop(drive.key, None)
+            else:
+                next_put[drive.key] = (trio.current_time() + backoff, min(2 * backoff, HEAD_LOOKUP_EVERY))
+            self._put_heads.set()
+
+        async def do_get(drive: Drive) -> None:
+            found = None
+            try:
+                found = await source.get_head(drive.key)
+            except P2pfsError:
+                pass
+            finally:
+                busy.discard(("get", drive.key))
+                self._put_heads.set()  # the loop sleeps until the next lookup is due
+            _when, backoff = next_get.get(drive.key, (0.0, HEAD_RETRY_FIRST))
+            if found is None:
+                next_get[drive.key] = (trio.current_time() + backoff, min(2 * backoff, HEAD_LOOKUP_EVERY))
+                return
+            next_get[drive.key] = (trio.current_time() + HEAD_LOOKUP_EVERY, HEAD_RETRY_FIRST)
+            length, root, signature, dht_signature = found
+            head = Head(length, root, signature)
+            try:
+                if drive.head is None or head.length > drive.head.length:
+                    drive.accept_head(head)
+                drive.accept_dht_signature(head, dht_signature)
+            except VerificationError as exc:
+                self.report(f"a head of drive {drive.key_text} in the DHT: {exc}")
+            self.connections.changed()
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = trio.current_time()
+                wake = now + HEAD_LOOKUP_EVERY
+                for key, drive in list(self.drives.items()):
+                    head = drive.head
+                    if head is not None and put.get(key, -1) < head.length and ("put", key) not in busy:
+                        when = next_put.get(key, (now, 0.0))[0]
+                        sig = self.store.dht_signature(key, head.length)
+                        if sig and when <= now:
+                            busy.add(("put", key))
+                            nursery.start_soon(do_put, drive, head, sig)
+                        elif sig:
+                            wake = min(wake, when)
+                    if not drive.writable and ("get", key) not in busy:
+                        when = next_get.get(key, (now, 0.0))[0]
+                        if when <= now:
+                            busy.add(("get", key))
+                            nursery.start_soon(do_get, drive)
+                        else:
+                            wake = min(wake, when)
+                self._put_heads = trio.Event()
+                with trio.move_on_at(wake):
+                    await self._put_heads.wait()
+
+    def _announce(self, drive: Drive) -> None:
+        self._put_heads.set()
+        head = drive.head
+        if head is None:
+            return
+        for peer in self.peers:
+            if not peer.closed and peer.conn.can_send and peer.conn.is_open(drive.key):
+                ch = peer.conn.local_channel(drive.key)
+                peer.write(peer.conn.send(self._head_message(ch, drive)))
+                self._send_have(peer, drive)
+        self.fetcher.schedule()
+        self.connections.changed()
 
     # --- BlockSource -------------------------------------------------------------------
 
     async def fetch(self, drive: Drive, blocks: list[int]) -> None:
         """Return once every listed block is stored (verified); else BlockUnavailableError."""
         self.add_drive(drive)
-        f = self._fetches.setdefault(drive.key, _Fetches())
-        wants = []
-        for b in dict.fromkeys(blocks):
-            if drive.has_block(b):
-                continue
-            want = f.wants.get(b)
-            if want is None:
-                want = f.wants[b] = _Want(b)
-                f.queue.append(b)
-            want.waiters += 1
-            wants.append(want)
-        self._readahead(drive, f, blocks)
-        if not wants:
-            return
-        f.last_progress = trio.current_time()
-        self.schedule()
-        try:
-            for want in wants:
-                while not want.done.is_set():
-                    deadline = f.last_progress + self.timeout
-                    if trio.current_time() >= deadline:
-                        raise BlockUnavailableError(
-                            f"block {want.block} of drive {drive.key_text} did not arrive within "
-                            f"{self.timeout:g} s ({self.describe_peers()})")
-                    with trio.move_on_at(deadline):
-                        await want.done.wait()
-                if want.error:
-                    raise BlockUnavailableError(
-                        f"block {want.block} of drive {drive.key_text} is not available: "
-                        f"{want.error} ({self.describe_peers()})")
-        finally:
-            for want in wants:
-                want.waiters -= 1
-                if want.waiters == 0 and not want.done.is_set():
-                    f.wants.pop(want.block, None)
-                    try:
-                        f.queue.remove(want.block)
-                    except ValueError:
-                        pass
-
-    def _readahead(self, drive: Drive, f: _Fetches, blocks: list[int]) -> None:
-        """Sequential reads get read-ahead, so that the pipelines (several
-        peers') do not drain between reads: a contiguous fetch of at least
-        READAHEAD_MIN blocks queues twice as many after it, unwaited; a fetch
-        inside the last read-ahead window doubles the window (up to
-        READAHEAD_MAX) and moves it past this fetch."""
-        n = len(blocks)
-        if not n or blocks[-1] - blocks[0] != n - 1 or drive.head is None:
-            return
-        if f.ahead_start <= blocks[0] < f.ahead_end:
-            window = min(READAHEAD_MAX, max(f.window * 2, 2 * n))
-        elif n >= READAHEAD_MIN:
-            window = min(READAHEAD_MAX, 2 * n)
-        else:
-            return
-        start = blocks[-1] + 1
-        end = min(start + window, drive.head.length)
-        f.ahead_start, f.ahead_end, f.window = blocks[0], end, window
-        for b in range(start, end):
-            if b not in f.wants and not drive.has_block(b):
-                f.wants[b] = _Want(b)
-                f.queue.append(b)
+        await self.fetcher.fetch(drive, blocks)
 
     async def fetch_path(self, drive: Drive, path: bytes) -> None:
-        """Best effort: every index block on `path` from one peer, one round trip."""
+        """Best effort: every index block on `path` from one peer, one round trip
+        (none if a first-flight request for that path is answered or in flight)."""
         self.add_drive(drive)
-        if drive.head is None:
+        hinted = [inf for inf in self._hinted.get(drive.key, ()) if inf.path == path]
+        if hinted:
+            with trio.move_on_after(min(self.timeout, STALL_TIMEOUT)):
+                await hinted[0].done.wait()  # answered (or refused: NoData) by its peer
             return
-        peers = [p for p in self.peers if p.can_request(drive.key) and not p.stalled
-                 and p.has(drive.key, drive.head.length - 1)]
-        if not peers:
-            return
-        peer = min(peers, key=lambda p: len(p.inflight))
-        inf = peer.request_path(drive.key, path, drive.head.length)
-        with trio.move_on_after(min(self.timeout, STALL_TIMEOUT)):
-            await inf.done.wait()
+        await self.fetcher.fetch_path(drive, path)
 
-    async def wait_for_peers(self, drive: Drive, timeout: float) -> None:
+    # --- waiting and reporting -----------------------------------------------------------
+
+    def describe_peers(self) -> str:
+        status = self.status
+        parts = [f"{a}: {s}" for a, s in status.items()]
+        if self.sources:
+            found = sum(1 for p in self.peers if p.source not in ("static", "incoming"))
+            names = " and ".join(f"the {src.name.upper()}" for src in self.sources)
+            parts.append(f"looked up on {names}, {found} peer{'s' if found != 1 else ''} found")
+        if not parts:
+            return "no peers given (use --peer HOST:PORT)"
+        return "; ".join(parts)
+
+    async def wait_for_peers(self, drive: Drive, timeout: float,
+                             grace: float = DISCOVERY_GRACE) -> None:
         """Until every static peer has announced the drive, refused it or failed
-        (or `timeout` passes).  A peer whose connection ended is redialled, so
-        it is still waited for; an unreachable one is not."""
+        (a peer whose connection ended is redialled, so it is still waited
+        for; an unreachable one is not) and, with discovery and no static
+        peer, until a peer announced the drive (or, if its head is held
+        already, `grace` seconds passed) — at most `timeout` seconds."""
         self.add_drive(drive)
+        started = trio.current_time()
         with trio.move_on_after(timeout):
             while True:
-                pending = [a for a, s in self.status.items()
+                status = self.status
+                pending = [a for a, s in status.items()
                            if (s in ("connecting", "connected", "closed the connection")
                                or s.startswith("connection lost"))
                            and not any(p.address == a and drive.key in p.announced for p in self.peers)]
                 if not pending:
-                    return
-                await self._changed.wait()
+                    if status or not self._more_peers_coming():
+                        return
+                    if any(drive.key in p.announced for p in self.peers):
+                        return
+                    waited = trio.current_time() - started
+                    if drive.head is not None and waited >= grace:
+                        return
+                    with trio.move_on_after(max(0.0, grace - waited) if drive.head is not None
+                                            else float("inf")):
+                        await self.connections.wait_changed()
+                    continue
+                await self.connections.wait_changed()
+
+    def discovery_info(self) -> dict:
+        """Each discovery source's state (for `p2pfs info`)."""
+        return {src.name: src.status() for src in self.sources}
 
     def peer_info(self, key: bytes) -> list[dict]:
         out = []
@@ -656,63 +461,13 @@ class Swarm:
                 "address": p.address,
                 "node_key": p.remote_key.hex() if p.remote_key else None,
                 "dialled": p.initiator,
+                "source": p.source,
                 "length": head.length if head else None,
                 "blocks": sum(b - a for a, b in ranges),
                 "ranges": [list(r) for r in ranges[:16]],
                 "blocks_received": p.blocks_received,
             })
         return out
-
-    # --- serving ---------------------------------------------------------------------
-
-    def _announce(self, drive: Drive) -> None:
-        head = drive.head
-        if head is None:
-            return
-        for peer in self.peers:
-            if not peer.closed and peer.conn.can_send and peer.conn.is_open(drive.key):
-                ch = peer.conn.local_channel(drive.key)
-                peer.write(peer.conn.send(m.Head(ch, head.length, head.root, head.signature)))
-                self._send_have(peer, drive)
-        self.schedule()
-        self._changed_now()
-
-    def answer(self, peer: Peer, key: bytes, msg) -> m.Message:
-        """The reply to a peer's request (Data, IndexData or NoData); never raises
-        for a request we cannot serve."""
-        ch = peer.conn.local_channel(key)
-        ch = 0 if ch is None else ch
-        drive = self.drives.get(key)
-        head = drive.head if drive is not None else None
-        if head is None or msg.length > head.length:
-            return m.NoData(ch, msg.id)
-        try:
-            if isinstance(msg, m.Request):
-                data = self.store.get_block(key, msg.block)
-                if data is None or len(data) > m.MAX_BLOCK_DATA:
-                    return m.NoData(ch, msg.id)
-                proof = tree.make_proof(msg.block, msg.length, msg.siblings, msg.peaks,
-                                        self._serving_getter(key))
-                return m.Data(ch, msg.id, msg.block, data, proof)
-            return self._answer_path(drive, ch, msg)
-        except (LookupError, MissingBlock, P2pfsError):
-            return m.NoData(ch, msg.id)
-
-    def _answer_path(self, drive: Drive, ch: int, msg: m.IndexRequest) -> m.Message:
-        key, length = drive.key, msg.length
-        reader = _StoreReader(self.store, key, length)
-        commit = index.decode_block(reader.read_block(length - 1))
-        if not isinstance(commit, index.Commit):
-            return m.NoData(ch, msg.id)
-        blocks = [0, length - 1] + index.Index(reader, commit.root).path_blocks(msg.path)
-        items, total = [], 0
-        for b in dict.fromkeys(blocks):
-            data = reader.read_block(b)
-            total += len(data)
-            if total > INDEX_REPLY_BUDGET or len(items) == m.MAX_INDEX_BLOCKS:
-                break
-            items.append(m.BlockItem(b, data, tree.make_proof(b, length, 64, True, self._serving_getter(key))))
-        return m.IndexData(ch, msg.id, items)
 
 
 @asynccontextmanager
@@ -722,9 +477,11 @@ async def open_swarm(store: Store, node_key: bytes, **kwargs) -> AsyncIterator[S
     try:
         async with trio.open_nursery() as nursery:
             swarm._nursery = nursery
+            await nursery.start(swarm.connections.run)
+            swarm.static.start(swarm._candidate)
             nursery.start_soon(swarm._poll_heads)
-            nursery.start_soon(swarm._watch_stalls)
-            nursery.start_soon(swarm._writer)
+            nursery.start_soon(swarm.fetcher.watch)
+            nursery.start_soon(swarm.fetcher.writer)
             try:
                 yield swarm
             finally:
@@ -737,8 +494,10 @@ async def open_swarm(store: Store, node_key: bytes, **kwargs) -> AsyncIterator[S
 
 def unavailable(drive_text: str, swarm: Swarm, timeout: float, waited: float) -> P2pfsError:
     """The error for a drive no peer sent a signed head of, after `waited` seconds."""
-    if swarm.status and all(s == "does not have the drive" for s in swarm.status.values()):
+    status = swarm.status
+    if status and all(s == "does not have the drive" for s in status.values()):
         return NotFoundError(f"no peer has drive {drive_text} ({swarm.describe_peers()})")
     when = f" within {timeout:g} s" if waited >= timeout else ""
+    hint = "" if status else "; give --peer HOST:PORT to name a peer that has it"
     return BlockUnavailableError(f"no peer sent a signed version of drive {drive_text}{when} "
-                                 f"({swarm.describe_peers()})")
+                                 f"({swarm.describe_peers()}){hint}")

@@ -18,6 +18,7 @@ from ..store import make_private_dir, read_key_file, write_key_file
 NODE_KEY_FILE = "node.key"
 DEFAULT_PORT = 7640
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+EPHEMERAL_LISTEN = "0.0.0.0:0"  # a reader that also serves: any free port
 CONNECT_TIMEOUT = 5.0
 
 
@@ -60,34 +61,42 @@ def format_address(host: str, port: int) -> str:
 async def dial(address: str) -> trio.SocketStream:
     """Open a TCP connection to 'HOST:PORT'.
 
-    Raises trio.TooSlowError after CONNECT_TIMEOUT, else OSError whose
-    strerror says why (``Connection refused``, ``Network is unreachable``)."""
+    Raises trio.TooSlowError after CONNECT_TIMEOUT, else OSError
+    (`describe_dial_error` says why in a user's words)."""
     host, port = parse_address(address)
-    try:
-        with trio.fail_after(CONNECT_TIMEOUT):
-            stream = await trio.open_tcp_stream(host, port)
-    except OSError as exc:
-        raise _reason(exc) from exc
-    _tune(stream)
+    with trio.fail_after(CONNECT_TIMEOUT):
+        stream = await trio.open_tcp_stream(host, port)
+    tune(stream)
     return stream
 
 
-def _reason(exc: OSError) -> OSError:
-    """trio reports a failed connect as "all attempts ... failed" (no errno),
-    the attempts' own errors in its cause: the first of those, plainly."""
-    found: list[BaseException] = [exc]
-    while found:
-        e = found.pop(0)
-        if isinstance(e, OSError) and e.errno:
-            return OSError(e.errno, os.strerror(e.errno))
-        if isinstance(e, BaseExceptionGroup):
-            found.extend(e.exceptions)
-        elif e.__cause__ is not None:
-            found.append(e.__cause__)
-    return exc
+def describe_dial_error(exc: BaseException) -> str:
+    """What a failed dial says to a user: refused, timed out, or the system's words."""
+    if isinstance(exc, trio.TooSlowError):
+        return f"timed out after {CONNECT_TIMEOUT:g} s"
+    # trio reports "all attempts to connect ... failed" with the real errors as the cause
+    errors = [exc]
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        errors = list(cause.exceptions)
+    elif cause is not None:
+        errors = [cause]
+    for e in errors:
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+    for e in errors:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror.lower() if e.strerror[:1].isupper() and e.strerror[1:2].islower() else e.strerror
+    return str(exc) or type(exc).__name__
 
 
-def _tune(stream: trio.SocketStream) -> None:
+def address_host(address: str) -> str:
+    """The host part of 'HOST:PORT' (or '[v6]:PORT')."""
+    host = address.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
+def tune(stream: trio.SocketStream) -> None:
     import socket
 
     try:

@@ -66,6 +66,12 @@ class Source(Protocol):
     def status(self) -> dict:
         """Counters and state for `p2pfs info` (JSON-serialisable)."""
 
+    @property
+    def active(self) -> bool:
+        """Whether it may still find peers (a LAN source with no usable
+        interface, a DHT with no node to ask, cannot): a read with no peer
+        left fails at once unless some source is active."""
+
 
 class HeadSource(Protocol):
     """A source that also stores and finds drives' latest signed heads."""
