@@ -541,6 +541,12 @@ class IndexWriter(_Tree):
     def get(self, path: bytes) -> Entry | None:
         return self._get(self._root, path_key(normalize_path(path)))
 
+    def children(self, path: bytes) -> list[tuple[bytes, Entry]]:
+        """(name, entry) of each child of directory `path` as this writer has it."""
+        lo, hi = children_range(normalize_path(path))
+        cut = len(lo)
+        return [(k[cut:], e) for k, e in self._range(lo, hi)]
+
     def items(self, path: bytes = b"/") -> Iterator[tuple[bytes, Entry]]:
         """(path, entry) of `path` and everything below it, in key order."""
         path = normalize_path(path)

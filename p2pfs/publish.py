@@ -694,6 +694,27 @@ class _Job:
             self.sync_subtree(path)
             return
         self.sync_item(item, prev, {})
+        if item.kind == KIND_DIR:
+            self._sync_children(path, local)
+
+    def _sync_children(self, path: bytes, local: bytes) -> None:
+        """A reported directory is looked at whole, one level deep: a name that
+        appeared (a tree moved in under a name just deleted, say) is synced, a
+        name that went is deleted.  O(its children), never its subtree."""
+        try:
+            with os.scandir(local) as it:
+                on_disk = {os.fsencode(de.name) for de in it}
+        except OSError:
+            return  # gone or unreadable meanwhile: its own event says so
+        held = {name for name, _e in self.writer.children(path)}
+        for name in sorted(on_disk ^ held):
+            try:
+                child = index.normalize_path((b"" if path == b"/" else path) + b"/" + name)
+            except UsageError as exc:  # a name no drive can hold: as a full scan does
+                self._warn(f"skipping {os.fsdecode(local)}/{os.fsdecode(name)}: {exc}")
+                continue
+            if not self._covered(child):
+                self.sync_path(child)
 
     def sync_subtree(self, top: bytes) -> None:
         """Make the index below `top` agree with the disk (what import does for "/")."""
