@@ -331,6 +331,7 @@ class Swarm:
                 pass
             finally:
                 busy.discard(("get", drive.key))
+                self._put_heads.set()  # the loop sleeps until the next lookup is due
             _when, backoff = next_get.get(drive.key, (0.0, HEAD_RETRY_FIRST))
             if found is None:
                 next_get[drive.key] = (trio.current_time() + backoff, min(2 * backoff, HEAD_LOOKUP_EVERY))
