@@ -53,8 +53,7 @@ the version it signed (`adopt_own_head`).
 from __future__ import annotations
 
 import logging
-import os
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import AsyncIterator, Callable, Iterable, Iterator, Protocol
 
 from . import crypto, flat, index, tree
 from .errors import (
@@ -424,6 +423,27 @@ class Drive:
         self._notify(head)
         return True
 
+    def accept_dht_signature(self, head: Head, dht_signature: bytes) -> bool:
+        """Keep the owner's DHT signature of a head this home holds, if it is
+        one (so this node can put the head in the DHT).  True if kept."""
+        if len(dht_signature) != crypto.SIGNATURE_BYTES or self.store.dht_signature(self.key, head.length):
+            return False
+        held = self.store.get_head(self.key, head.length)
+        if held is None or held.root != head.root:
+            return False
+        try:
+            crypto.verify_dht_head(self.key, head.length, head.root, held.signature, dht_signature)
+        except VerificationError:
+            return False
+        self.store.put_dht_signature(self.key, head.length, dht_signature)
+        return True
+
+    def root_of(self, length: int) -> bytes | None:
+        """The signed root of version `length`, if we hold that signed head."""
+        head = self.head if self.head is not None and self.head.length == length \
+            else self.store.get_head(self.key, length)
+        return None if head is None else head.root
+
     def verify_received(self, block: int, data: bytes, proof: list[Node], length: int,
                         get_trusted: Callable[[int], Node | None] | None = None,
                         ) -> list[Node] | None:
@@ -657,26 +677,39 @@ class Drive:
                         after and sanitized(after)))
         return out
 
-    def versions(self, held_only: bool = False) -> list[tuple[int, Commit]]:
+    def versions(self, held_only: bool = False, length: int | None = None) -> list[tuple[int, Commit]]:
         """(length, Commit) of every version up to the one the view was opened
-        from, newest first (BlockUnavailableError for a commit not held; with
-        `held_only` the list stops there instead)."""
+        from (or the one of `length`), newest first (BlockUnavailableError for
+        a commit not held; with `held_only` the list stops there instead)."""
         if self.target is None:
             raise NotFoundError(f"drive {self.key_text} is not open")
         out = []
-        length = self.target.length
+        length = self.target.length if length is None else length
         while length > 0:
             if held_only and not self.store.has_block(self.key, length - 1):
                 break
             commit = self._local(lambda: self._read_commit(length))
             out.append((length, commit))
-            if commit.prev < 0:
-                break
-            if commit.prev >= length - 1:
-                raise VerificationError(f"drive {self.key_text}: commit chain is broken "
-                                        f"at block {length - 1}")
-            length = commit.prev + 1
+            length = self._prev_length(length, commit)
         return out
+
+    async def history(self) -> AsyncIterator[tuple[int, Commit]]:
+        """(length, Commit) of this view's version and every earlier one,
+        newest first; commit records not held come through the source."""
+        length = self.length
+        while length > 0:
+            commit = await self._sync(lambda: self._read_commit(length))
+            yield length, commit
+            length = self._prev_length(length, commit)
+
+    def _prev_length(self, length: int, commit: Commit) -> int:
+        """The length of the version before `commit` (at `length`); 0 after version 1."""
+        if commit.prev < 0:
+            return 0
+        if commit.prev >= length - 1:
+            raise VerificationError(f"drive {self.key_text}: commit chain is broken "
+                                    f"at block {length - 1}")
+        return commit.prev + 1
 
     def _load_sync(self, length: int, head: Head, target_version: int) -> None:
         """Check the version of `length` (header, commit, root) and only then show it."""
@@ -1052,8 +1085,11 @@ class Drive:
         return seed
 
 
-def verify_drive(drive: Drive, report: Callable[[str], None] | None = None) -> list[str]:
-    """Check every signed head, held block and stored tree node.  Returns the problems."""
+def verify_drive(drive: Drive, report: Callable[[str], None] | None = None,
+                 length: int | None = None) -> list[str]:
+    """Check every signed head, and every held block and stored tree node
+    (with `length`: only those of the version of that length and the ones
+    before it).  Returns the problems."""
     problems: list[str] = []
 
     advice = f" (run 'p2pfs verify {drive.key_text}')"
@@ -1081,7 +1117,7 @@ def verify_drive(drive: Drive, report: Callable[[str], None] | None = None) -> l
     drive.head = good_heads[-1]
     drive._trusted.clear()
     drive._stored.clear()
-    limit = drive.head.length
+    limit = drive.head.length if length is None else length
     # every head: its peaks (where held) hash to its root
     for h in good_heads:
         try:

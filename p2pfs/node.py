@@ -9,6 +9,7 @@ head of a drive not yet held.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import AsyncIterator, Sequence
 
 import trio
 
-from . import crypto
+from . import crypto, index
 from .drive import Drive
 from .errors import NotFoundError, UsageError
 from .store import Store, default_home
@@ -24,9 +25,14 @@ from .store import Store, default_home
 DEFAULT_TIMEOUT = 30.0
 
 
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def open_store(home: str | os.PathLike | None = None) -> Store:
-    """The store of `home` (default: $P2PFS_HOME or the XDG data dir)."""
-    return Store(Path(home) if home is not None else default_home())
+    """The store of `home` (default: $P2PFS_HOME or the XDG data dir).  A home
+    that other users could read is made private, saying so on stderr."""
+    return Store(Path(home) if home is not None else default_home(), warn=_warn)
 
 
 def parse_drive_ref(text: str) -> tuple[bytes, int | None]:
@@ -125,14 +131,17 @@ def discovery_sources(node_key: bytes, net: NetOptions, home: Path | None = None
 @asynccontextmanager
 async def open_drive(store: Store, key: bytes | str, version: int | None = None,
                      peers: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT,
-                     net: NetOptions | None = None) -> AsyncIterator[Drive]:
+                     net: NetOptions | None = None,
+                     hint: tuple[bytes, int] | None = None) -> AsyncIterator[Drive]:
     """Yield a Drive opened at `version` (None: newest, live).
 
     `key` is 32 bytes or key text (``KEY`` or ``KEY@N``; an explicit
     `version` wins).  `net` says where peers come from (default: the static
     `peers` only, waiting up to `timeout`).  A drive this home owns is read
-    locally unless static peers are given.  Raises UsageError for a bad
-    key, NotFoundError for an unknown drive or version."""
+    locally unless static peers are given.  `hint` = (path, bytes): what the
+    caller will read first, asked of every peer in the first flight (see
+    `Swarm.hint`).  Raises UsageError for a bad key, NotFoundError for an
+    unknown drive or version."""
     if isinstance(key, str):
         key, text_version = parse_drive_ref(key)
         version = version if version is not None else text_version
@@ -150,13 +159,19 @@ async def open_drive(store: Store, key: bytes | str, version: int | None = None,
     async with open_network(store, net) as swarm:
         drive = Drive(store, key, source=swarm)
         swarm.add_drive(drive)
+        path = b"/"
+        if hint is not None and version is None:
+            path = index.normalize_path(hint[0])
+            swarm.hint(drive, path, hint[1])
         started = trio.current_time()
         await swarm.wait_for_peers(drive, net.timeout)
         if drive.head is None:
             raise unavailable(drive.key_text, swarm, net.timeout, trio.current_time() - started)
-        # open asks for the header, the commit and the index root in one round
-        # trip (in a small drive the root is the whole index), from the newest
-        # signed version a peer announced holding
+        # the first flight asked for the header, the newest commit and the index
+        # path of what the caller reads first (and its first bytes): wait for
+        # that answer; open then finds what it needs, from the newest signed
+        # version a peer announced holding
+        await swarm.fetch_path(drive, path)
         await drive.open(version)
         yield drive
 

@@ -67,13 +67,41 @@ class _Want:
 class _Fetches:
     """Per-drive fetch state."""
 
-    __slots__ = ("wants", "queue", "last_progress", "ahead_start", "ahead_end", "window")
+    __slots__ = ("wants", "queue", "queued", "last_progress", "ahead_start", "ahead_end", "window")
 
     def __init__(self):
         self.wants: dict[int, _Want] = {}
-        self.queue: deque[int] = deque()
+        self.queue: deque[int] = deque()   # blocks to ask for, in order (may hold stale entries)
+        self.queued: set[int] = set()      # ... the live ones: a run takes blocks from the middle
         self.last_progress = 0.0
         self.ahead_start = self.ahead_end = self.window = 0  # the read-ahead window
+
+    def push(self, block: int, front: bool = False) -> None:
+        if block not in self.queued:
+            self.queued.add(block)
+            if front:
+                self.queue.appendleft(block)
+            else:
+                self.queue.append(block)
+
+    def pop(self) -> int | None:
+        while self.queue:
+            block = self.queue.popleft()
+            if block in self.queued:
+                self.queued.discard(block)
+                return block
+        return None
+
+    def take(self, block: int) -> bool:
+        """Take a queued block out of the middle (for a run); True if it was queued."""
+        if block in self.queued:
+            self.queued.discard(block)
+            return True
+        return False
+
+    def clear(self) -> None:
+        self.queue.clear()
+        self.queued.clear()
 
 
 class NodeCaches:
@@ -153,6 +181,7 @@ class Fetcher:
         self._fetches: dict[bytes, _Fetches] = {}
         self._batch: dict[bytes, tuple[list, list]] = {}   # verified, not yet stored
         self._batch_bytes = 0
+        self._writing: dict[bytes, tuple[list, list]] = {}  # the batch the writer is storing
         self._writing_bytes = 0
         self._batch_event = trio.Event()
         self._room_event = trio.Event()
@@ -164,39 +193,64 @@ class Fetcher:
         if drive is None:
             return
         if isinstance(msg, m.Data):
-            try:
-                self._accept(peer, drive, msg.block, msg.data, msg.nodes, inf.length)
-            except PeerDropped:
-                self._requeue(peer, inf)
-                raise
+            self._accept_run(peer, drive, inf, msg)
         elif isinstance(msg, m.IndexData):
             try:
-                for item in msg.blocks:
-                    self._accept(peer, drive, item.block, item.data, item.nodes, inf.length)
+                self._accept_index(peer, drive, msg)
             finally:
                 inf.done.set()
         else:  # NoData
-            if inf.path is not None:
-                inf.done.set()
-            else:
-                self._requeue(peer, inf)
+            self._requeue(peer, inf)
         self.schedule()
 
-    def _accept(self, peer: Peer, drive: Drive, block: int, data: bytes, proof, length: int) -> None:
+    def _accept_run(self, peer: Peer, drive: Drive, inf: Inflight, msg: m.Data) -> None:
+        """Verify a run with one climb; keep its good blocks, refetch the bad ones
+        elsewhere and drop the peer that sent them."""
         key = drive.key
-        try:
-            nodes = drive.verify_received(block, data, proof, length, self.nodes.trusted(key))
-        except VerificationError as exc:
-            raise PeerDropped(f"sent block {block} of drive {drive.key_text} that fails "
-                              f"verification ({exc})") from None
-        if nodes is None:
+        root = drive.root_of(inf.length)
+        if root is None:
+            self._requeue(peer, inf)
             return  # we never held that version's head: cannot check, do not store
+        try:
+            result = tree.verify_range(inf.start, msg.blocks, msg.nodes, inf.length, root,
+                                       self.nodes.trusted(key), msg.leaves)
+        except VerificationError as exc:
+            self._requeue(peer, inf)
+            raise PeerDropped(f"sent blocks of drive {drive.key_text} that fail verification "
+                              f"({exc})") from None
+        bad = set(result.bad)
+        self._keep(peer, key, [(b, d) for b, d in zip(inf.blocks, msg.blocks) if b not in bad],
+                   result.nodes)
+        if bad:
+            self._requeue(peer, inf, only=bad)
+            raise PeerDropped(f"sent block {min(bad)} of drive {drive.key_text} that fails "
+                              f"verification ({len(bad)} of a run of {inf.count} blocks)")
+
+    def _accept_index(self, peer: Peer, drive: Drive, msg: m.IndexData) -> None:
+        key = drive.key
+        root = drive.root_of(msg.length)
+        if root is None:
+            return  # a head we do not hold (it came before, and was older or refused)
+        runs = [(r.start, r.blocks, r.leaves, r.nodes) for r in msg.runs]
+        try:
+            result = tree.verify_runs(runs, msg.length, root, self.nodes.trusted(key))
+        except VerificationError as exc:
+            raise PeerDropped(f"sent index blocks of drive {drive.key_text} that fail "
+                              f"verification ({exc})") from None
+        if result.bad:
+            raise PeerDropped(f"sent block {min(result.bad)} of drive {drive.key_text} "
+                              "that fails verification")
+        self._keep(peer, key, [(r.start + i, d) for r in msg.runs for i, d in enumerate(r.blocks)],
+                   result.nodes)
+
+    def _keep(self, peer: Peer, key: bytes, items: list, nodes) -> None:
+        """Verified blocks and nodes: to the store (by the writer), and known now."""
         self.nodes.remember(key, nodes)
-        items, batch_nodes = self._batch.setdefault(key, ([], []))
-        items.append((block, data))
+        batch_items, batch_nodes = self._batch.setdefault(key, ([], []))
+        batch_items.extend(items)
         batch_nodes.extend(nodes)
-        self._batch_bytes += len(data)
-        peer.blocks_received += 1
+        self._batch_bytes += sum(len(d) for _b, d in items)
+        peer.blocks_received += len(items)
 
     def after_input(self) -> None:
         if self._batch:
@@ -220,10 +274,12 @@ class Fetcher:
                 await self._batch_event.wait()
                 continue
             batch, self._batch = self._batch, {}
+            self._writing = batch
             self._writing_bytes, self._batch_bytes = self._batch_bytes, 0
             try:
                 await trio.to_thread.run_sync(self._write, batch)
             finally:
+                self._writing = {}
                 self._writing_bytes = 0
                 self._room_event.set()
             for key, (items, _nodes) in batch.items():
@@ -233,6 +289,15 @@ class Fetcher:
                 for block, _data in items:
                     self._done(key, block)
             self.schedule()
+
+    def _being_stored(self, key: bytes) -> set[int]:
+        """Blocks of a drive verified and waiting for (or in) the writer."""
+        out = set()
+        for batch in (self._batch, self._writing):
+            items = batch.get(key)
+            if items is not None:
+                out.update(b for b, _d in items[0])
+        return out
 
     def _write(self, batch: dict) -> None:
         for key, (items, nodes) in batch.items():
@@ -265,16 +330,21 @@ class Fetcher:
             f.last_progress = trio.current_time()
             want.done.set()
 
-    def _requeue(self, peer: Peer, inf: Inflight) -> None:
+    def _requeue(self, peer: Peer, inf: Inflight, only=None) -> None:
+        """Ask for a request's blocks again, not of `peer` (`only`: just these)."""
         if inf.path is not None:
             inf.done.set()
             return
         f = self._fetches.get(inf.key)
-        want = f.wants.get(inf.block) if f is not None else None
-        if want is not None and not want.done.is_set():
-            want.tried.add(peer)
-            if inf.block not in f.queue:
-                f.queue.appendleft(inf.block)
+        if f is None:
+            return
+        for block in reversed(inf.blocks):
+            if only is not None and block not in only:
+                continue
+            want = f.wants.get(block)
+            if want is not None and not want.done.is_set():
+                want.tried.add(peer)
+                f.push(block, front=True)
 
     # --- stalls and timeouts ------------------------------------------------------------------
 
@@ -316,10 +386,11 @@ class Fetcher:
     # --- scheduling --------------------------------------------------------------------
 
     def schedule(self) -> None:
-        """Hand queued wants to peers with free pipeline slots."""
+        """Hand queued wants to peers with free pipeline slots, as runs of
+        consecutive blocks the chosen peer has (up to what one reply holds)."""
         all_peers = self._peers()
         for key, f in self._fetches.items():
-            if not f.queue:
+            if not f.queued:
                 continue
             drive = self._drive(key)
             if drive is None or drive.head is None:
@@ -330,16 +401,20 @@ class Fetcher:
                     self._fail_all(f, "no peer is left to ask")
                 continue
             deferred = []
-            get_trusted = self.nodes.trusted(key)
-            while f.queue:
+            length = drive.head.length
+            trusted = self.nodes.trusted(key)
+            max_run = max(1, min(m.MAX_RUN_BLOCKS, m.MAX_RUN_DATA // max(drive.block_size, 1)))
+            while f.queued:
                 free = [p for p in peers if len(p.inflight) < PIPELINE]
                 if not free:
                     break
-                block = f.queue.popleft()
+                block = f.pop()
+                if block is None:
+                    break
                 want = f.wants.get(block)
                 if want is None or want.done.is_set():
                     continue
-                if block >= drive.head.length:
+                if block >= length:
                     deferred.append(block)
                     continue
                 if drive.has_block(block):
@@ -350,17 +425,27 @@ class Fetcher:
                     deferred.append(block)
                     continue
                 peer = min(cands, key=lambda p: len(p.inflight))
-                length = drive.proof_length(block)
-                siblings, peaks = tree.proof_request(block, length, lambda n: get_trusted(n) is not None)
-                peer.request_block(key, block, length, siblings, peaks)
-            f.queue.extendleft(reversed(deferred))
+                # a run is proven against one signed length: the version the
+                # view was opened from, if the block lies in it (Drive.proof_length)
+                plen = drive.proof_length(block)
+                end = block + 1
+                while end - block < max_run and end < plen and end in f.queued:
+                    nxt = f.wants.get(end)
+                    if nxt is None or nxt.done.is_set() or peer in nxt.tried or not peer.has(key, end):
+                        break
+                    f.take(end)
+                    end += 1
+                nodes = tree.range_proof_request(block, end, plen, lambda n: trusted(n) is not None)
+                peer.request_run(key, block, end - block, plen, nodes)
+            for block in reversed(deferred):
+                f.push(block, front=True)
 
     def _fail_all(self, f: _Fetches, why: str) -> None:
         for want in list(f.wants.values()):
             want.error = why
             want.done.set()
         f.wants.clear()
-        f.queue.clear()
+        f.clear()
 
     # --- BlockSource -------------------------------------------------------------------
 
@@ -368,13 +453,15 @@ class Fetcher:
         """Return once every listed block is stored (verified); else BlockUnavailableError."""
         f = self._fetches.setdefault(drive.key, _Fetches())
         wants = []
+        coming = self._being_stored(drive.key)
         for b in dict.fromkeys(blocks):
             if drive.has_block(b):
                 continue
             want = f.wants.get(b)
             if want is None:
                 want = f.wants[b] = _Want(b)
-                f.queue.append(b)
+                if b not in coming:  # verified already: the writer will wake it
+                    f.push(b)
             want.waiters += 1
             wants.append(want)
         self._readahead(drive, f, blocks)
@@ -401,10 +488,7 @@ class Fetcher:
                 want.waiters -= 1
                 if want.waiters == 0 and not want.done.is_set():
                     f.wants.pop(want.block, None)
-                    try:
-                        f.queue.remove(want.block)
-                    except ValueError:
-                        pass
+                    f.take(want.block)
 
     def _readahead(self, drive: Drive, f: _Fetches, blocks: list[int]) -> None:
         """Sequential reads get read-ahead, so that the pipelines (several
@@ -427,7 +511,7 @@ class Fetcher:
         for b in range(start, end):
             if b not in f.wants and not drive.has_block(b):
                 f.wants[b] = _Want(b)
-                f.queue.append(b)
+                f.push(b)
 
     async def fetch_path(self, drive: Drive, path: bytes) -> None:
         """Best effort: every index block on `path` from one peer, one round trip."""
