@@ -49,7 +49,7 @@ from typing import Callable, Iterator, Protocol
 from . import crypto, flat, index, tree
 from .drive import DEFAULT_BLOCK_SIZE, MAX_CREATE_BLOCK_SIZE, MIN_BLOCK_SIZE, MODE_BITS, Drive, \
     valid_block_size
-from .errors import NotFoundError, P2pfsError, StoreError, UsageError
+from .errors import DiskFullError, NotFoundError, P2pfsError, StoreError, UsageError
 from .ignore import Rules
 from .index import Commit, Entry, Header, KIND_DIR, KIND_FILE, KIND_SYMLINK
 from .store import WRITE_BATCH_BYTES, DriveRecord, Store
@@ -259,6 +259,8 @@ class _Appender:
         self.stop = stop
         self.content_blocks = 0
         self.reused = 0
+        self.expected = 0  # bytes the callers said they will append (file contents)
+        self.flushed = 0  # bytes written so far
 
     @property
     def length(self) -> int:
@@ -288,7 +290,11 @@ class _Appender:
 
     def flush(self) -> None:
         if self.batch:
-            self.store.put_block_items(self.key, self.batch)
+            try:
+                self.store.put_block_items(self.key, self.batch)
+            except DiskFullError as exc:  # say how much more the version needed
+                raise exc.needing(max(self.expected - self.flushed, self.batch_bytes)) from None
+            self.flushed += self.batch_bytes
             self.batch = []
             self.batch_bytes = 0
 
@@ -378,6 +384,7 @@ def _create(store: Store, key: bytes, seed: bytes, items: list[_Item], message: 
             block_size: int, progress: Progress | None, stop) -> WriteResult:
     now = time.time_ns()
     app = _Appender(store, key, 0, [], progress, stop)
+    app.expected = sum(it.size for it in items if it.kind == KIND_FILE)
     app.append(index.encode_block(Header(1, block_size, now)))
     entries: list[tuple[bytes, Entry]] = []
     files = nbytes = 0
@@ -740,9 +747,10 @@ class _Job:
         for path in sorted(old, key=index.path_key):
             if path not in seen and path != b"/" and path not in self.busy:
                 self.delete(path)
+        todo = [it for it in items if it.kind == KIND_FILE
+                and (self.pub.checksum or not _unchanged(old.get(it.path), it))]
+        self.app.expected += sum(it.size for it in todo)
         if self.pub.progress is not None:
-            todo = [it for it in items if it.kind == KIND_FILE
-                    and (self.pub.checksum or not _unchanged(old.get(it.path), it))]
             self.pub.progress.start(sum(it.size for it in todo), len(todo))
         linked: dict[tuple[int, int], Entry] = {}
         for item in items:

@@ -73,7 +73,7 @@ from typing import Callable, Iterable, Iterator
 import lmdb
 import msgspec
 
-from .errors import KeyFileError, StoreDamagedError, StoreError
+from .errors import DiskFullError, KeyFileError, StoreDamagedError, StoreError
 from .types import Head, Node
 
 # MDB_NOMETASYNC: data pages are flushed at every commit, the meta page
@@ -233,13 +233,12 @@ def free_bytes(path: str | os.PathLike) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _disk_full(home) -> StoreError:
+def _disk_full(home) -> DiskFullError:
     try:
-        free = f"{free_bytes(home) / (1 << 20):.1f} MiB free"
+        free = free_bytes(home)
     except OSError:
-        free = "no space left"
-    return StoreError(f"the disk holding the store in {home} is full ({free}): free some "
-                      "space, or give --home a bigger disk, and run the command again")
+        free = None
+    return DiskFullError(home, free)
 
 
 def _os_error(home, exc: OSError, what: str) -> StoreError:
