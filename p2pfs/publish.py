@@ -53,6 +53,8 @@ from .errors import DiskFullError, NotFoundError, P2pfsError, StoreError, UsageE
 from .ignore import Rules
 from .index import Commit, Entry, Header, KIND_DIR, KIND_FILE, KIND_SYMLINK
 from .store import WRITE_BATCH_BYTES, DriveRecord, Store
+
+PROGRESS_BYTES = 8 << 20  # a progress report at least every this many bytes of a file
 from .types import Head, Node
 
 READ_ATTEMPTS = 3  # a file that changes while read this often stops `import`
@@ -245,7 +247,14 @@ class _Appender:
 
     `mark`/`rollback` drop what was appended since the mark (a file that
     changed while it was read); blocks already flushed past the final
-    length are garbage like any interrupted write's."""
+    length are garbage like any interrupted write's.
+
+    A full batch is written by a worker thread while the caller reads and
+    hashes the next one (LMDB and BLAKE3 release the GIL, so both cores
+    work); at most one batch is in flight, batches land in order, and
+    `sign_and_commit` waits for the last.  Whoever makes an appender calls
+    `close()` when done with it, on every path: it waits for the batch in
+    flight, so nothing is written after the writer lock is released."""
 
     def __init__(self, store: Store, key: bytes, length: int, peaks: list[Node],
                  progress: Progress | None, stop: threading.Event | None = None):
@@ -261,6 +270,7 @@ class _Appender:
         self.reused = 0
         self.expected = 0  # bytes the callers said they will append (file contents)
         self.flushed = 0  # bytes written so far
+        self._writing: tuple[threading.Thread, dict, int] | None = None  # the batch in flight
 
     @property
     def length(self) -> int:
@@ -289,25 +299,59 @@ class _Appender:
         self.content_blocks = content
 
     def flush(self) -> None:
-        if self.batch:
+        """Start writing the batch (in a worker thread), once the one before is written."""
+        if not self.batch:
+            return
+        self._wait()
+        batch, nbytes = self.batch, self.batch_bytes
+        self.batch, self.batch_bytes = [], 0
+        outcome: dict = {}
+
+        def write() -> None:
             try:
-                self.store.put_block_items(self.key, self.batch)
-            except DiskFullError as exc:  # say how much more the version needed
-                raise exc.needing(max(self.expected - self.flushed, self.batch_bytes)) from None
-            self.flushed += self.batch_bytes
-            self.batch = []
-            self.batch_bytes = 0
+                self.store.put_block_items(self.key, batch)
+            except BaseException as exc:  # raised by _wait, in the caller's thread
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=write, name="p2pfs-append", daemon=True)
+        worker.start()
+        self._writing = (worker, outcome, nbytes)
+
+    def _wait(self) -> None:
+        """Wait for the batch in flight; raise what writing it raised."""
+        if self._writing is None:
+            return
+        worker, outcome, nbytes = self._writing
+        worker.join()
+        self._writing = None
+        exc = outcome.get("error")
+        if isinstance(exc, DiskFullError):  # say how much more the version needed
+            raise exc.needing(max(self.expected - self.flushed, nbytes)) from None
+        if exc is not None:
+            raise exc
+        self.flushed += nbytes
+
+    def close(self) -> None:
+        """Wait for the batch in flight (its error, if any, is moot now)."""
+        try:
+            self._wait()
+        except Exception:
+            pass
 
     def sign_and_commit(self, seed: bytes, record: DriveRecord | None) -> Head:
         if self.stop is not None and self.stop.is_set():
             raise Abandoned("stopped before the version in progress was signed")
+        self._wait()  # every earlier batch is in the store before the head that covers it
         length = self.builder.length
         root = self.builder.root()
         head = Head(length, root, crypto.sign_head(seed, self.key, length, root))
         # and the DHT's copy of it (BEP 44, under the blinded key), so that
         # any node holding this head can put it in the DHT unchanged
         dht_signature = crypto.sign_dht_head(seed, length, root, head.signature)
-        self.store.commit_version(self.key, head, self.nodes, record, self.batch, dht_signature)
+        try:
+            self.store.commit_version(self.key, head, self.nodes, record, self.batch, dht_signature)
+        except DiskFullError as exc:  # say how much more the version needed
+            raise exc.needing(max(self.expected - self.flushed, self.batch_bytes)) from None
         self.batch = []
         return head
 
@@ -384,6 +428,14 @@ def _create(store: Store, key: bytes, seed: bytes, items: list[_Item], message: 
             block_size: int, progress: Progress | None, stop) -> WriteResult:
     now = time.time_ns()
     app = _Appender(store, key, 0, [], progress, stop)
+    try:
+        return _create_with(app, key, seed, items, message, block_size, now)
+    finally:
+        app.close()
+
+
+def _create_with(app: _Appender, key: bytes, seed: bytes, items: list[_Item], message: str,
+                 block_size: int, now: int) -> WriteResult:
     app.expected = sum(it.size for it in items if it.kind == KIND_FILE)
     app.append(index.encode_block(Header(1, block_size, now)))
     entries: list[tuple[bytes, Entry]] = []
@@ -447,7 +499,7 @@ def _read_file(app: _Appender, item: _Item, ref: Entry | None, drive: Drive | No
             for j, data in enumerate(_read_blocks(fd, bs)):
                 size += len(data)
                 unreported += len(data)
-                if unreported >= WRITE_BATCH_BYTES and app.progress is not None:
+                if unreported >= PROGRESS_BYTES and app.progress is not None:
                     app.progress.advance(unreported)
                     unreported = 0
                 if j < len(ref_nodes) and ref_nodes[j] is not None:
@@ -546,6 +598,14 @@ class Publisher:
         pad_to = _past_unreadable(drive, self.warn)
         peaks = [drive.trusted_node(p) for p in flat.full_roots(length)]
         app = _Appender(store, key, length, peaks, self.progress, self.stop)
+        try:
+            return self._publish_with(app, changes, message, always, seed, length, pad_to)
+        finally:
+            app.close()
+
+    def _publish_with(self, app: _Appender, changes: Changes, message, always: bool, seed: bytes,
+                      length: int, pad_to: int) -> WriteResult:
+        drive, key = self.drive, self.drive.key
         job = _Job(self, app, index.IndexWriter(drive.reader, drive.commit.root, drive.node_cache))
         job.run(changes)
         commit = drive.commit
