@@ -129,7 +129,8 @@ def test_a_reader_finds_a_seeder_on_the_lan_within_two_seconds(tmp_path):
 
 async def test_a_reader_learns_the_newest_head_from_the_dht_alone(tmp_path):
     """BEP 44: the owner's swarm puts its head (with the owner's DHT signature,
-    under the blinded key); a reader with no peer at all learns it from the DHT."""
+    under the blinded key); a reader with no peer at all learns it from the DHT,
+    and goes on waiting for a peer that holds its blocks."""
     import trio
 
     from p2pfs.drive import Drive
@@ -163,6 +164,12 @@ async def test_a_reader_learns_the_newest_head_from_the_dht_alone(tmp_path):
                             await reader.connections.wait_changed()
                     assert drive.head == owner_store.latest_head(key)
                     assert reader_store.dht_signature(key, drive.head.length)
+                    # a head from the DHT is no version this home can read: a
+                    # reader waits for a peer holding it (its whole timeout),
+                    # not the grace of a home that holds the drive
+                    waited = trio.current_time()
+                    await reader.wait_for_peers(drive, 3.0)
+                    assert trio.current_time() - waited >= 2.9
         finally:
             owner_store.close()
             reader_store.close()

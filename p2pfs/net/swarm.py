@@ -430,10 +430,13 @@ class Swarm:
         """Until every static peer has announced the drive, refused it or failed
         (a peer whose connection ended is redialled, so it is still waited
         for; an unreachable one is not) and, with discovery and no static
-        peer, until a peer announced the drive (or, if its head is held
-        already, `grace` seconds passed) — at most `timeout` seconds."""
+        peer, until a peer announced the drive (or, if this home could read a
+        version of it already, `grace` seconds passed) — at most `timeout`
+        seconds.  A head heard from the DHT meanwhile is not a readable
+        version: its blocks are at the peers still to be found."""
         self.add_drive(drive)
         started = trio.current_time()
+        readable_here = drive.head is not None and drive.store.has_block(drive.key, drive.head.length - 1)
         with trio.move_on_after(timeout):
             while True:
                 status = self.status
@@ -447,9 +450,9 @@ class Swarm:
                     if any(drive.key in p.announced for p in self.peers):
                         return
                     waited = trio.current_time() - started
-                    if drive.head is not None and waited >= grace:
+                    if readable_here and waited >= grace:
                         return
-                    with trio.move_on_after(max(0.0, grace - waited) if drive.head is not None
+                    with trio.move_on_after(max(0.0, grace - waited) if readable_here
                                             else float("inf")):
                         await self.connections.wait_changed()
                     continue
