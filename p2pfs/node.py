@@ -123,9 +123,25 @@ def discovery_sources(node_key: bytes, net: NetOptions, home: Path | None = None
         # fresh identity and any port, and leaves the state alone.
         long_lived = net.listen is not None
         sources.append(DhtSource(DhtNode(
-            bind=("0.0.0.0", DHT_PORT if long_lived else 0), bootstrap=bootstrap,
+            bind=(_dht_host(net.listen), DHT_PORT if long_lived else 0), bootstrap=bootstrap,
             state_path=(home / STATE_FILE) if long_lived and home is not None else None)))
     return sources
+
+
+def _dht_host(listen: str | None) -> str:
+    """The address the DHT node binds: the host of --listen when it names one
+    IPv4 address (a multi-homed host announces from the address it serves
+    on: DHT nodes take the UDP source address as the peer's), else all."""
+    if listen is None:
+        return "0.0.0.0"
+    import ipaddress
+
+    from .net.transport import parse_address
+    host = parse_address(listen)[0]
+    try:
+        return host if ipaddress.IPv4Address(host) else "0.0.0.0"
+    except ValueError:
+        return "0.0.0.0"  # a name or an IPv6 address: the DHT is IPv4, on every address
 
 
 @asynccontextmanager
