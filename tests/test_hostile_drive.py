@@ -80,6 +80,41 @@ def test_f1_a_short_block_is_a_bad_drive_not_a_short_file(home, st):
     assert "/long" in line
 
 
+@needs_fuse
+def test_f1_the_mount_refuses_files_whose_blocks_disagree_with_their_size(tmp_path, home, st):
+    """Through the mount, too, a file whose blocks do not add up to its size
+    (short, long, or not of the Header's block size) reads as EIO at every
+    read size: never a short read that looks like the end of the file."""
+    from test_mount import mounted
+    wide = os.urandom(3 * BS * 4)
+    forge = simple(st, lambda f: {key(b"/", b"short"): f.file(b"x" * 17, size=200),
+                                  key(b"/", b"long"): f.file(b"y" * (BS + 1), size=BS - 1),
+                                  key(b"/", b"wide"): f.file(wide, size=4 * BS, extents=f.blocks(wide, 3 * BS)),
+                                  key(b"/", b"ok"): f.file(b"fine\n")})
+    mnt = tmp_path / "mnt"
+    with mounted(home, forge.key_text, mnt) as pid:
+        for name, size in (("short", 200), ("long", BS - 1), ("wide", 4 * BS)):
+            try:
+                assert os.stat(mnt / name).st_size == size
+            except OSError as exc:  # refused as soon as it is looked at: as good
+                assert exc.errno == errno.EIO, name
+                continue
+            for chunk in (1, 4096, 128 << 10):
+                subprocess.run(["sh", "-c", "echo 1 > /proc/sys/vm/drop_caches"], check=False)
+                fd = os.open(mnt / name, os.O_RDONLY)
+                try:
+                    with pytest.raises(OSError) as info:
+                        while os.read(fd, chunk):
+                            pass
+                    assert info.value.errno == errno.EIO, (name, chunk)
+                finally:
+                    os.close(fd)
+        assert (mnt / "ok").read_bytes() == b"fine\n"
+        assert os.path.exists(f"/proc/{pid}")
+    log = (home / "mount.log").read_text()
+    assert "/short" in log and "/long" in log and "/wide" in log
+
+
 def test_f1_a_huge_block_read_fails_before_joining_it(home, st):
     """Header 4 KiB over 960 KiB blocks: the old code joined ~1,000 of them
     for one read (1.1 GB RSS); now it fails at once, in little memory."""
