@@ -65,6 +65,7 @@ import functools
 import os
 import stat
 import struct
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -448,6 +449,29 @@ def _release_env(path: str) -> None:
             got[0].close()
 
 
+def _command_line() -> str:
+    """This process as a person would have typed it (for lock files)."""
+    args = " ".join(sys.argv[1:])
+    return f"p2pfs {args}"[:MAX_HOLDER] if args else "p2pfs"
+
+
+MAX_HOLDER = 300  # bytes of a lock holder's description read back
+
+
+def _lock_holder(fd: int) -> str:
+    """"pid N: what" of the process holding a writer lock, from its lock file
+    ("" if it wrote nothing readable)."""
+    try:
+        raw = os.pread(fd, MAX_HOLDER + 32, 0)
+    except OSError:
+        return ""
+    pid, _, what = raw.decode(errors="replace").strip().partition(" ")
+    if not pid.isdigit():
+        return ""
+    what = "".join(c if c.isprintable() else "?" for c in what)
+    return f"pid {pid}: {what}" if what else f"pid {pid}"
+
+
 class Store:
     """A node's LMDB environment plus its key directory.
 
@@ -631,11 +655,13 @@ class Store:
                 yield i, v
 
     @contextmanager
-    def writer_lock(self, key: bytes, what: str = "a drive"):
+    def writer_lock(self, key: bytes, what: str = "a drive", holder: str | None = None):
         """Hold the exclusive right to append to a drive's log (a flock on
         locks/<key hex>.lock, released when the process dies).
 
-        Raises StoreError at once if another process holds it."""
+        The holder writes its pid and `holder` (default: this process's
+        command line) into the lock file, so that a refused writer can name
+        it.  Raises StoreError at once if another process holds it."""
         path = self.home / "locks" / f"{key.hex()}.lock"
         try:
             make_private_dir(path.parent)
@@ -646,8 +672,15 @@ class Store:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StoreError(f"another p2pfs process is writing {what}; "
+                other = _lock_holder(fd)
+                raise StoreError(f"another p2pfs process is writing {what}"
+                                 f"{f' ({other})' if other else ''}; "
                                  "try again when it has finished") from None
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} {holder or _command_line()}\n".encode(), 0)
+            except OSError:
+                pass  # only a name for messages
             yield
         finally:
             os.close(fd)
@@ -934,3 +967,4 @@ def read_key_file(path: Path, what: str, size: int = 32) -> bytes | None:
     if len(secret) != size:
         raise KeyFileError(f"{what} {path} is malformed (expected {2 * size} hex digits)")
     return secret
+
