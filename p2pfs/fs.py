@@ -183,6 +183,9 @@ class DriveFS(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # what an inode number stands for (see _tag); the writable mount, whose
+    # files change content in place, keeps it to kind and path
+    _inode_tag = staticmethod(_tag)
 
     def __init__(self, drive, *, live: bool = True, prefetch: bool = False,
                  poll_interval: float = 0.25, cache_timeout: float | None = None,
@@ -216,7 +219,7 @@ class DriveFS(pyfuse3.Operations):
     def _ino_for(self, path: bytes, entry: Entry) -> int:
         if path == b"/":
             return ROOT
-        tag = _tag(path, entry)
+        tag = self._inode_tag(path, entry)
         ino = self._inos.get(tag)
         if ino is not None:
             return ino
@@ -233,7 +236,7 @@ class DriveFS(pyfuse3.Operations):
         """Record a live inode (the caller then adds to its lookup count)."""
         if ino != ROOT:
             self._paths[ino] = path
-            self._inos[_tag(path, entry)] = ino
+            self._inos[self._inode_tag(path, entry)] = ino
             self._detached.discard(ino)
         self._entries[ino] = entry
 
@@ -245,7 +248,7 @@ class DriveFS(pyfuse3.Operations):
         self._nlookup.pop(ino, None)
         self._detached.discard(ino)
         if path is not None and entry is not None:
-            tag = _tag(path, entry)
+            tag = self._inode_tag(path, entry)
             if self._inos.get(tag) == ino:
                 del self._inos[tag]
 
