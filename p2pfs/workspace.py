@@ -74,6 +74,8 @@ RENAME_NOREPLACE = 1  # linux/fs.h
 RENAME_EXCHANGE = 2
 ZERO_RUN = 64  # zero blocks appended once, shared by every hole of every file
 MAX_HOLE = 16 << 30  # bytes of holes one file may have (each run of them is an extent)
+DEFAULT_COMMIT_INTERVAL = 2.0  # s after the last change (the mount's committer)
+MAX_COMMIT_INTERVAL = 10.0  # s after the first change, under constant change
 FREE_MARGIN = 64 << 20  # bytes a commit leaves free on the store's disk
 _TEMP = b"/.p2pfs-exchange"  # a name RENAME_EXCHANGE passes through (never committed)
 
