@@ -378,7 +378,11 @@ class Workspace:
         if len(value) > index.MAX_XATTR_VALUE:
             raise _fail(errno.E2BIG)
         attrs = dict(entry.xattrs)
-        if name not in attrs and len(attrs) >= index.MAX_XATTRS:
+        attrs[name] = value
+        # an entry must fit in an index node with room to spare: like ext4's one
+        # block per inode, the attributes of an entry share a quarter block
+        if len(attrs) > index.MAX_XATTRS or \
+                sum(len(k) + len(v) for k, v in attrs.items()) > self.bs // 4:
             raise _fail(errno.ENOSPC)
         self._changing()
         attrs[name] = bytes(value)

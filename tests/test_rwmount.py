@@ -277,7 +277,8 @@ def test_the_workload_script_matches_a_native_directory(tmp_path, home, home2):
 def test_fio_and_stress_ng(tmp_path, home):
     """Acceptance 2: fio random 4 KiB writes verified with crc32c on a 256 MiB
     file, and stress-ng's rename, dir, link, xattr and utime stressors for
-    30 s with --verify: no error, no verification failure."""
+    30 s with --verify: no error, no verification failure (the link stressor
+    finds no hard links and skips itself)."""
     need("fio", "stress-ng")
     src = tmp_path / "src"
     src.mkdir()
@@ -297,8 +298,17 @@ def test_fio_and_stress_ng(tmp_path, home):
             ["stress-ng", "--rename", "2", "--dir", "2", "--link", "2", "--xattr", "2",
              "--utime", "2", "--timeout", "30s", "--verify", "--temp-path", str(work),
              "--metrics-brief"], capture_output=True, text=True, timeout=300)
-        assert ng.returncode == 0, ng.stdout[-3000:] + ng.stderr[-3000:]
-        assert "fail" not in (ng.stdout + ng.stderr).lower().replace("failed: 0", ""), ng.stderr
+        out = ng.stdout + ng.stderr
+        # No hard links in a drive (EPERM, see p2pfs(1)): stress-ng skips its link
+        # stressor and says so with exit status 3 ("no resource"); nothing else may.
+        skipped = "link calls not allowed on the filesystem" in out
+        assert ng.returncode == 0 or (ng.returncode == 3 and skipped), out[-4000:]
+        assert "successful run completed" in out, out[-4000:]
+        for line in out.splitlines():
+            assert "fail" not in line.lower() and "error" not in line.lower(), line
+        fd = os.open(work, os.O_RDONLY)
+        os.fsync(fd)  # and all of it commits (an fsync error would raise here)
+        os.close(fd)
     assert "ok" in run_cli(home, "verify", key).out
 
 
@@ -334,11 +344,17 @@ def test_kill_9_at_random_moments(tmp_path, home):
             force_unmount(mnt)
         r = run_cli(home, "verify", key, check=False)
         assert r.returncode == 0, r.stderr
-    with mounted(home, key, mnt, "--rw"):
+    mnt.mkdir(exist_ok=True)
+    r = run_cli(home, "mount", key, mnt, "--rw", "--daemon")  # says what the last kill lost
+    pid = int(re.search(r"\(pid (\d+)\)", r.stderr).group(1))
+    try:
+        assert "was killed before it committed" in r.stderr, r.stderr
         for name, data in synced.items():
             assert (mnt / name).read_bytes() == data, name
-    log = (home / "mount.log").read_text()
-    assert "was killed before it committed" in log or "unsynced" not in log
+    finally:
+        force_unmount(mnt)
+        stop(pid)
+    assert not (home / "staging").exists() or not any((home / "staging").iterdir())
 
 
 @pytest.mark.slow

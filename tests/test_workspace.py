@@ -192,6 +192,13 @@ def test_metadata_xattrs_and_modes(ws):
     assert code(lambda: ws.removexattr(b"/docs/a.txt", b"user.other")) == errno.ENODATA
     assert code(lambda: ws.setxattr(b"/docs/a.txt", b"security.selinux", b"x")) == errno.EOPNOTSUPP
     assert code(lambda: ws.setxattr(b"/docs/a.txt", b"user.p2pfs.version", b"9")) == errno.EOPNOTSUPP
+    assert code(lambda: ws.setxattr(b"/docs/a.txt", b"user.huge", bytes(BS // 4))) == errno.ENOSPC
+    for i in range(1, 40):  # many: until they would not fit in an index node
+        try:
+            ws.setxattr(b"/big.bin", b"user.v%d" % i, bytes(1000))
+        except WorkspaceError as exc:
+            assert exc.errno == errno.ENOSPC and i > 10
+            break
     f = ws.open(b"/docs/a.txt")
     ws.write(f, 0, b"A")
     ws.utimens(b"/docs/a.txt", 42)  # after a write: the file's mtime is the one set
