@@ -282,7 +282,7 @@ def cmd_log(args) -> int:
 
 
 RECOVERY = ("to recover: stop every p2pfs process using {home}, move {home}/store aside "
-            "(keep {home}/keys and {home}/node.key), then fetch the drives again with "
+            "(keep {home}/keys), then fetch the drives again with "
             "--peer; see A DAMAGED STORE in p2pfs(1)")
 
 

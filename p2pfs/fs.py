@@ -105,6 +105,7 @@ from p2pfs.errors import (
     VerificationError,
 )
 from p2pfs.index import KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_PATH, Entry
+from p2pfs.snapshots import PREFIX as HISTORY, Snapshots, is_history
 
 __all__ = ["DriveFS", "XATTR_KEY", "XATTR_VERSION", "XATTR_BLOCKS_HELD"]
 
@@ -152,15 +153,17 @@ def _dir_tag(path: bytes) -> bytes:
 
 
 class _File:
-    """An open file: its inode, the entry it reads, and read-ahead state."""
+    """An open file: its inode, the entry it reads (through `drive`: the live
+    view, or an old version's), and read-ahead state."""
 
-    __slots__ = ("ino", "path", "entry", "expected", "window", "ahead_until", "ahead_target",
-                 "ahead_running", "cancel", "closed", "failed")
+    __slots__ = ("ino", "path", "entry", "drive", "expected", "window", "ahead_until",
+                 "ahead_target", "ahead_running", "cancel", "closed", "failed")
 
-    def __init__(self, ino: int, path: bytes, entry: Entry):
+    def __init__(self, ino: int, path: bytes, entry: Entry, drive):
         self.ino = ino
         self.path = path
         self.entry = entry
+        self.drive = drive
         self.expected = 0  # offset a sequential reader asks for next
         self.window = 0  # read-ahead window in blocks; 0 = not sequential
         self.ahead_until = 0  # bytes [.., ahead_until) are fetched or being fetched
@@ -211,6 +214,7 @@ class DriveFS(pyfuse3.Operations):
         self._next_fh = 1
         self._generation = 0
         self.version = drive.version  # the version shown: set once the kernel's caches agree
+        self.snapshots = Snapshots(drive)  # the hidden /.p2pfs/versions/N/
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -327,11 +331,19 @@ class DriveFS(pyfuse3.Operations):
                 return answer
 
     async def _lookup(self, path: bytes) -> Entry:
-        """The current version's entry for `path`; FUSEError on failure."""
+        """The current version's entry for `path` (or, under /.p2pfs, the
+        history's); FUSEError on failure."""
+        if is_history(path):
+            return await self._current(self.snapshots.lookup, path)
         return await self._current(self.drive.lookup, path)
 
     async def _listdir(self, path: bytes) -> list[tuple[bytes, Entry]]:
-        return await self._current(self.drive.listdir, path)
+        if is_history(path):
+            return await self._current(self.snapshots.listdir, path)
+        items = await self._current(self.drive.listdir, path)
+        if path == b"/":  # the history is entered by name, never listed
+            items = [(name, e) for name, e in items if name != HISTORY[1:]]
+        return items
 
     # -------------------------------------------------------------- handlers
 
@@ -443,8 +455,15 @@ class DriveFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if entry.kind != KIND_FILE:
             raise pyfuse3.FUSEError(errno.EINVAL)
+        path = self._paths[inode]
+        drive = self.drive
+        if is_history(path):
+            try:
+                drive = await self.snapshots.drive_for(path)
+            except P2pfsError as exc:
+                raise _fuse_error(exc, path) from None
         fh = self._new_fh()
-        self._files[fh] = _File(inode, self._paths[inode], entry)
+        self._files[fh] = _File(inode, path, entry, drive)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh, off, size):
@@ -462,7 +481,7 @@ class DriveFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         self._note_read(f, off, size)
         try:
-            return await self.drive.read(entry, off, size, f.path)
+            return await f.drive.read(entry, off, size, f.path)
         except P2pfsError as exc:
             if isinstance(exc, BlockUnavailableError):
                 f.failed = (off, off + size, trio.current_time() + FAILED_READ_MEMORY)
@@ -588,7 +607,7 @@ class DriveFS(pyfuse3.Operations):
                     start = f.ahead_until
                     stop = min(f.ahead_target, start + READAHEAD_MAX * bs)
                     f.ahead_until = stop
-                    await self.drive.prefetch(f.entry, start, stop - start)
+                    await f.drive.prefetch(f.entry, start, stop - start)
         except P2pfsError as exc:
             # The reader's own read will hit the same block and report EIO.
             log.debug("read-ahead of %r stopped: %s", f.path, exc)
@@ -701,6 +720,9 @@ class DriveFS(pyfuse3.Operations):
         for ino in inos:
             path = self._paths.get(ino)
             if path is None:
+                continue
+            if is_history(path):  # old versions never change (versions/ only grows)
+                result[ino] = self._entries[ino]
                 continue
             if path == b"/":
                 result[ino] = await self.drive.lookup(b"/")

@@ -85,12 +85,12 @@ async def open_network(store: Store, net: NetOptions, *, serve_all: bool = False
     listening on `net.listen` if set (`on_listening(addresses)` is called
     then).  Yields the Swarm."""
     from .net.swarm import open_swarm
-    from .net.transport import load_node_key, parse_address
+    from .net.transport import new_node_key, parse_address
     for address in net.peers:
         parse_address(address)  # UsageError before anything starts
     if net.listen is not None:
         parse_address(net.listen)
-    node_key = load_node_key(store.home)
+    node_key = new_node_key()
     async with open_swarm(store, node_key, timeout=net.timeout, serve_all=serve_all) as swarm:
         for address in net.peers:
             swarm.add_peer(address)
