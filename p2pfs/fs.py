@@ -232,9 +232,14 @@ class DriveFS(pyfuse3.Operations):
             digest = hashlib.blake2b(tag + (probe.to_bytes(4, "little") if probe else b""),
                                      digest_size=8).digest()
             ino = int.from_bytes(digest, "little") & _INO_MASK
-            if ino > ROOT and ino not in self._paths:
+            if ino > ROOT and not self._ino_held(ino):
                 return ino
             probe += 1
+
+    def _ino_held(self, ino: int) -> bool:
+        """Whether the kernel may still hold inode `ino` (it is not free to
+        stand for anything else until the kernel forgets it)."""
+        return ino in self._paths
 
     def _remember(self, ino: int, path: bytes, entry: Entry) -> None:
         """Record a live inode (the caller then adds to its lookup count)."""

@@ -11,7 +11,8 @@ errno; attributes are read fresh from the workspace on each `getattr`
 (all changes come through this process, so the kernel's caches stay true
 between them).  A rename moves the numbers of the live inodes below it; an
 unlinked inode leaves the path tables and keeps its `File` until the kernel
-forgets it, so an open unlinked file keeps working.
+forgets it, so an open unlinked file keeps working (and its number is not
+given to another path before then: see `_ino_held`).
 
 Writeback cache.  `enable_writeback_cache` lets the kernel merge small writes
 into large ones (MEASURED.md: 10x for 4 KiB writes).  The kernel may then
@@ -150,6 +151,12 @@ class WritableFS(DriveFS):
     def _drop(self, ino: int) -> None:
         super()._drop(ino)
         self._unlinked.pop(ino, None)
+
+    def _ino_held(self, ino: int) -> bool:
+        # an unlinked or replaced inode keeps its number until the kernel
+        # forgets it: handed to a new file, the kernel would give that file
+        # the old one's cached pages and size
+        return ino in self._paths or ino in self._unlinked
 
     # --- attributes -------------------------------------------------------------------
 

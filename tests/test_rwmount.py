@@ -156,6 +156,29 @@ def test_posix_operations(tmp_path, home):
     assert "ok" in run_cli(home, "verify", key).out
 
 
+def test_a_file_replaced_by_rename_again_and_again_reads_its_newest_content(tmp_path, home):
+    """git's lock-file pattern (write NAME.lock, rename it over NAME, read NAME,
+    again): each new NAME.lock is a new file while the kernel may still hold
+    the inode the last rename replaced, so its number must not be handed out
+    again before the kernel forgets it (the kernel would take the old
+    inode's cached pages and size for the new file's)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt, "--rw"):
+        want = b""
+        for i in range(40):
+            body = (mnt / "config").read_bytes() if i else b""
+            assert body == want, (i, body, want)
+            want = body + b"line %d of the config\n" % i
+            with open(mnt / "config.lock", "xb") as f:
+                f.write(want)
+            os.rename(mnt / "config.lock", mnt / "config")
+        assert (mnt / "config").read_bytes() == want
+        assert not (mnt / "config.lock").exists()
+
+
 def test_second_writer_is_refused_and_the_first_keeps_working(tmp_path, home):
     """Acceptance 6, and import/share of the same drive while it is mounted."""
     src = make_tree(tmp_path / "src", files=5)
