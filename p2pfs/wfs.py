@@ -14,6 +14,13 @@ unlinked inode leaves the path tables and keeps its `File` until the kernel
 forgets it, so an open unlinked file keeps working (and its number is not
 given to another path before then: see `_ino_held`).
 
+History.  As in every mount, the hidden `/.p2pfs/versions/N/` holds every
+committed version (`fs.DriveFS` answers for it through `snapshots`); the
+uncommitted tree is only the live one.  It is read-only: every change under
+`/.p2pfs` (and of the name itself) is EROFS, so what the owner writes is
+what readers see (their mounts hide a drive's own root `.p2pfs` too, and
+one already in a drive is left as it is, hidden).
+
 Writeback cache.  `enable_writeback_cache` lets the kernel merge small writes
 into large ones (MEASURED.md: 10x for 4 KiB writes).  The kernel may then
 read from a file opened O_WRONLY (to fill a partly written page) and it
@@ -44,9 +51,10 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from .fs import ROOT, DriveFS, _guarded, _join
+from .fs import HISTORY, ROOT, DriveFS, _guarded, _join
 from .index import KIND_DIR, KIND_FILE, Entry
 from .publish import WriteResult
+from .snapshots import is_history
 from .workspace import (DEFAULT_COMMIT_INTERVAL, MAX_COMMIT_INTERVAL, File, Workspace,
                         WorkspaceError)
 
@@ -108,13 +116,30 @@ class WritableFS(DriveFS):
         self._change.set()
 
     async def _lookup(self, path: bytes) -> Entry:
+        if is_history(path):
+            return await super()._lookup(path)
         entry = self._ws(self.ws.lookup, path)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
 
     async def _listdir(self, path: bytes) -> list[tuple[bytes, Entry]]:
-        return self._ws(self.ws.listdir, path)
+        if is_history(path):
+            return await super()._listdir(path)
+        items = self._ws(self.ws.listdir, path)
+        if path == b"/":  # the history is entered by name, never listed
+            items = [(name, e) for name, e in items if name != HISTORY[1:]]
+        return items
+
+    def _tree_path(self, inode: int, name: bytes | None = None) -> bytes:
+        """The path of `inode` (joined with `name`) for a change: EROFS in the
+        history (`/.p2pfs` and below), which is read-only."""
+        path = self._path(inode)
+        if name is not None:
+            path = _join(path, name)
+        if is_history(path):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return path
 
     def _ino_of(self, path: bytes, kind: int) -> int | None:
         """The live inode at `path`, if the kernel knows one."""
@@ -185,7 +210,7 @@ class WritableFS(DriveFS):
                 self._ws(self.ws.truncate, f, attr.st_size)
                 self._changed()
             return await self.getattr(inode)
-        path = self._path(inode)
+        path = self._tree_path(inode)
         if fields.update_size:
             if f is not None:
                 self._ws(self.ws.truncate, f, attr.st_size)
@@ -233,16 +258,17 @@ class WritableFS(DriveFS):
         return await super().listxattr(inode, ctx)
 
     async def setxattr(self, inode, name, value, ctx=None):
-        self._ws(self.ws.setxattr, self._path(inode), name, value)
+        self._ws(self.ws.setxattr, self._tree_path(inode), name, value)
         self._changed()
 
     async def removexattr(self, inode, name, ctx=None):
-        self._ws(self.ws.removexattr, self._path(inode), name)
+        self._ws(self.ws.removexattr, self._tree_path(inode), name)
         self._changed()
 
     # --- the namespace ----------------------------------------------------------------
 
     async def mkdir(self, parent_inode, name, mode, ctx=None):
+        self._tree_path(parent_inode, name)
         parent = self._path(parent_inode)
         path = self._ws(self.ws.mkdir, parent, name, mode)
         self._changed()
@@ -250,6 +276,7 @@ class WritableFS(DriveFS):
         return self._known(path)
 
     async def symlink(self, parent_inode, name, target, ctx=None):
+        self._tree_path(parent_inode, name)
         path = self._ws(self.ws.symlink, self._path(parent_inode), name, target)
         self._changed()
         return self._known(path)
@@ -257,6 +284,7 @@ class WritableFS(DriveFS):
     async def mknod(self, parent_inode, name, mode, rdev, ctx=None):
         if not stat.S_ISREG(mode):
             raise pyfuse3.FUSEError(errno.EPERM)  # a drive holds no fifos, sockets or devices
+        self._tree_path(parent_inode, name)
         f = self._ws(self.ws.create, self._path(parent_inode), name, mode)
         self.ws.release(f)
         self._changed()
@@ -266,7 +294,7 @@ class WritableFS(DriveFS):
         raise pyfuse3.FUSEError(errno.EPERM)  # no hard links in a drive (see p2pfs(1))
 
     async def unlink(self, parent_inode, name, ctx=None):
-        path = _join(self._path(parent_inode), name)
+        path = self._tree_path(parent_inode, name)
         entry = self._ws(self.ws.lookup, path)
         f = self.ws.by_path.get(path)
         self._ws(self.ws.unlink, self._path(parent_inode), name)
@@ -275,8 +303,8 @@ class WritableFS(DriveFS):
             self._gone(path, entry, f if f is not None and f.opens else None)
 
     async def rmdir(self, parent_inode, name, ctx=None):
+        path = self._tree_path(parent_inode, name)
         parent = self._path(parent_inode)
-        path = _join(parent, name)
         entry = self._ws(self.ws.lookup, path)
         self._ws(self.ws.rmdir, parent, name)
         self._changed()
@@ -286,8 +314,9 @@ class WritableFS(DriveFS):
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags,
                      ctx=None):
+        old = self._tree_path(parent_inode_old, name_old)
+        new = self._tree_path(parent_inode_new, name_new)
         old_parent, new_parent = self._path(parent_inode_old), self._path(parent_inode_new)
-        old, new = _join(old_parent, name_old), _join(new_parent, name_new)
         moving = self._ws(self.ws.lookup, old)
         there = self._ws(self.ws.lookup, new)
         replaced = self.ws.by_path.get(new)
@@ -325,6 +354,7 @@ class WritableFS(DriveFS):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def create(self, parent_inode, name, mode, flags, ctx=None):
+        self._tree_path(parent_inode, name)
         f = self._ws(self.ws.create, self._path(parent_inode), name, mode)
         self._changed()
         return self._handle(f), self._known(f.path)
@@ -336,7 +366,10 @@ class WritableFS(DriveFS):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             gone[1].opens += 1
             return self._handle(gone[1])
-        f = self._ws(self.ws.open, self._path(inode))
+        path = self._path(inode)
+        if is_history(path):  # an old version's file: DriveFS reads it (EROFS to write)
+            return await super().open(inode, flags, ctx)
+        f = self._ws(self.ws.open, path)
         if flags & os.O_TRUNC and f.size:
             try:
                 self._ws(self.ws.truncate, f, 0)
@@ -349,7 +382,7 @@ class WritableFS(DriveFS):
     async def read(self, fh, off, size):
         f = self._handles.get(fh)
         if f is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+            return await super().read(fh, off, size)  # an old version's file, or EBADF
         return self._ws(self.ws.read, f, off, size)
 
     async def write(self, fh, off, buf):
@@ -364,6 +397,8 @@ class WritableFS(DriveFS):
         f = self._handles.pop(fh, None)
         if f is not None:
             self.ws.release(f)
+        else:
+            await super().release(fh)
 
     async def flush(self, fh):
         return None  # close is not a durability point (fsync is), as on a disk

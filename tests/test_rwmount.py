@@ -179,6 +179,61 @@ def test_a_file_replaced_by_rename_again_and_again_reads_its_newest_content(tmp_
         assert not (mnt / "config.lock").exists()
 
 
+def test_every_committed_version_is_inside_the_writable_mount_read_only(tmp_path, home):
+    """.p2pfs/versions/N/ is in every mount, the writable one too: hidden from
+    listings, each committed version as it was, and nothing in it writable."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"one")
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt, "--rw"):
+        with open(mnt / "a.txt", "wb") as f:
+            f.write(b"two")
+            f.flush()
+            os.fsync(f.fileno())  # version 2
+        (mnt / "b.txt").write_bytes(b"uncommitted")
+        history = mnt / ".p2pfs" / "versions"
+        assert ".p2pfs" not in os.listdir(mnt)
+        assert sorted(os.listdir(history)) == ["1", "2"]
+        assert (history / "1" / "a.txt").read_bytes() == b"one"
+        assert (history / "2" / "a.txt").read_bytes() == b"two"
+        assert sorted(os.listdir(history / "2")) == ["a.txt"]  # b.txt is not committed yet
+        old = history / "1" / "a.txt"
+        os.mkdir(mnt / "empty-dir")
+        refused = [
+            lambda: open(old, "r+b"),
+            lambda: open(old, "wb"),
+            lambda: open(history / "1" / "new", "wb"),
+            lambda: os.mkdir(history / "1" / "d"),
+            lambda: os.symlink("a.txt", history / "1" / "l"),
+            lambda: os.unlink(old),
+            lambda: os.rmdir(mnt / ".p2pfs"),
+            lambda: os.rename(mnt / "b.txt", history / "1" / "b.txt"),
+            lambda: os.rename(old, mnt / "c.txt"),
+            lambda: os.rename(mnt / "empty-dir", mnt / ".p2pfs"),
+            lambda: os.rename(mnt / ".p2pfs", mnt / "elsewhere"),
+            lambda: os.truncate(old, 0),
+            lambda: os.chmod(old, 0o600),
+            lambda: os.utime(old, ns=(1, 1)),
+            lambda: os.setxattr(old, "user.k", b"v"),
+        ]
+        for i, change in enumerate(refused):
+            with pytest.raises(OSError) as info:
+                change()
+            assert info.value.errno == errno.EROFS, (i, info.value)
+        with pytest.raises(FileExistsError):
+            os.mkdir(mnt / ".p2pfs")
+        assert (mnt / "b.txt").read_bytes() == b"uncommitted"
+        fd = os.open(mnt, os.O_RDONLY)
+        os.fsync(fd)  # version 3: the list grows, the old ones stay as they were
+        os.close(fd)
+        assert sorted(os.listdir(history)) == ["1", "2", "3"]  # fsync returned: committed
+        assert (history / "3" / "b.txt").read_bytes() == b"uncommitted"
+        assert (history / "1" / "a.txt").read_bytes() == b"one"
+    assert "ok" in run_cli(home, "verify", key).out
+
+
 def test_second_writer_is_refused_and_the_first_keeps_working(tmp_path, home):
     """Acceptance 6, and import/share of the same drive while it is mounted."""
     src = make_tree(tmp_path / "src", files=5)
