@@ -34,13 +34,13 @@ stderr then goes to HOME/mount.log).
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -63,7 +63,6 @@ __all__ = [
     "find_mount", "unmount", "READ_AHEAD_KB",
 ]
 
-log = logging.getLogger(__name__)
 
 LOG_NAME = "mount.log"  # in the home: what a --daemon mount would have printed
 READ_AHEAD_KB = 1024  # kernel read-ahead for the mount: 1 MiB reads (the FUSE maximum)
@@ -362,9 +361,10 @@ async def _writable_fs(store, ref: str, net: node.NetOptions, opts: Writable):
                 def committed(result) -> None:
                     if serving is not None:
                         serving.reload_head()  # peers hear of it now, not at the next poll
-                    log.info("committed version %d (length %d): %d new content blocks, "
-                             "%d reused", result.version, result.length,
-                             result.new_content_blocks, result.reused_blocks)
+                    opts.log(f"p2pfs: {time.strftime('%H:%M:%S')} committed version "
+                             f"{result.version}: {result.new_content_blocks} new content blocks, "
+                             f"{result.reused_blocks} reused, {result.index_blocks} index "
+                             f"blocks, length {result.length}")
 
                 ops = WritableFS(workspace, commit_interval=opts.commit_interval,
                                  on_commit=committed)

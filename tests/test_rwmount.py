@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import random
 import re
@@ -366,8 +367,9 @@ def test_fio_and_stress_ng(tmp_path, home):
         fio = subprocess.run(
             ["fio", "--name=rw", f"--directory={mnt}", "--size=256M", "--bs=4k",
              "--rw=randwrite", "--ioengine=psync", "--verify=crc32c", "--do_verify=1",
-             "--verify_fatal=1", "--fsync_on_close=1", "--end_fsync=1", "--output-format=terse"],
-            capture_output=True, text=True, timeout=900)
+             "--verify_fatal=1", "--verify_state_save=0", "--fsync_on_close=1", "--end_fsync=1",
+             "--output-format=terse"],
+            capture_output=True, text=True, timeout=900, cwd=tmp_path)
         assert fio.returncode == 0, fio.stdout[-3000:] + fio.stderr[-3000:]
         assert "verify" not in fio.stderr.lower(), fio.stderr
         work = mnt / "stress"
@@ -450,9 +452,25 @@ def test_one_byte_changed_in_a_1gib_file_adds_one_block(tmp_path, home):
             f.write(b"!")
             f.flush()
             os.fsync(f.fileno())
-    import json
+        with open(mnt / "big.bin", "rb") as f:
+            f.seek((512 << 20) - 1)
+            assert f.read(3)[1:2] == b"!"
     first, second = json.loads(before), json.loads(run_cli(home, "info", key, "--json").out)
-    added = second["length"] - first["length"]
-    log = run_cli(home, "log", key).out.splitlines()[0]
-    print(f"one changed byte in 1 GiB: the log grew by {added} blocks ({log})")
-    assert added <= 8  # 1 content block, a few index nodes, the commit record
+    assert second["version"] == first["version"] + 1  # the fsync's commit; unmount adds none
+    # the mount reports each commit (HOME/mount.log for --daemon)
+    lines = [line for line in (home / "mount.log").read_text().splitlines()
+             if f"committed version {second['version']}:" in line]
+    assert len(lines) == 1, (home / "mount.log").read_text()
+    m = re.search(r"(\d+) new content blocks, (\d+) reused, (\d+) index blocks, length (\d+)",
+                  lines[0])
+    content, reused, index_blocks, length = map(int, m.groups())
+    print(f"one byte changed in the middle of 1 GiB: {content} new content block(s), "
+          f"{reused} reused, {index_blocks} index blocks; the log grew by "
+          f"{length - first['length']} blocks")
+    assert content == 1  # O(1): only the changed block; the other 16,383 are reused
+    assert length == second["length"] and length - first["length"] <= 8
+    with mounted(home, key, tmp_path / "ro"):  # and the new version reads as written
+        with open(tmp_path / "ro" / "big.bin", "rb") as f:
+            f.seek(512 << 20)
+            assert f.read(1) == b"!"
+    assert "ok" in run_cli(home, "verify", key).out
