@@ -32,6 +32,7 @@ from .index import KIND_DIR, KIND_SYMLINK, Entry, normalize_path, shown
 from .node import DEFAULT_TIMEOUT, DHT_PORT, NetOptions, local_drive, open_drive, open_store, parse_drive_ref
 from .progress import Bar, size_text as _size
 from .store import check_structure
+from .workspace import DEFAULT_COMMIT_INTERVAL, MAX_COMMIT_INTERVAL
 
 CAT_CHUNK = 4 << 20
 CAT_FIRST = 1 << 20  # bytes a cold cat asks for with its first request
@@ -668,10 +669,17 @@ def cmd_mount(args) -> int:
         # a mount found through discovery is announced there too: it serves
         # what it holds to other readers
         net.listen = args.listen or config.load().listen or transport.EPHEMERAL_LISTEN
+    writable = None
+    if args.rw:
+        if args.commit_interval <= 0:
+            raise UsageError("--commit-interval must be above 0 seconds")
+        writable = mount.Writable(commit_interval=args.commit_interval)
+    elif args.commit_interval != DEFAULT_COMMIT_INTERVAL:
+        raise UsageError("--commit-interval is for a writable mount: give --rw too")
     return mount.mount_command(home=args.home, ref=args.key, mountpoint=args.mountpoint,
                                daemon=args.daemon, allow_other=args.allow_other,
                                allow_non_empty=args.allow_non_empty,
-                               argv=args.argv, net=net)
+                               argv=args.argv, net=net, writable=writable)
 
 
 def cmd_umount(args) -> int:
@@ -693,6 +701,14 @@ def _setup_mount(sub):
     p.add_argument("--listen", metavar="HOST:PORT", default=None,
                    help="accept peers here and serve them what the mount holds "
                         "(default with discovery: any free port)")
+    p.add_argument("--rw", action="store_true",
+                   help="writable (a drive whose secret key is in this home): every commit "
+                        "is a new signed version")
+    p.add_argument("--commit-interval", metavar="SECONDS", type=float,
+                   default=DEFAULT_COMMIT_INTERVAL,
+                   help=f"with --rw: commit this long after the last change (default "
+                        f"{DEFAULT_COMMIT_INTERVAL:g}; at most {MAX_COMMIT_INTERVAL:g} s, or "
+                        "this long if more, after the first); fsync commits at once")
     add_read_options(p)
     p.set_defaults(func=cmd_mount)
 

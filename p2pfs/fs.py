@@ -186,6 +186,9 @@ class DriveFS(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # what an inode number stands for (see _tag); the writable mount, whose
+    # files change content in place, keeps it to kind and path
+    _inode_tag = staticmethod(_tag)
 
     def __init__(self, drive, *, live: bool = True, prefetch: bool = False,
                  poll_interval: float = 0.25, cache_timeout: float | None = None,
@@ -220,7 +223,7 @@ class DriveFS(pyfuse3.Operations):
     def _ino_for(self, path: bytes, entry: Entry) -> int:
         if path == b"/":
             return ROOT
-        tag = _tag(path, entry)
+        tag = self._inode_tag(path, entry)
         ino = self._inos.get(tag)
         if ino is not None:
             return ino
@@ -229,15 +232,20 @@ class DriveFS(pyfuse3.Operations):
             digest = hashlib.blake2b(tag + (probe.to_bytes(4, "little") if probe else b""),
                                      digest_size=8).digest()
             ino = int.from_bytes(digest, "little") & _INO_MASK
-            if ino > ROOT and ino not in self._paths:
+            if ino > ROOT and not self._ino_held(ino):
                 return ino
             probe += 1
+
+    def _ino_held(self, ino: int) -> bool:
+        """Whether the kernel may still hold inode `ino` (it is not free to
+        stand for anything else until the kernel forgets it)."""
+        return ino in self._paths
 
     def _remember(self, ino: int, path: bytes, entry: Entry) -> None:
         """Record a live inode (the caller then adds to its lookup count)."""
         if ino != ROOT:
             self._paths[ino] = path
-            self._inos[_tag(path, entry)] = ino
+            self._inos[self._inode_tag(path, entry)] = ino
             self._detached.discard(ino)
         self._entries[ino] = entry
 
@@ -249,7 +257,7 @@ class DriveFS(pyfuse3.Operations):
         self._nlookup.pop(ino, None)
         self._detached.discard(ino)
         if path is not None and entry is not None:
-            tag = _tag(path, entry)
+            tag = self._inode_tag(path, entry)
             if self._inos.get(tag) == ino:
                 del self._inos[tag]
 

@@ -40,20 +40,29 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
 from p2pfs import daemon as daemon_mod, node
 from p2pfs.crypto import encode_key
-from p2pfs.errors import P2pfsError, UsageError
+from p2pfs.drive import Drive
+from p2pfs.errors import P2pfsError, ReadOnlyError, UsageError
 from p2pfs.fs import DriveFS
+from p2pfs.publish import begin_version
+from p2pfs.store import Staging
+from p2pfs.wfs import DEFAULT_COMMIT_INTERVAL, WritableFS
+from p2pfs.workspace import Workspace
 
 __all__ = [
     "mount_command", "umount_command", "prepare_mountpoint", "clear_stale",
     "find_mount", "unmount", "READ_AHEAD_KB",
 ]
+
 
 LOG_NAME = "mount.log"  # in the home: what a --daemon mount would have printed
 READ_AHEAD_KB = 1024  # kernel read-ahead for the mount: 1 MiB reads (the FUSE maximum)
@@ -194,9 +203,11 @@ def umount_command(mountpoint: str) -> int:
 
 # ------------------------------------------------------------------ mounting
 
-def mount_options(key: bytes, allow_other: bool) -> set[str]:
+def mount_options(key: bytes, allow_other: bool, writable: bool = False) -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
-    opts |= {"ro", f"fsname=p2pfs://{encode_key(key)}", "subtype=p2pfs", "auto_unmount"}
+    opts |= {f"fsname=p2pfs://{encode_key(key)}", "subtype=p2pfs", "auto_unmount"}
+    if not writable:
+        opts.add("ro")
     if allow_other:
         opts.add("allow_other")
     return opts
@@ -239,16 +250,50 @@ def _answering(mountpoint: str) -> None:
         pass  # not root: the kernel's default works, only slower
 
 
+@dataclass
+class Writable:
+    """`--rw`: the owner's writable mount."""
+
+    commit_interval: float = DEFAULT_COMMIT_INTERVAL  # s after the last change
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+
+
 async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                 allow_non_empty: bool = False, net: node.NetOptions | None = None,
-                ready: Callable[[DriveFS], None] | None = None) -> None:
+                ready: Callable[[DriveFS], None] | None = None,
+                writable: Writable | None = None) -> None:
     """Mount `ref` (KEY or KEY@N) at `mountpoint` and serve until unmounted or signalled.
 
     SIGINT/SIGTERM before the mount is up abandon the opening; after, they
-    end the FUSE main loop, and the mount is undone in a `finally`."""
+    end the FUSE main loop, and the mount is undone in a `finally`
+    (`writable`: after the last commit)."""
     mountpoint = prepare_mountpoint(mountpoint, allow_non_empty)
+    net = net or node.NetOptions()
     mounted = False
     session = trio.CancelScope()
+
+    async def run_session(ops: DriveFS, key: bytes) -> None:
+        nonlocal mounted, mountpoint
+        mountpoint = prepare_mountpoint(mountpoint, allow_non_empty)
+        _fuse_init(ops, mountpoint, mount_options(key, allow_other, writable is not None))
+        mounted = True
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(ops.run)
+
+                async def announce():
+                    await trio.to_thread.run_sync(_answering, mountpoint)
+                    if ready is not None:
+                        ready(ops)
+
+                nursery.start_soon(announce)
+                with session:
+                    await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            mounted = False
+            pyfuse3.close(unmount=True)
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as outer:
 
@@ -265,36 +310,73 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                     return
 
             outer.start_soon(stop_on_signal)
-            async with node.open_drive(store, ref, net=net or node.NetOptions()) as drive:
-                # Read-ahead pays only when blocks come from peers; P2PFS_READAHEAD=0
-                # turns it off (for measuring it).
-                prefetch = drive.source is not None and os.environ.get("P2PFS_READAHEAD") != "0"
-                ops = DriveFS(drive, live=drive.live, prefetch=prefetch)
-                mountpoint = prepare_mountpoint(mountpoint, allow_non_empty)
-                _fuse_init(ops, mountpoint, mount_options(drive.key, allow_other))
-                mounted = True
-                try:
-                    async with trio.open_nursery() as nursery:
-                        await nursery.start(ops.run)
-
-                        async def announce():
-                            await trio.to_thread.run_sync(_answering, mountpoint)
-                            if ready is not None:
-                                ready(ops)
-
-                        nursery.start_soon(announce)
-                        with session:
-                            await pyfuse3.main()
-                        nursery.cancel_scope.cancel()
-                finally:
-                    mounted = False
-                    pyfuse3.close(unmount=True)
+            if writable is not None:
+                async with _writable_fs(store, ref, net, writable) as ops:
+                    try:
+                        await run_session(ops, ops.drive.key)
+                    finally:
+                        await ops.close()
+            else:
+                async with node.open_drive(store, ref, net=net) as drive:
+                    # Read-ahead pays only when blocks come from peers; P2PFS_READAHEAD=0
+                    # turns it off (for measuring it).
+                    prefetch = drive.source is not None and os.environ.get("P2PFS_READAHEAD") != "0"
+                    await run_session(DriveFS(drive, live=drive.live, prefetch=prefetch), drive.key)
             outer.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _writable_fs(store, ref: str, net: node.NetOptions, opts: Writable):
+    """The writable file system of an owned drive, holding its writer lock,
+    with a fresh staging area, and serving the drive to peers if `net` says so."""
+    key, version = node.parse_drive_ref(ref)
+    if version is not None:
+        raise UsageError("--rw mounts the newest version to write the next one: "
+                         "give the key without @VERSION")
+    drive = node.local_drive(store, key)
+    try:
+        drive.seed()
+    except ReadOnlyError:
+        raise ReadOnlyError(f"drive {drive.key_text} cannot be mounted with --rw: its secret key "
+                            f"file {store.key_path(drive.key_text)} is not in this home "
+                            f"({store.home}); mount it without --rw to read it") from None
+    with store.writer_lock(key, f"drive {drive.key_text}"):
+        _app, pad_to = begin_version(drive, opts.log)
+        staging, left = Staging.open_fresh(store.home, key)
+        if left is not None:
+            opts.log(f"p2pfs: a writable mount of drive {drive.key_text} was killed before it "
+                     f"committed {left[0]} files ({left[2]} bytes in {left[1]} blocks); those "
+                     f"changes are gone, the drive is at version {drive.version}, its last commit")
+        clean = False
+        try:
+            workspace = Workspace(drive, staging, pad_to=pad_to)
+            async with AsyncExitStack() as stack:
+                serving = None
+                if net.networked or net.listen is not None:
+                    swarm = await stack.enter_async_context(node.open_network(
+                        store, net, on_listening=lambda addrs: [
+                            opts.log(f"p2pfs: listening on {a}") for a in addrs]))
+                    serving = swarm.add_drive(Drive(store, key))
+
+                def committed(result) -> None:
+                    if serving is not None:
+                        serving.reload_head()  # peers hear of it now, not at the next poll
+                    opts.log(f"p2pfs: {time.strftime('%H:%M:%S')} committed version "
+                             f"{result.version}: {result.new_content_blocks} new content blocks, "
+                             f"{result.reused_blocks} reused, {result.index_blocks} index "
+                             f"blocks, length {result.length}")
+
+                ops = WritableFS(workspace, commit_interval=opts.commit_interval,
+                                 on_commit=committed)
+                yield ops
+                clean = not workspace.changed
+        finally:
+            staging.close(remove=clean)
 
 
 def _ready_message(ops: DriveFS, mountpoint: str) -> str:
     drive = ops.drive
-    how = "live" if ops.live else "fixed"
+    how = "writable" if isinstance(ops, WritableFS) else "live" if ops.live else "fixed"
     return (f"p2pfs: mounted {encode_key(drive.key)}@{drive.version} ({how}) at "
             f"{os.path.abspath(mountpoint)}")
 
@@ -302,7 +384,7 @@ def _ready_message(ops: DriveFS, mountpoint: str) -> str:
 def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
                   allow_other: bool = False, allow_non_empty: bool = False,
                   net: node.NetOptions | None = None,
-                  argv: Sequence[str] | None = None) -> int:
+                  argv: Sequence[str] | None = None, writable: Writable | None = None) -> int:
     """`p2pfs mount`: foreground by default; `daemon` re-runs `argv` detached."""
     ready_fd = daemon_mod.ready_fd()
     if daemon and ready_fd is None:
@@ -321,7 +403,8 @@ def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
     store = node.open_store(home)
     try:
         trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other,
-                               allow_non_empty=allow_non_empty, net=net, ready=ready))
+                               allow_non_empty=allow_non_empty, net=net, ready=ready,
+                               writable=writable))
     finally:
         store.close()
     return 0

@@ -553,6 +553,57 @@ def import_directory(drive: Drive, directory: str | os.PathLike, *, message: str
         return publisher.publish(Changes.everything(), message, always=True)
 
 
+def begin_version(drive: Drive, warn: Callable[[str], None] | None = None,
+                  progress: Progress | None = None,
+                  stop: threading.Event | None = None) -> tuple[_Appender, int]:
+    """Start the next version of an owned drive (the caller holds its writer
+    lock): move `drive` to the newest version this home can read, delete the
+    garbage past it, and return an appender positioned there and the length
+    the new commit must pass (`_past_unreadable`)."""
+    store, key = drive.store, drive.key
+    latest = store.latest_head(key)  # another process may have written since
+    if latest is None:
+        raise NotFoundError(f"unknown drive {drive.key_text}")
+    if drive.head is None or latest.length > drive.head.length:
+        drive.check_signature(latest)
+        drive.head = latest
+    drive.open_local()  # the newest version this home can read, verified
+    # Blocks past it are an interrupted write's garbage, or pieces of a
+    # newer signed version this home cannot read (its commit is not here).
+    length = drive.length
+    store.discard_blocks_from(key, length)
+    pad_to = _past_unreadable(drive, warn)
+    return appender_at(drive, progress, stop), pad_to
+
+
+def appender_at(drive: Drive, progress: Progress | None = None,
+                stop: threading.Event | None = None) -> _Appender:
+    """An appender after the version `drive` shows (nothing past it is read)."""
+    length = drive.length
+    peaks = [drive.trusted_node(p) for p in flat.full_roots(length)]
+    return _Appender(drive.store, drive.key, length, peaks, progress, stop)
+
+
+def seal_version(drive: Drive, seed: bytes, app: _Appender, writer: index.IndexWriter, *,
+                 message: str, files: int, nbytes: int, entries: int,
+                 pad_to: int = 0) -> tuple[Head, int]:
+    """Finish the version `app` has the content of: append the index nodes
+    `writer` changed (it then builds on the new version), empty blocks up to
+    `pad_to`, and the Commit with these totals; sign it, commit it to the
+    store (durably) and move `drive` to it.  Returns (head, index blocks)."""
+    idx_blocks, root = writer.finish(app.length, drive.block_size)
+    for b in idx_blocks:
+        app.append(b)
+    while app.length < pad_to:
+        app.append(b"")  # empty blocks no entry names: the commit lands past pad_to
+    app.append(index.encode_block(Commit(drive.version + 1, root, drive.length - 1,
+                                         time.time_ns(), message, files, nbytes, entries)))
+    head = app.sign_and_commit(seed, None)
+    drive.adopt_own_head(head)
+    drive.open_local()
+    return head, len(idx_blocks)
+
+
 class Publisher:
     """Turns changes under a local `root` into signed versions of an owned drive.
 
@@ -582,22 +633,10 @@ class Publisher:
         unless `always`).  `message` may be a function of the summary of what
         changed ("2 added, 1 deleted").  Raises Abandoned if `stop` is set
         before signing."""
-        drive, store, key = self.drive, self.drive.store, self.drive.key
+        drive = self.drive
         seed = drive.seed()
-        latest = store.latest_head(key)  # another process may have written since
-        if latest is None:
-            raise NotFoundError(f"unknown drive {drive.key_text}")
-        if drive.head is None or latest.length > drive.head.length:
-            drive.check_signature(latest)
-            drive.head = latest
-        drive.open_local()  # the newest version this home can read, verified
-        # Blocks past it are an interrupted write's garbage, or pieces of a
-        # newer signed version this home cannot read (its commit is not here).
+        app, pad_to = begin_version(drive, self.warn, self.progress, self.stop)
         length = drive.length
-        store.discard_blocks_from(key, length)
-        pad_to = _past_unreadable(drive, self.warn)
-        peaks = [drive.trusted_node(p) for p in flat.full_roots(length)]
-        app = _Appender(store, key, length, peaks, self.progress, self.stop)
         try:
             return self._publish_with(app, changes, message, always, seed, length, pad_to)
         finally:
@@ -613,23 +652,15 @@ class Publisher:
         if not job.dirty and not always:
             return WriteResult(key, drive.version, length, files=files, bytes=nbytes,
                                published=False, retry=job.retry)
-        idx_blocks, root = job.writer.finish(app.length, drive.block_size)
-        for b in idx_blocks:
-            app.append(b)
-        while app.length < pad_to:
-            app.append(b"")  # empty blocks no entry names: the commit lands past pad_to
-        version = drive.version + 1
         if callable(message):
             message = message(_summary(job.added, job.changed, job.deleted, job.moved))
         # entries: counted once for a version written before commits counted them
         entries = (commit.entries or sum(1 for _ in drive.walk_local())) + job.entries
-        app.append(index.encode_block(Commit(version, root, length - 1, time.time_ns(),
-                                             message, files, nbytes, entries)))
-        head = app.sign_and_commit(seed, None)
-        drive.adopt_own_head(head)
-        drive.open_local()
-        return WriteResult(key, version, head.length, app.content_blocks,
-                           app.reused, len(idx_blocks), files, nbytes,
+        head, idx_blocks = seal_version(drive, seed, app, job.writer, message=message,
+                                        files=files, nbytes=nbytes, entries=entries,
+                                        pad_to=pad_to)
+        return WriteResult(key, drive.version, head.length, app.content_blocks,
+                           app.reused, idx_blocks, files, nbytes,
                            added=job.added, changed=job.changed, deleted=job.deleted,
                            moved=job.moved, retry=job.retry)
 

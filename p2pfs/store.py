@@ -65,6 +65,7 @@ import functools
 import os
 import stat
 import struct
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -448,6 +449,29 @@ def _release_env(path: str) -> None:
             got[0].close()
 
 
+def _command_line() -> str:
+    """This process as a person would have typed it (for lock files)."""
+    args = " ".join(sys.argv[1:])
+    return f"p2pfs {args}"[:MAX_HOLDER] if args else "p2pfs"
+
+
+MAX_HOLDER = 300  # bytes of a lock holder's description read back
+
+
+def _lock_holder(fd: int) -> str:
+    """"pid N: what" of the process holding a writer lock, from its lock file
+    ("" if it wrote nothing readable)."""
+    try:
+        raw = os.pread(fd, MAX_HOLDER + 32, 0)
+    except OSError:
+        return ""
+    pid, _, what = raw.decode(errors="replace").strip().partition(" ")
+    if not pid.isdigit():
+        return ""
+    what = "".join(c if c.isprintable() else "?" for c in what)
+    return f"pid {pid}: {what}" if what else f"pid {pid}"
+
+
 class Store:
     """A node's LMDB environment plus its key directory.
 
@@ -631,11 +655,13 @@ class Store:
                 yield i, v
 
     @contextmanager
-    def writer_lock(self, key: bytes, what: str = "a drive"):
+    def writer_lock(self, key: bytes, what: str = "a drive", holder: str | None = None):
         """Hold the exclusive right to append to a drive's log (a flock on
         locks/<key hex>.lock, released when the process dies).
 
-        Raises StoreError at once if another process holds it."""
+        The holder writes its pid and `holder` (default: this process's
+        command line) into the lock file, so that a refused writer can name
+        it.  Raises StoreError at once if another process holds it."""
         path = self.home / "locks" / f"{key.hex()}.lock"
         try:
             make_private_dir(path.parent)
@@ -646,8 +672,15 @@ class Store:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StoreError(f"another p2pfs process is writing {what}; "
+                other = _lock_holder(fd)
+                raise StoreError(f"another p2pfs process is writing {what}"
+                                 f"{f' ({other})' if other else ''}; "
                                  "try again when it has finished") from None
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} {holder or _command_line()}\n".encode(), 0)
+            except OSError:
+                pass  # only a name for messages
             yield
         finally:
             os.close(fd)
@@ -934,3 +967,122 @@ def read_key_file(path: Path, what: str, size: int = 32) -> bytes | None:
     if len(secret) != size:
         raise KeyFileError(f"{what} {path} is malformed (expected {2 * size} hex digits)")
     return secret
+
+
+# --- a writable mount's staging area ----------------------------------------------------
+
+STAGING_DIR = "staging"
+_FID_BLOCK = struct.Struct(">QQ")
+
+
+class Staging:
+    """Where a writable mount keeps what is written before it is committed:
+    one LMDB environment per drive, HOME/staging/<key hex>/, used only by the
+    process holding the drive's writer lock.
+
+    Sub-databases: `blocks` (u64be file id || u64be block number -> the
+    block's bytes, possibly shorter than the drive's block size: the rest
+    reads as zeros) and `files` (u64be file id -> the caller's record of the
+    staged file: its size and the committed blocks it started from).
+
+    Its transactions are not flushed to disk one by one (MDB_NOSYNC): a
+    killed process loses nothing that reached the kernel, and a version is
+    durable only once committed to the store (`Store.commit_version`, which
+    flushes).  An operating-system crash may damage this environment, never
+    the store: a staging area left behind is only ever read back to be
+    reported and deleted (`open_fresh`).  Every method is one transaction;
+    errors are StoreError naming the home."""
+
+    def __init__(self, home: Path, key: bytes):
+        self.home = Path(home)
+        self.path = self.home / STAGING_DIR / key.hex()
+        try:
+            make_private_dir(self.path)
+            self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=4, sync=False,
+                                 metasync=False, subdir=True, readahead=False,
+                                 mode=PRIVATE_DIR_MODE)
+            self._blocks = self.env.open_db(b"blocks")
+            self._files = self.env.open_db(b"files")
+        except OSError as exc:
+            raise _os_error(self.home, exc, f"cannot open the staging area {self.path}") from None
+        except lmdb.Error as exc:
+            raise _store_error(self.home, exc) from None
+
+    @classmethod
+    def open_fresh(cls, home: str | os.PathLike, key: bytes,
+                   ) -> tuple["Staging", tuple[int, int, int] | None]:
+        """An empty staging area for `key` (the caller holds the writer lock),
+        and what a killed writer had left in it: (files, blocks, bytes) of
+        staged changes never committed, or None.  A left-over area that cannot
+        be read (damaged by a crash) counts as (0, 0, 0) and is deleted too."""
+        import shutil
+        home = Path(os.path.abspath(home))
+        path = home / STAGING_DIR / key.hex()
+        left = None
+        if (path / "data.mdb").exists():
+            left = (0, 0, 0)
+            if check_data_file(path / "data.mdb") is None:
+                try:
+                    old = cls(home, key)
+                    try:
+                        left = old.stats()
+                    finally:
+                        old.env.close()
+                except StoreError:
+                    pass
+        shutil.rmtree(path, ignore_errors=True)
+        return cls(home, key), left
+
+    def close(self, remove: bool = False) -> None:
+        """Close; `remove`: delete the area (after a clean unmount: nothing is staged)."""
+        import shutil
+        self.env.close()
+        if remove:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    @_guard
+    def put(self, fid: int, blocks: Iterable[tuple[int, bytes]], record: bytes | None = None) -> None:
+        """Stage blocks (number, bytes) of file `fid`, and its record, in one transaction."""
+        with self.env.begin(write=True, buffers=True) as txn:
+            pairs = [(_FID_BLOCK.pack(fid, j), data) for j, data in blocks]
+            if pairs:
+                txn.cursor(db=self._blocks).putmulti(pairs, overwrite=True)
+            if record is not None:
+                txn.put(_U64.pack(fid), record, db=self._files)
+
+    @_guard
+    def get(self, fid: int, block: int) -> bytes | None:
+        with self.env.begin(db=self._blocks) as txn:
+            return txn.get(_FID_BLOCK.pack(fid, block))
+
+    @_guard
+    def drop(self, fid: int, start: int = 0) -> None:
+        """Delete the staged blocks >= start of file `fid` (and, from 0, its record)."""
+        with self.env.begin(write=True, buffers=True) as txn:
+            cur = txn.cursor(db=self._blocks)
+            if cur.set_range(_FID_BLOCK.pack(fid, start)):
+                while bytes(cur.key()[:8]) == _U64.pack(fid):
+                    if not cur.delete():
+                        break
+            if start == 0:
+                txn.delete(_U64.pack(fid), db=self._files)
+
+    @_guard
+    def records(self) -> list[tuple[int, bytes]]:
+        """(file id, record) of every staged file."""
+        with self.env.begin(db=self._files) as txn:
+            return [(_U64.unpack(k)[0], bytes(v)) for k, v in txn.cursor()]
+
+    @_guard
+    def stats(self) -> tuple[int, int, int]:
+        """(files, blocks, bytes) staged: files with a record or a block."""
+        fids: set[int] = set()
+        blocks = nbytes = 0
+        with self.env.begin(buffers=True) as txn:
+            for k, v in txn.cursor(db=self._blocks):
+                fids.add(_FID_BLOCK.unpack(k)[0])
+                blocks += 1
+                nbytes += len(v)
+            for k in txn.cursor(db=self._files).iternext(keys=True, values=False):
+                fids.add(_U64.unpack(k)[0])
+        return len(fids), blocks, nbytes

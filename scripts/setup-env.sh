@@ -3,7 +3,10 @@
 # when everything is already there.
 p2pfs_setup() {
     local extras="${1:-}"
-    local pkgs=(fuse3 libfuse3-dev pkg-config iproute2 util-linux gcc python3-dev)
+    # fuse3 ... python3-dev: the mount and pyfuse3; git tar rsync stress-ng fio: the
+    # writable mount's acceptance tests and benchmark (tests/test_rwmount.py, bench_rw.py)
+    local pkgs=(fuse3 libfuse3-dev pkg-config iproute2 util-linux gcc python3-dev
+                git tar rsync stress-ng fio)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

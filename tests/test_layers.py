@@ -13,7 +13,7 @@ FORBIDDEN_EVERYWHERE_BUT = {  # third-party module -> the only p2pfs modules tha
     "lmdb": {"store"},
     "nacl": {"crypto"},
     "cryptography": {"crypto"},
-    "pyfuse3": {"fs", "mount", "node", "cli"},
+    "pyfuse3": {"fs", "wfs", "mount", "node", "cli"},
 }
 ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "errors": set(),
@@ -30,8 +30,10 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "publish": PURE | {"store", "drive", "ignore"},
     "watch": PURE | {"store", "drive", "ignore", "publish"},
     "net": PURE | {"store", "drive", "publish", "net"},
+    "workspace": PURE | {"store", "drive", "publish"},  # the writable tree, sans FUSE
     "fs": PURE | {"drive", "publish", "snapshots", "fs"},
     "snapshots": PURE | {"drive"},
+    "wfs": PURE | {"drive", "publish", "workspace", "snapshots", "fs"},  # the writable mount's FUSE face
     "node": None,  # wiring: everything
     "mount": None,  # wiring for `p2pfs mount` (the FUSE session's process)
     "share": None,  # wiring for `p2pfs share` (watcher, publisher and swarm in one process)
@@ -41,7 +43,7 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "config": {"errors"},
     "cli": None,
 }
-NO_TRIO = PURE | {"store", "drive", "history", "ignore", "publish", "snapshots"}
+NO_TRIO = PURE | {"store", "drive", "history", "ignore", "publish", "snapshots", "workspace"}
 SANS_IO_DIRS = {("net", "discovery", "dht"): {"node.py"}}  # folder -> its only trio drivers
 
 
