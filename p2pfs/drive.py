@@ -429,6 +429,13 @@ class Drive:
         return await self._sync(
             lambda: list(index.diff(self.reader, old.root, new.root, self.node_cache)))
 
+    async def diff_keys(self, old: Commit | None, new: Commit,
+                        ) -> list[tuple[bytes, Entry | None, Entry | None]]:
+        """`index.diff_keys`: (raw index key, old entry, new entry) of every key
+        that differs (old None: every key of `new`).  Keys are unchecked."""
+        return await self._sync(lambda: list(index.diff_keys(
+            self.reader, None if old is None else old.root, new.root, self.node_cache)))
+
     def versions(self) -> list[tuple[int, Commit]]:
         """(length, Commit) of every version, newest first (all blocks held)."""
         assert self.head is not None

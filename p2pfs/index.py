@@ -56,6 +56,7 @@ __all__ = [
     "Header", "Commit", "Leaf", "Internal", "Entry", "encode_block", "decode_block",
     "normalize_path", "split_path", "path_key", "key_path", "children_range",
     "subtree_ranges", "BlockReader", "NodeCache", "Index", "IndexWriter", "build", "diff",
+    "diff_keys",
 ]
 
 KIND_FILE = 0
@@ -763,9 +764,9 @@ class _DiffSide:
 
     __slots__ = ("tree", "stack")
 
-    def __init__(self, tree: _Tree, root: int):
+    def __init__(self, tree: _Tree, root: int | None):
         self.tree = tree
-        self.stack = [("sub", root, b"", None, _height(tree, root))]
+        self.stack = [] if root is None else [("sub", root, b"", None, _height(tree, root))]
 
     def expand(self) -> None:
         _, ref, lo, hi, height = self.stack.pop()
@@ -783,7 +784,18 @@ class _DiffSide:
 def diff(reader: BlockReader, old_root: int, new_root: int,
          cache: NodeCache | None = None) -> Iterator[tuple[bytes, Entry | None, Entry | None]]:
     """(path, old entry or None, new entry or None) for every path whose entry
-    differs between two versions of one drive's index, in key order.
+    differs between two versions of one drive's index, in key order
+    (`diff_keys`, with each key taken for a path)."""
+    for key, old, new in diff_keys(reader, old_root, new_root, cache):
+        yield key_path(key), old, new
+
+
+def diff_keys(reader: BlockReader, old_root: int | None, new_root: int,
+              cache: NodeCache | None = None) -> Iterator[tuple[bytes, Entry | None, Entry | None]]:
+    """(key, old entry or None, new entry or None) for every index key whose
+    entry differs between two versions of one drive's index, in key order;
+    `old_root` None: an empty index (every key of the new one).  The keys
+    are as stored: a reader that takes them for paths checks them first.
 
     Subtrees both versions share (the same block index: blocks never change)
     are skipped without being read, so the cost follows the number of changed
@@ -804,7 +816,7 @@ def diff(reader: BlockReader, old_root: int, new_root: int,
                 a.expand()
             else:
                 sa.pop()
-                yield key_path(top[1]), top[2], None
+                yield top[1], top[2], None
             continue
         if not sa:
             top = sb[-1]
@@ -812,7 +824,7 @@ def diff(reader: BlockReader, old_root: int, new_root: int,
                 b.expand()
             else:
                 sb.pop()
-                yield key_path(top[1]), None, top[2]
+                yield top[1], None, top[2]
             continue
         x, y = sa[-1], sb[-1]
         if x[0] == "sub" and y[0] == "sub":
@@ -826,23 +838,23 @@ def diff(reader: BlockReader, old_root: int, new_root: int,
         elif x[0] == "sub":  # y is an item: below x's range it is not in the old version
             if y[1] < x[2]:
                 sb.pop()
-                yield key_path(y[1]), None, y[2]
+                yield y[1], None, y[2]
             else:
                 a.expand()
         elif y[0] == "sub":
             if x[1] < y[2]:
                 sa.pop()
-                yield key_path(x[1]), x[2], None
+                yield x[1], x[2], None
             else:
                 b.expand()
         elif x[1] == y[1]:
             sa.pop()
             sb.pop()
             if x[2] != y[2]:
-                yield key_path(x[1]), x[2], y[2]
+                yield x[1], x[2], y[2]
         elif x[1] < y[1]:
             sa.pop()
-            yield key_path(x[1]), x[2], None
+            yield x[1], x[2], None
         else:
             sb.pop()
-            yield key_path(y[1]), None, y[2]
+            yield y[1], None, y[2]
