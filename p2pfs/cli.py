@@ -23,9 +23,10 @@ from typing import Callable
 import trio
 
 from . import __version__, config, crypto, drive as drive_mod, publish
+from .cache import usage as cache_usage
 from .ignore import Rules
 from .progress import Bar, size_text as _size
-from .errors import BlockUnavailableError, P2pfsError, UsageError, VerificationError
+from .errors import BlockUnavailableError, NotFoundError, P2pfsError, UsageError, VerificationError
 from .index import KIND_DIR, KIND_SYMLINK, Entry
 from .node import DEFAULT_TIMEOUT, DHT_PORT, NetOptions, local_drive, open_drive, open_store, parse_drive_ref
 
@@ -80,6 +81,21 @@ def add_read_options(parser: argparse.ArgumentParser) -> None:
     add_net_options(parser)
     parser.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
                         help=f"give up when no block arrives for this long (default {DEFAULT_TIMEOUT:g})")
+    add_cache_option(parser)
+
+
+def add_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-size", metavar="SIZE", default=None,
+                        help="cap the cache of drives this home neither owns nor pins "
+                             "(e.g. 100M, 10G; default: the configuration's cache_size, else none)")
+
+
+def cache_size(args: argparse.Namespace) -> int | None:
+    """The cache cap of a command: --cache-size, else the configuration file's."""
+    value = getattr(args, "cache_size", None)
+    if value is not None:
+        return config.parse_size(value)
+    return config.load().cache_size
 
 
 def add_exclude_option(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +122,7 @@ def net_options(args: argparse.Namespace, listen: str | None = None) -> NetOptio
 
 def read_options(args: argparse.Namespace) -> dict:
     """open_drive keywords from the read options."""
-    return {"net": net_options(args)}
+    return {"net": net_options(args), "cache_size": cache_size(args)}
 
 
 _open_stores: list = []
@@ -294,6 +310,7 @@ def _info(store, key: bytes, strict: bool = True) -> dict:
             "block_size": None, "files": None, "bytes": None,
             "discovery_key": crypto.discovery_key(key).hex(),
             "forks": len(store.forks(key))}
+    info.update(cache_usage(store, key))
     try:
         drive.open_local()
         info.update(version=drive.version, block_size=drive.block_size,
@@ -349,14 +366,29 @@ def cmd_info(args) -> int:
 
 def cmd_drives(args) -> int:
     store = _store(args)
+    listed = []
     for key, record in store.list_drives():
         try:
             info = _info(store, key, strict=False)
         except P2pfsError as exc:
-            print(f"{crypto.encode_key(key)}  damaged: {exc}")
+            info = {"key": crypto.encode_key(key), "damaged": str(exc)}
+        listed.append(info)
+        if args.json:
+            continue
+        if "version" not in info:
+            print(f"{info['key']}  damaged: {info['damaged']}")
             continue
         print(f"{info['key']}  v{info['version']:<4} {_size(info['bytes_held']):>10}  "
-              f"{'rw' if info['writable'] else 'ro'}" + ("  damaged" if "damaged" in info else ""))
+              f"{'rw' if info['writable'] else 'ro'}  {info['state']}"
+              + (f" {_size(info['bytes_cached'])} evictable" if info["bytes_cached"] else "")
+              + ("  damaged" if "damaged" in info else ""))
+    if args.json:
+        print(json.dumps(listed, indent=2))
+    else:
+        from .cache import cache_held
+        cap = cache_size(args)
+        print(f"cache: {_size(cache_held(store))} held by drives neither owned nor pinned"
+              + (f" (cap {_size(cap)})" if cap is not None else " (no cap)"), file=sys.stderr)
     return 0
 
 
@@ -428,6 +460,7 @@ def _setup_verify(sub):
 
 def _setup_drives(sub):
     p = sub.add_parser("drives", help="drives in this home")
+    p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(func=cmd_drives)
 
 
@@ -466,6 +499,137 @@ def _setup_seed(sub):
                    help=f"address to accept peers on (default {DEFAULT_LISTEN}; port 0: any free port)")
     add_net_options(p)
     p.set_defaults(func=cmd_seed)
+
+
+# --- the cache: pin, unpin, gc, forget ------------------------------------------------
+
+async def _pin(args) -> int:
+    from . import download
+    from .index import normalize_path
+    store = _store(args)
+    key, version = parse_drive_ref(args.key)
+    if version is not None:
+        raise UsageError("pin keeps a drive's newest version: give the key without @VERSION")
+    path = normalize_path(args.path) if args.path is not None else None
+    async with open_drive(store, key, **read_options(args)) as drive:
+        usage = cache_usage(store, key)
+        if usage["state"] == "owned":
+            print(f"drive {drive.key_text} is owned by this home: it is always kept")
+            return 0
+        if path is None:
+            store.set_pins(key, pinned=True)
+        else:
+            await drive.lookup(path)  # NotFoundError names it
+            record = store.get_drive(key)
+            store.set_pins(key, paths=[*record.paths, path])
+        want = await download.version_blocks(drive, [path or b"/"])
+        missing = [b for b in sorted(want) if not drive.has_block(b)]
+        if missing and drive.source is None:
+            raise BlockUnavailableError(f"pinned, but {len(missing)} blocks of it are not held "
+                                        "and no peer is known: give --peer HOST:PORT to fetch them")
+        await download.fetch_blocks(drive, missing)
+        where = f"{os.fsdecode(path)} of drive" if path is not None else "drive"
+        print(f"pinned {where} {drive.key_text}@{drive.version}: {len(want)} content blocks "
+              f"({_size(sum(want.values()))}) held and kept")
+    return 0
+
+
+def cmd_pin(args) -> int:
+    return trio.run(_pin, args)
+
+
+def cmd_unpin(args) -> int:
+    from .index import normalize_path
+    store = _store(args)
+    key, _ = parse_drive_ref(args.key)
+    drive = local_drive(store, key)
+    record = store.get_drive(key)
+    if args.path is None:
+        if not record.pinned and not record.paths:
+            raise UsageError(f"drive {drive.key_text} is not pinned")
+        store.set_pins(key, pinned=False, paths=())
+        what = f"drive {drive.key_text}"
+    else:
+        path = normalize_path(args.path)
+        if path not in record.paths:
+            pinned = ", ".join(os.fsdecode(p) for p in record.paths) or "none"
+            raise UsageError(f"{os.fsdecode(path)} is not pinned in drive {drive.key_text} "
+                             f"(pinned folders: {pinned})")
+        store.set_pins(key, paths=[p for p in record.paths if p != path])
+        what = f"{os.fsdecode(path)} of drive {drive.key_text}"
+    if cache_usage(store, key)["state"] == "owned":
+        print(f"{what} is owned by this home: it is always kept")
+    else:
+        print(f"unpinned {what}: what it holds may now be evicted from the cache")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from .cache import cache_held, evict
+    store = _store(args)
+    cap = cache_size(args)
+    before = cache_held(store)
+    blocks, freed = evict(store, cap if cap is not None else 0)
+    after = cache_held(store)
+    limit = f"cap {_size(cap)}" if cap is not None else "no cap: every cached block"
+    print(f"gc: evicted {blocks} blocks ({_size(freed)}); the cache held {_size(before)}, "
+          f"now {_size(after)} ({limit})")
+    return 0
+
+
+def cmd_forget(args) -> int:
+    store = _store(args)
+    key, version = parse_drive_ref(args.key)
+    if version is not None:
+        raise UsageError("forget drops a whole drive: give the key without @VERSION")
+    text = crypto.encode_key(key)
+    if store.get_drive(key) is None and store.latest_head(key) is None:
+        raise NotFoundError(f"unknown drive {text}: nothing to forget")
+    if store.key_path(text).exists():
+        raise UsageError(f"drive {text} is owned by this home: forgetting it would destroy "
+                         f"its only copy; move {store.key_path(text)} away first if you mean it")
+    _blocks, nbytes = store.held(key)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"forget drive {text} and its {_size(nbytes)}? "
+                             "Give --yes (standard input is not a terminal to ask on)")
+        answer = input(f"forget drive {text} and the {_size(nbytes)} held of it? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            _err("p2pfs: forget: nothing done")
+            return 1
+    while store.forget_some(key):
+        pass
+    store.forget_drive(key)
+    print(f"forgot drive {text} ({_size(nbytes)} freed)")
+    return 0
+
+
+def _setup_pin(sub):
+    p = sub.add_parser("pin", help="keep a drive (or one folder of it) downloaded, never evicted")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("path", metavar="PATH", nargs="?", default=None)
+    add_read_options(p)
+    p.set_defaults(func=cmd_pin)
+
+
+def _setup_unpin(sub):
+    p = sub.add_parser("unpin", help="let a pinned drive (or folder) be evicted again")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("path", metavar="PATH", nargs="?", default=None)
+    p.set_defaults(func=cmd_unpin)
+
+
+def _setup_gc(sub):
+    p = sub.add_parser("gc", help="evict cached blocks down to the cache cap (none: all of them)")
+    add_cache_option(p)
+    p.set_defaults(func=cmd_gc)
+
+
+def _setup_forget(sub):
+    p = sub.add_parser("forget", help="drop a drive and every block of it from this home")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_forget)
 
 
 def cmd_share(args) -> int:
@@ -545,7 +709,7 @@ def cmd_mount(args) -> int:
         net.listen = args.listen or config.load().listen or transport.EPHEMERAL_LISTEN
     return mount.mount_command(home=args.home, ref=args.key, mountpoint=args.mountpoint,
                                daemon=args.daemon, allow_other=args.allow_other,
-                               argv=args.argv, net=net)
+                               argv=args.argv, net=net, cache_size=cache_size(args))
 
 
 def cmd_umount(args) -> int:
@@ -579,7 +743,8 @@ COMMANDS: list[tuple[str, Callable]] = [
     ("create", _setup_create), ("import", _setup_import), ("ls", _setup_ls),
     ("cat", _setup_cat), ("log", _setup_log), ("diff", _setup_diff), ("verify", _setup_verify),
     ("drives", _setup_drives), ("info", _setup_info), ("seed", _setup_seed),
-    ("share", _setup_share),
+    ("share", _setup_share), ("pin", _setup_pin), ("unpin", _setup_unpin), ("gc", _setup_gc),
+    ("forget", _setup_forget),
     ("mount", _setup_mount), ("umount", _setup_umount), ("dht", _setup_dht),
 ]
 

@@ -115,6 +115,7 @@ class Drive:
         self._index: index.Index | None = None
         self.node_cache = index.NodeCache(1024)
         self.reader = _Reader(self)
+        self.cache = None  # a cache.Cache: told which content blocks are read (eviction order)
 
     def __repr__(self) -> str:
         return f"<Drive {self.key_text} v{self.version} length {self.length}>"
@@ -556,6 +557,8 @@ class Drive:
             if isinstance(out, list) and out == missing:
                 raise BlockUnavailableError(f"block {missing[0]} of drive {self.key_text} "
                                             "could not be fetched")
+        if self.cache is not None:
+            self.cache.touched(self, blocks)
         lo = offset - first * bs
         if lo or len(out) > end - offset:
             out = out[lo:lo + end - offset]
@@ -587,6 +590,8 @@ class Drive:
         missing = [b for b in blocks if not self.store.has_block(self.key, b)]
         if missing:
             await self._fetch(missing)
+            if self.cache is not None:
+                self.cache.touched(self, missing)  # about to be read: not the first to go
 
     def _trust_leaves(self, blocks: list[int]) -> None:
         """Trust the leaf nodes of `blocks` in bulk: for each aligned group of

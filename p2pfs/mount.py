@@ -231,7 +231,8 @@ def _answering(mountpoint: str) -> None:
 
 async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                 net: node.NetOptions | None = None,
-                ready: Callable[[DriveFS], None] | None = None) -> None:
+                ready: Callable[[DriveFS], None] | None = None,
+                cache_size: int | None = None) -> None:
     """Mount `ref` (KEY or KEY@N) at `mountpoint` and serve until unmounted or signalled.
 
     SIGINT/SIGTERM before the mount is up abandon the opening; after, they
@@ -255,7 +256,8 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                     return
 
             outer.start_soon(stop_on_signal)
-            async with node.open_drive(store, ref, net=net or node.NetOptions()) as drive:
+            async with node.open_drive(store, ref, net=net or node.NetOptions(),
+                                       cache_size=cache_size) as drive:
                 # Read-ahead pays only when blocks come from peers; P2PFS_READAHEAD=0
                 # turns it off (for measuring it).
                 prefetch = drive.source is not None and os.environ.get("P2PFS_READAHEAD") != "0"
@@ -291,7 +293,7 @@ def _ready_message(ops: DriveFS, mountpoint: str) -> str:
 
 def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
                   allow_other: bool = False, net: node.NetOptions | None = None,
-                  argv: Sequence[str] | None = None) -> int:
+                  argv: Sequence[str] | None = None, cache_size: int | None = None) -> int:
     """`p2pfs mount`: foreground by default; `daemon` re-runs `argv` detached."""
     ready_fd = daemon_mod.ready_fd()
     if daemon and ready_fd is None:
@@ -310,7 +312,7 @@ def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
     store = node.open_store(home)
     try:
         trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other, net=net,
-                               ready=ready))
+                               ready=ready, cache_size=cache_size))
     finally:
         store.close()
     return 0

@@ -25,6 +25,8 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "store": PURE,
     "drive": PURE | {"store"},
     "history": PURE | {"store", "drive"},
+    "cache": PURE | {"store", "drive"},  # which drives are cache, touches, the cap
+    "download": PURE | {"store", "drive"},  # fetching a full copy (seed, pin, mirror); trio
     "ignore": {"errors"},
     "publish": PURE | {"store", "drive", "ignore"},
     "watch": PURE | {"store", "drive", "ignore", "publish"},
@@ -39,7 +41,7 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "config": {"errors"},
     "cli": None,
 }
-NO_TRIO = PURE | {"store", "drive", "history", "ignore", "publish"}
+NO_TRIO = PURE | {"store", "drive", "history", "ignore", "publish", "cache"}
 SANS_IO_DIRS = {("net", "discovery", "dht"): {"node.py"}}  # folder -> its only trio drivers
 
 
