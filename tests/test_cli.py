@@ -310,7 +310,7 @@ def test_kill_9_create_and_import(home, tmp_path):
     digest_a, digest_b = file_digest(a / "big.bin"), file_digest(b / "big.bin")
 
     def drives():
-        return set(run_cli(home, "drives").out.split()[::4])
+        return {d["key"] for d in json.loads(run_cli(home, "drives", "--json").out)}
 
     known = drives()
     for _ in range(5):
