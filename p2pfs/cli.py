@@ -632,6 +632,45 @@ def _setup_forget(sub):
     p.set_defaults(func=cmd_forget)
 
 
+# --- status ----------------------------------------------------------------------------
+
+def cmd_status(args) -> int:
+    from . import status
+    store = _store(args)
+    states = status.read_all(store.home)
+    if args.json:
+        print(json.dumps(states, indent=2))
+        return 0
+    if not states:
+        print("no p2pfs process is using this home")
+        return 0
+    for st in states:
+        where = st.get("mountpoint") or st.get("directory") or ""
+        since = dt.datetime.fromtimestamp(st.get("started", 0)).astimezone()
+        line = f"{st.get('kind', '?'):<7} pid {st.get('pid')}  since {since:%Y-%m-%d %H:%M:%S}"
+        if where:
+            line += f"  {where}"
+        if st.get("listen"):
+            line += "  listening on " + ", ".join(st["listen"])
+        print(line)
+        if "bytes_up" in st:
+            print(f"        {st.get('peers', 0)} peers  up {_size(st['bytes_up'])} "
+                  f"({_size(st.get('rate_up', 0))}/s)  down {_size(st['bytes_down'])} "
+                  f"({_size(st.get('rate_down', 0))}/s)")
+        for d in st.get("drives", []):
+            total = d.get("bytes_total")
+            part = f"  {_size(d.get('bytes_done', 0))} of {_size(total)}" if total else ""
+            print(f"        {d.get('key')}  v{d.get('version', 0)}  {d.get('state', '')}{part}"
+                  + (f"  {d['peers']} peers" if "peers" in d else ""))
+    return 0
+
+
+def _setup_status(sub):
+    p = sub.add_parser("status", help="the p2pfs processes using this home and what they do")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(func=cmd_status)
+
+
 def cmd_share(args) -> int:
     from . import share
     from .net import transport
@@ -744,7 +783,7 @@ COMMANDS: list[tuple[str, Callable]] = [
     ("cat", _setup_cat), ("log", _setup_log), ("diff", _setup_diff), ("verify", _setup_verify),
     ("drives", _setup_drives), ("info", _setup_info), ("seed", _setup_seed),
     ("share", _setup_share), ("pin", _setup_pin), ("unpin", _setup_unpin), ("gc", _setup_gc),
-    ("forget", _setup_forget),
+    ("forget", _setup_forget), ("status", _setup_status),
     ("mount", _setup_mount), ("umount", _setup_umount), ("dht", _setup_dht),
 ]
 

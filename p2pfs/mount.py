@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 import pyfuse3
 import trio
 
-from p2pfs import daemon as daemon_mod, node
+from p2pfs import daemon as daemon_mod, node, status
 from p2pfs.crypto import encode_key
 from p2pfs.errors import P2pfsError, UsageError
 from p2pfs.fs import DriveFS
@@ -268,6 +268,10 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                 try:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(ops.run)
+                        await nursery.start(status.publish, store.home, "mount",
+                                            lambda: _state(ops, mountpoint),
+                                            (lambda: drive.source.peer_info(drive.key))
+                                            if drive.source is not None else None)
 
                         async def announce():
                             await trio.to_thread.run_sync(_answering, mountpoint)
@@ -282,6 +286,17 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                     mounted = False
                     pyfuse3.close(unmount=True)
             outer.cancel_scope.cancel()
+
+
+def _state(ops: DriveFS, mountpoint: str) -> dict:
+    """What `p2pfs status` shows of this mount."""
+    drive = ops.drive
+    source = drive.source
+    return {"mountpoint": mountpoint,
+            "drives": [{"key": encode_key(drive.key), "version": drive.version,
+                        "length": drive.length, "state": "live" if ops.live else "fixed",
+                        "bytes_held": drive.store.held(drive.key)[1]}],
+            "peers": len(source.peer_info(drive.key)) if source is not None else 0}
 
 
 def _ready_message(ops: DriveFS, mountpoint: str) -> str:

@@ -36,6 +36,7 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "mount": None,  # wiring for `p2pfs mount` (the FUSE session's process)
     "share": None,  # wiring for `p2pfs share` (watcher, publisher and swarm in one process)
     "daemon": {"errors"},  # --daemon: re-run a command detached, wait until it is ready
+    "status": {"store"},  # HOME/run: what each long-running process is doing (trio)
     "progress": set(),  # the progress bar of long writes (rich)
     "seeder": None,  # wiring for `p2pfs seed`
     "config": {"errors"},
