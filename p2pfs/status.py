@@ -118,7 +118,10 @@ async def publish(home, kind: str, snapshot: Callable[[], dict],
         while True:
             if traffic is not None:
                 traffic.update(peers())
-            status.write(snapshot(), traffic)
+            try:
+                status.write(snapshot(), traffic)
+            except OSError:
+                pass  # no descriptor or no space this second: the state is only a report
             await trio.sleep(INTERVAL)
     finally:
         status.close()
