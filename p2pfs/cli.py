@@ -476,28 +476,33 @@ def cmd_seed(args) -> int:
     from . import seeder
     from .net import transport
 
-    store = _store(args)
     keys = [parse_drive_ref(k)[0] for k in args.keys]
     listen = args.listen or config.load().listen or transport.DEFAULT_LISTEN
     transport.parse_address(listen)
     net = net_options(args, listen=listen)
-
-    def listening(addresses: list[str]) -> None:
-        for a in addresses:
-            print(f"listening on {a}", flush=True)
-
-    trio.run(seeder.seed, store, keys, net, listening)
-    _err("p2pfs: seed: stopped")
-    return 0
+    opts = seeder.Options(latest=args.latest, json=args.json, verbose=args.verbose)
+    return seeder.seed_command(home=args.home, keys=keys, net=net, opts=opts,
+                               daemon=args.daemon, argv=args.argv)
 
 
 def _setup_seed(sub):
     from .net.transport import DEFAULT_LISTEN
-    p = sub.add_parser("seed", help="serve drives of this home to peers (foreground)")
-    p.add_argument("keys", metavar="KEY", nargs="+")
+    p = sub.add_parser("seed", help="download, verify, follow and serve drives (foreground)")
+    p.add_argument("keys", metavar="KEY", nargs="*",
+                   help="drives to seed (default: every drive of this home owned or pinned)")
     p.add_argument("--listen", metavar="HOST:PORT", default=None,
                    help=f"address to accept peers on (default {DEFAULT_LISTEN}; port 0: any free port)")
+    p.add_argument("--latest", action="store_true",
+                   help="fetch only what the newest version references, not every version")
+    p.add_argument("--json", action="store_true", help="JSON lines on standard output")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log the peers that connect and what they are sent")
+    p.add_argument("--daemon", action="store_true",
+                   help="run in the background; return once every drive is served")
     add_net_options(p)
+    p.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
+                   help="seconds before a fetch no peer answers is tried again later "
+                        f"(default {DEFAULT_TIMEOUT:g})")
     p.set_defaults(func=cmd_seed)
 
 

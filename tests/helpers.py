@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import stat
 import random
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -57,6 +58,18 @@ def run_cli(home, *args, input: bytes | None = None, check: bool = True,
     if check and res.returncode != 0:
         raise AssertionError(f"p2pfs {' '.join(map(str, args))} exited {res.returncode}:\n{res.stderr}")
     return res
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """Send `sig` to a running child, wait `timeout` s for it (then SIGKILL); its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def create(home, directory, *extra) -> str:

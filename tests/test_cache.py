@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-import os
 import subprocess
 import threading
-import time
 
 import pytest
 
 from helpers import create, file_digest, make_tree, run_cli, write_random
-from test_mount import mounted, wait_until
+from test_mount import mounted
 from test_mount_net import seeding
 
 MiB = 1 << 20
