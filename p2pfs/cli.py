@@ -506,6 +506,94 @@ def _setup_seed(sub):
     p.set_defaults(func=cmd_seed)
 
 
+# --- mirror -----------------------------------------------------------------------------
+
+async def _mirror(args) -> int:
+    import signal
+
+    from . import mirror as mirror_mod, status
+    from .progress import Live
+    store = _store(args)
+    key, version = parse_drive_ref(args.key)
+    if args.live and version is not None:
+        raise UsageError("--live follows new versions: give the key without @VERSION")
+    live = Live("mirror", json_lines=args.json, quiet=args.quiet)
+    opts = mirror_mod.Options(prune=not args.no_prune, full=args.full, safe_links=args.safe_links)
+    directory = os.path.realpath(args.dir)
+    now: dict = {"state": "starting"}
+
+    def report(path: str, why: str) -> None:
+        live.step(f"refused {path}: {why}", "refused", path=path, reason=why)
+
+    def on_version(st) -> None:
+        now.update(state="idle", version=st.version, length=st.length)
+        for note in st.notes:
+            live.step(f"note: {note}", "note", text=note)
+        live.step(f"version {st.version} in {directory}: {st.written} written ({_size(st.bytes)}), "
+                  f"{st.dirs} directories made, {st.deleted} deleted, {st.unchanged} unchanged"
+                  + (f", {st.refused} refused" if st.refused else ""), "version",
+                  key=crypto.encode_key(key), directory=directory, **st.as_json())
+
+    def progress(done: int, total: int) -> None:
+        now.update(state="writing", bytes_done=done, bytes_total=total)
+        live.update(f"{crypto.encode_key(key)[:12]}…", done=done, total=total, key=crypto.encode_key(key))
+
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with open_drive(store, key, version, **read_options(args)) as drive:
+                def snapshot() -> dict:
+                    return {"argv": ["mirror", args.key, directory], "directory": directory,
+                            "drives": [{"key": drive.key_text, "version": now.get("version", 0),
+                                        "length": now.get("length", 0), "state": now["state"],
+                                        "bytes_done": now.get("bytes_done", 0),
+                                        "bytes_total": now.get("bytes_total")}],
+                            "peers": len(drive.source.peer_info(key)) if drive.source else 0}
+
+                refused = 0
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(status.publish, store.home, "mirror", snapshot,
+                                        (lambda: drive.source.peer_info(key)) if drive.source
+                                        else None)
+
+                    async def stop_on_signal():
+                        async for _sig in signals:
+                            nursery.cancel_scope.cancel()
+                            return
+
+                    nursery.start_soon(stop_on_signal)
+                    refused = await mirror_mod.mirror(drive, args.dir, opts, args.live, report,
+                                                      on_version, progress)
+                    nursery.cancel_scope.cancel()
+    finally:
+        live.stop()
+    if refused:
+        _err(f"p2pfs: mirror: {refused} entries of the drive were refused (named above)")
+        return 1
+    return 0
+
+
+def cmd_mirror(args) -> int:
+    return trio.run(_mirror, args)
+
+
+def _setup_mirror(sub):
+    p = sub.add_parser("mirror", help="export a drive to a plain directory (incremental; "
+                                      "--live: follow new versions)")
+    p.add_argument("key", metavar="KEY[@VERSION]")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--live", action="store_true", help="keep following new versions")
+    p.add_argument("--no-prune", action="store_true",
+                   help="keep what the drive removed (and files DIR has that the drive lacks)")
+    p.add_argument("--full", action="store_true",
+                   help="compare every entry with DIR, not only what changed since the last run")
+    p.add_argument("--safe-links", action="store_true",
+                   help="refuse symbolic links that are absolute or point out of DIR")
+    p.add_argument("--json", action="store_true", help="JSON lines on standard output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    add_read_options(p)
+    p.set_defaults(func=cmd_mirror)
+
+
 # --- the cache: pin, unpin, gc, forget ------------------------------------------------
 
 async def _pin(args) -> int:
@@ -787,8 +875,9 @@ COMMANDS: list[tuple[str, Callable]] = [
     ("create", _setup_create), ("import", _setup_import), ("ls", _setup_ls),
     ("cat", _setup_cat), ("log", _setup_log), ("diff", _setup_diff), ("verify", _setup_verify),
     ("drives", _setup_drives), ("info", _setup_info), ("seed", _setup_seed),
-    ("share", _setup_share), ("pin", _setup_pin), ("unpin", _setup_unpin), ("gc", _setup_gc),
-    ("forget", _setup_forget), ("status", _setup_status),
+    ("share", _setup_share), ("mirror", _setup_mirror), ("pin", _setup_pin),
+    ("unpin", _setup_unpin), ("gc", _setup_gc), ("forget", _setup_forget),
+    ("status", _setup_status),
     ("mount", _setup_mount), ("umount", _setup_umount), ("dht", _setup_dht),
 ]
 

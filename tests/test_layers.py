@@ -27,6 +27,7 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "history": PURE | {"store", "drive"},
     "cache": PURE | {"store", "drive"},  # which drives are cache, touches, the cap
     "download": PURE | {"store", "drive"},  # fetching a full copy (seed, pin, mirror); trio
+    "mirror": PURE | {"store", "drive", "download"},  # a drive written into a plain directory
     "ignore": {"errors"},
     "publish": PURE | {"store", "drive", "ignore"},
     "watch": PURE | {"store", "drive", "ignore", "publish"},
