@@ -172,32 +172,52 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _entry_json(path: bytes, name: bytes, entry: Entry) -> dict:
+    from .history import KIND_NAMES
+    out = {"path": os.fsdecode(path), "name": os.fsdecode(name),
+           "kind": KIND_NAMES.get(entry.kind, str(entry.kind)), "mode": f"{entry.mode:04o}",
+           "size": entry.size, "mtime_ns": entry.mtime_ns}
+    if entry.kind == KIND_SYMLINK:
+        out["target"] = os.fsdecode(entry.target)
+    return out
+
+
 async def _ls(args) -> int:
     store = _store(args)
+    listed: list[dict] = []
     async with open_drive(store, args.key, **read_options(args)) as drive:
-        path = args.path
+        from .index import normalize_path
+        path = normalize_path(args.path)
         entry = await drive.lookup(path)
         if entry.kind != KIND_DIR:
-            _out(_entry_line(os.fsencode(path), entry, args.long))
-            return 0
-        from .index import normalize_path
-        pending = [normalize_path(path)]
+            if args.json:
+                listed.append(_entry_json(path, path.rpartition(b"/")[2] or b"/", entry))
+            else:
+                _out(_entry_line(os.fsencode(args.path), entry, args.long))
+        pending = [path] if entry.kind == KIND_DIR else []
         first = True
         while pending:
             d = pending.pop(0)
             children = await drive.listdir(d)
-            if args.recursive:
+            if args.recursive and not args.json:
                 if not first:
                     _out(b"\n")
                 _out(d + b":\n")
             first = False
             subdirs = []
             for name, e in children:
-                _out(_entry_line(name, e, args.long))
+                child = d.rstrip(b"/") + b"/" + name
+                if args.json:
+                    listed.append(_entry_json(child, name, e))
+                else:
+                    _out(_entry_line(name, e, args.long))
                 if e.kind == KIND_DIR:
-                    subdirs.append((d.rstrip(b"/") + b"/" + name))
+                    subdirs.append(child)
             if args.recursive:
                 pending[:0] = subdirs
+        if args.json:
+            print(json.dumps({"key": drive.key_text, "version": drive.version,
+                              "entries": listed}, indent=2))
     return 0
 
 
@@ -423,6 +443,7 @@ def _setup_ls(sub):
     p.add_argument("-R", dest="recursive", action="store_true", help="recursive")
     p.add_argument("key", metavar="KEY[@VERSION]")
     p.add_argument("path", metavar="PATH", nargs="?", default="/")
+    p.add_argument("--json", action="store_true", help="JSON output")
     add_read_options(p)
     p.set_defaults(func=cmd_ls)
 

@@ -375,3 +375,29 @@ def test_flipped_commit_record(home, sample):
     assert f"{key}  " in listing and "damaged" in listing.split(key)[1].splitlines()[0]
     assert "damaged" not in listing.split(other)[1].splitlines()[0]
     run_cli(home, "verify", other)
+
+
+def test_json_of_ls_and_drives(tmp_path, home):
+    """--json on ls (one directory, -R, one entry) and drives, with the fields
+    man p2pfs(1) names (issue 12)."""
+    src = make_tree(tmp_path / "src", files=12)
+    os.utime(src / "run.sh", ns=(1_700_000_000_123_456_789,) * 2)
+    key = create(home, src)
+    top = json.loads(run_cli(home, "ls", key, "--json").out)
+    assert top["key"] == key and top["version"] == 1
+    by_name = {e["name"]: e for e in top["entries"]}
+    assert sorted(by_name) == sorted(os.listdir(src))
+    assert by_name["run.sh"] == {"path": "/run.sh", "name": "run.sh", "kind": "file", "mode": "0755",
+                                 "size": 18, "mtime_ns": 1_700_000_000_123_456_789}
+    assert by_name["link-rel"]["kind"] == "symlink" and by_name["link-rel"]["target"] == "run.sh"
+    assert by_name["d0-0"]["kind"] == "dir"
+    everything = json.loads(run_cli(home, "ls", "-R", key, "--json").out)["entries"]
+    want = {os.fsdecode(p) for p in source_listing(src)}
+    assert {e["path"] for e in everything} == want
+    one = json.loads(run_cli(home, "ls", key, "/run.sh", "--json").out)["entries"]
+    assert one == [by_name["run.sh"]]
+    drives = json.loads(run_cli(home, "drives", "--json").out)
+    assert [d["key"] for d in drives] == [key]
+    assert {"version", "length", "bytes_held", "writable", "state", "bytes_cached",
+            "bytes_pinned", "pinned_paths"} <= drives[0].keys()
+    assert drives[0]["state"] == "owned" and drives[0]["writable"] is True
