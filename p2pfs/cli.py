@@ -855,6 +855,25 @@ def _setup_dht(sub):
 def cmd_mount(args) -> int:
     from . import mount  # pyfuse3 is loaded only by the commands that mount
     from .net import transport
+    o = mount.parse_mount_options(args.options)
+    if o.home is not None and args.home is None:
+        args.home = o.home
+    args.allow_other = args.allow_other or o.allow_other
+    args.peer = list(args.peer) + o.peers
+    args.listen = args.listen or o.listen
+    if args.timeout is None and o.timeout is not None:
+        try:
+            args.timeout = float(o.timeout)
+        except ValueError:
+            raise UsageError(f"timeout={o.timeout}: give a number of seconds") from None
+    if args.cache_size is None:
+        args.cache_size = o.cache_size
+    if o.lan is not None and args.lan is None:
+        args.lan = o.lan
+    if o.dht is not None and args.dht is None:
+        args.dht = o.dht
+    if o.bootstrap is not None and args.bootstrap is None:
+        args.bootstrap = o.bootstrap
     net = net_options(args)
     if net.discovery or args.listen:
         # a mount found through discovery is announced there too: it serves
@@ -862,7 +881,8 @@ def cmd_mount(args) -> int:
         net.listen = args.listen or config.load().listen or transport.EPHEMERAL_LISTEN
     return mount.mount_command(home=args.home, ref=args.key, mountpoint=args.mountpoint,
                                daemon=args.daemon, allow_other=args.allow_other,
-                               argv=args.argv, net=net, cache_size=cache_size(args))
+                               argv=args.argv, net=net, cache_size=cache_size(args),
+                               kernel=o.kernel)
 
 
 def cmd_umount(args) -> int:
@@ -882,6 +902,10 @@ def _setup_mount(sub):
     p.add_argument("--listen", metavar="HOST:PORT", default=None,
                    help="accept peers here and serve them what the mount holds "
                         "(default with discovery: any free port)")
+    p.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append", default=[],
+                   help="mount options as mount(8) and /etc/fstab give them: allow_other, "
+                        "timeout=S, cache_size=SIZE, peer=HOST:PORT, listen=HOST:PORT, "
+                        "bootstrap=HOST:PORT, no_lan, no_dht, home=DIR, noexec, noatime, ...")
     add_read_options(p)
     p.set_defaults(func=cmd_mount)
 
@@ -892,6 +916,38 @@ def _setup_umount(sub):
     p.set_defaults(func=cmd_umount)
 
 
+def cmd_units(args) -> int:
+    from pathlib import Path
+    source = Path(__file__).resolve().parent / "systemd"
+    units = sorted(source.glob("*.service"))
+    if not args.install:
+        print(source)
+        for u in units:
+            print(f"  {u.name}")
+        return 0
+    target = Path(args.dir) if args.dir else \
+        Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "systemd" / "user"
+    target.mkdir(parents=True, exist_ok=True)
+    script = Path(sys.executable).parent / "p2pfs"  # the console script of this installation
+    program = str(script) if os.access(script, os.X_OK) else f"{sys.executable} -m p2pfs"
+    for u in units:
+        text = u.read_text().replace("/usr/bin/env p2pfs", program)
+        (target / u.name).write_text(text)
+        print(f"installed {target / u.name}")
+    _err("p2pfs: units: run 'systemctl --user daemon-reload', then e.g. "
+         "'systemctl --user enable --now p2pfs-seed@KEY.service'")
+    return 0
+
+
+def _setup_units(sub):
+    p = sub.add_parser("units", help="the systemd user units shipped with p2pfs (--install: "
+                                     "into ~/.config/systemd/user)")
+    p.add_argument("--install", action="store_true", help="copy them, running this p2pfs")
+    p.add_argument("--dir", metavar="DIR", default=None,
+                   help="install into DIR (default $XDG_CONFIG_HOME/systemd/user)")
+    p.set_defaults(func=cmd_units)
+
+
 COMMANDS: list[tuple[str, Callable]] = [
     ("create", _setup_create), ("import", _setup_import), ("ls", _setup_ls),
     ("cat", _setup_cat), ("log", _setup_log), ("diff", _setup_diff), ("verify", _setup_verify),
@@ -900,6 +956,7 @@ COMMANDS: list[tuple[str, Callable]] = [
     ("unpin", _setup_unpin), ("gc", _setup_gc), ("forget", _setup_forget),
     ("status", _setup_status),
     ("mount", _setup_mount), ("umount", _setup_umount), ("dht", _setup_dht),
+    ("units", _setup_units),
 ]
 
 
@@ -931,11 +988,46 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     return exc
 
 
+def mount_helper_argv(argv: list[str]) -> list[str] | None:
+    """mount(8)'s way of running a FUSE file system (through mount.fuse3, for
+    `mount -t fuse.p2pfs KEY DIR -o OPTS` and fstab lines of type fuse.p2pfs):
+    `p2pfs SOURCE MOUNTPOINT [-o OPTS]... [-f] [-n] [-s] [-v]`, as the `mount`
+    command line that does it: in the background (mount(8) waits for its
+    helper to return) unless -f.  None if `argv` is not that form."""
+    names = {name for name, _setup in COMMANDS}
+    if len(argv) < 2 or argv[0].startswith("-") or argv[0] in names:
+        return None
+    try:
+        parse_drive_ref(argv[0])
+    except UsageError:
+        return None
+    out = ["mount", argv[0], argv[1]]
+    foreground = False
+    rest = argv[2:]
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        if a == "-o" and i + 1 < len(rest):
+            out += ["-o", rest[i + 1]]
+            i += 1
+        elif a.startswith("-o") and len(a) > 2:
+            out += ["-o", a[2:]]
+        elif a == "-f":
+            foreground = True
+        elif a not in ("-n", "-s", "-v"):
+            raise UsageError(f"{a!r}: as a mount helper p2pfs takes SOURCE MOUNTPOINT "
+                             "[-o OPTIONS] [-f]")
+        i += 1
+    return out if foreground else out + ["--daemon"]
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
+        argv = list(argv) if argv is not None else sys.argv[1:]
+        argv = mount_helper_argv(argv) or argv
         args = parser.parse_args(argv)
-        args.argv = list(argv) if argv is not None else sys.argv[1:]  # mount --daemon re-runs it
+        args.argv = argv  # mount --daemon re-runs it
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
@@ -52,7 +53,7 @@ from p2pfs.fs import DriveFS
 
 __all__ = [
     "mount_command", "umount_command", "prepare_mountpoint", "clear_stale",
-    "find_mount", "unmount", "READ_AHEAD_KB",
+    "find_mount", "unmount", "READ_AHEAD_KB", "parse_mount_options", "MountOptions",
 ]
 
 LOG_NAME = "mount.log"  # in the home: what a --daemon mount would have printed
@@ -182,13 +183,71 @@ def umount_command(mountpoint: str) -> int:
     return 0
 
 
+# ------------------------------------------------------------- -o options
+
+# Options of `-o`, as mount(8), mount.fuse3 and /etc/fstab pass them.
+KERNEL_FLAGS = {"noexec", "noatime", "nodiratime", "relatime", "strictatime", "lazytime",
+                "sync", "dirsync"}   # passed on to the kernel
+IGNORED = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "atime", "diratime", "async",
+           "auto", "noauto", "user", "nouser", "users", "owner", "group", "defaults",
+           "_netdev", "nofail", "silent", "loud"}  # said by mount(8) and fstab; p2pfs is ro,nodev,nosuid
+VALUED = ("timeout", "cache_size", "peer", "listen", "bootstrap", "home")
+FLAGS = ("allow_other", "no_lan", "no_dht")
+
+
+@dataclass
+class MountOptions:
+    """What `-o opt[,opt...]` said (None: not said)."""
+
+    allow_other: bool = False
+    timeout: str | None = None
+    cache_size: str | None = None
+    peers: list[str] = field(default_factory=list)
+    bootstrap: list[str] | None = None
+    listen: str | None = None
+    home: str | None = None
+    lan: bool | None = None
+    dht: bool | None = None
+    kernel: list[str] = field(default_factory=list)
+
+
+def parse_mount_options(texts: Sequence[str]) -> MountOptions:
+    """`-o` texts (comma-separated) -> MountOptions.  UsageError for an unknown option."""
+    out = MountOptions()
+    for text in texts:
+        for opt in filter(None, (o.strip() for o in text.split(","))):
+            name, eq, value = opt.partition("=")
+            if opt in IGNORED or name.startswith("x-") or name == "comment":
+                continue
+            if opt in KERNEL_FLAGS:
+                out.kernel.append(opt)
+            elif opt == "allow_other":
+                out.allow_other = True
+            elif opt in ("no_lan", "no_dht"):
+                setattr(out, opt[3:], False)
+            elif name in VALUED and eq and value:
+                if name == "peer":
+                    out.peers.append(value)
+                elif name == "bootstrap":
+                    out.bootstrap = (out.bootstrap or []) + [value]
+                else:
+                    setattr(out, name, value)
+            else:
+                raise UsageError(f"unknown mount option {opt!r} (p2pfs takes "
+                                 f"{', '.join(FLAGS)}, {', '.join(v + '=' for v in VALUED)}, "
+                                 f"the kernel's {', '.join(sorted(KERNEL_FLAGS))}, and ignores "
+                                 "ro, rw, dev, suid, exec, auto, user, _netdev, nofail, x-*)")
+    return out
+
+
 # ------------------------------------------------------------------ mounting
 
-def mount_options(key: bytes, allow_other: bool) -> set[str]:
+def mount_options(key: bytes, allow_other: bool, kernel: Sequence[str] = ()) -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     opts |= {"ro", f"fsname=p2pfs://{encode_key(key)}", "subtype=p2pfs", "auto_unmount"}
     if allow_other:
         opts.add("allow_other")
+    opts.update(kernel)
     return opts
 
 
@@ -232,7 +291,7 @@ def _answering(mountpoint: str) -> None:
 async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                 net: node.NetOptions | None = None,
                 ready: Callable[[DriveFS], None] | None = None,
-                cache_size: int | None = None) -> None:
+                cache_size: int | None = None, kernel: Sequence[str] = ()) -> None:
     """Mount `ref` (KEY or KEY@N) at `mountpoint` and serve until unmounted or signalled.
 
     SIGINT/SIGTERM before the mount is up abandon the opening; after, they
@@ -263,7 +322,7 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                 prefetch = drive.source is not None and os.environ.get("P2PFS_READAHEAD") != "0"
                 ops = DriveFS(drive, live=drive.live, prefetch=prefetch)
                 mountpoint = prepare_mountpoint(mountpoint)
-                _fuse_init(ops, mountpoint, mount_options(drive.key, allow_other))
+                _fuse_init(ops, mountpoint, mount_options(drive.key, allow_other, kernel))
                 mounted = True
                 try:
                     async with trio.open_nursery() as nursery:
@@ -308,7 +367,8 @@ def _ready_message(ops: DriveFS, mountpoint: str) -> str:
 
 def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
                   allow_other: bool = False, net: node.NetOptions | None = None,
-                  argv: Sequence[str] | None = None, cache_size: int | None = None) -> int:
+                  argv: Sequence[str] | None = None, cache_size: int | None = None,
+                  kernel: Sequence[str] = ()) -> int:
     """`p2pfs mount`: foreground by default; `daemon` re-runs `argv` detached."""
     ready_fd = daemon_mod.ready_fd()
     if daemon and ready_fd is None:
@@ -327,7 +387,7 @@ def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
     store = node.open_store(home)
     try:
         trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other, net=net,
-                               ready=ready, cache_size=cache_size))
+                               ready=ready, cache_size=cache_size, kernel=kernel))
     finally:
         store.close()
     return 0

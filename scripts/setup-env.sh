@@ -3,7 +3,8 @@
 # when everything is already there.
 p2pfs_setup() {
     local extras="${1:-}"
-    local pkgs=(fuse3 libfuse3-dev pkg-config iproute2 util-linux gcc python3-dev)
+    # systemd: systemd-analyze, which checks the shipped user units (tests/test_mount_options.py)
+    local pkgs=(fuse3 libfuse3-dev pkg-config iproute2 util-linux gcc python3-dev systemd)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
