@@ -88,3 +88,14 @@ def test_a_live_process_is_told_from_a_dead_one_by_its_lock(tmp_path, home):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_a_share_is_listed_with_its_directory(tmp_path, home):
+    from test_share import sharing
+    src = make_tree(tmp_path / "src", files=5)
+    with sharing(home, src) as share:
+        st = wait_until(lambda: [s for s in states(home) if s["drives"]], what="the share's state")[0]
+        assert st["kind"] == "share" and st["directory"] == str(src)
+        assert st["drives"][0]["key"] == share.key and st["drives"][0]["version"] == 1
+        assert st["listen"] == [share.address] and "bytes_up" in st
+    assert states(home) == []
