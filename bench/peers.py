@@ -162,8 +162,8 @@ async def wrong_block(peer: WirePeer, ch: int, head: Head) -> None:
         if isinstance(req, m.IndexRequest):
             await peer.send(m.NoData(ch, req.id))
             continue
-        other = (req.block + 1) % head.length
-        peer.conn._queue(m.Data(ch, req.id, other, b"x", []))  # bypass our own send checks
+        other = (req.start + 1) % head.length  # another run than the one asked for
+        peer.conn._queue(m.Data(ch, req.id, other, [b"x"], [(bytes(32), 1)], []))  # bypass our checks
         await peer.flush()
 
 
@@ -205,7 +205,7 @@ async def attack(address: str, key: bytes, head: Head, *, idle: int = 500,
             peer = await WirePeer.dial(address, known)
             ch = await peer.open(key)
             for rid in range(256):
-                peer.conn._queue(m.Request(ch, rid, rid % head.length, 0, True, head.length))
+                peer.conn._queue(m.Request(ch, rid, rid % head.length, 1, head.length, []))
             await peer.flush()
             counts["non_readers"] += 1
             await stop.wait()  # and never read
@@ -241,3 +241,43 @@ async def attack(address: str, key: bytes, head: Head, *, idle: int = 500,
         finally:
             stop.set()
             nursery.cancel_scope.cancel()
+
+
+def serving(home, key: bytes, *, flip_first_run_at: int | None = None,
+            requested: list | None = None) -> Behaviour:
+    """A behaviour that serves the drive honestly from `home`'s store, with the
+    real serving code (every run with its leaves and proof), recording each
+    block it is asked for in `requested`.  With `flip_first_run_at`, the
+    first run it sends that is longer than that has one byte flipped in its
+    block at that position (the leaves and proof stay honest: only that
+    block fails).  `requested` gets (start, count) of every run it sends."""
+    from p2pfs.drive import Drive
+    from p2pfs.net.fetcher import NodeCaches
+    from p2pfs.net.serving import Server
+
+    async def behaviour(peer: WirePeer, ch: int, head: Head) -> None:
+        store = Store(home)
+        try:
+            drive = Drive(store, key)
+            server = Server(store, NodeCaches(store), lambda k: drive if k == key else None)
+            flipped = flip_first_run_at is None
+            while True:
+                ev = await peer.until(lambda ev: isinstance(ev, Received)
+                                      and isinstance(ev.message, (m.Request, m.IndexRequest)), timeout=3600)
+                req = ev.message
+                for reply in server.answer(ch, key, req):
+                    if isinstance(reply, m.Data):
+                        if requested is not None:
+                            requested.append((reply.start, len(reply.blocks)))
+                        if not flipped and len(reply.blocks) > flip_first_run_at:
+                            flipped = True
+                            blocks = [bytes(b) for b in reply.blocks]
+                            bad = bytearray(blocks[flip_first_run_at])
+                            bad[len(bad) // 2] ^= 0x01
+                            blocks[flip_first_run_at] = bytes(bad)
+                            reply = m.Data(reply.channel, reply.id, reply.start, blocks, reply.leaves,
+                                           reply.proof)
+                    await peer.send(reply)
+        finally:
+            store.close()
+    return behaviour

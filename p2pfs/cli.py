@@ -2,7 +2,8 @@
 
 Each subcommand is a small function `cmd_<name>(args) -> int`; `main` is the
 only place that turns exceptions into exit codes: a `P2pfsError` prints
-``p2pfs: <message>`` on stderr and exits with its `exit_code`; ^C exits 130.
+``p2pfs: <message>`` on stderr and exits with its `exit_code`; ^C exits 130;
+a closed stdout (``| head``) exits 141 quietly, for every command.
 
 Seams for later commands: `add_read_options(parser)` is called for every
 command that reads a drive (the network adds ``--peer``/``--timeout``
@@ -24,13 +25,16 @@ import trio
 
 from . import __version__, config, crypto, drive as drive_mod, publish
 from .cache import usage as cache_usage
+from .errors import (BlockUnavailableError, NotFoundError, P2pfsError, StoreDamagedError,
+                     UsageError, VerificationError)
 from .ignore import Rules
-from .progress import Bar, size_text as _size
-from .errors import BlockUnavailableError, NotFoundError, P2pfsError, UsageError, VerificationError
 from .index import KIND_DIR, KIND_SYMLINK, Entry
 from .node import DEFAULT_TIMEOUT, DHT_PORT, NetOptions, local_drive, open_drive, open_store, parse_drive_ref
+from .progress import Bar, size_text as _size
+from .store import check_structure
 
 CAT_CHUNK = 4 << 20
+CAT_FIRST = 1 << 20  # bytes a cold cat asks for with its first request
 
 
 # --- output helpers ------------------------------------------------------------
@@ -185,7 +189,8 @@ def _entry_json(path: bytes, name: bytes, entry: Entry) -> dict:
 async def _ls(args) -> int:
     store = _store(args)
     listed: list[dict] = []
-    async with open_drive(store, args.key, **read_options(args)) as drive:
+    async with open_drive(store, args.key, hint=(os.fsencode(args.path), 0),
+                          **read_options(args)) as drive:
         from .index import normalize_path
         path = normalize_path(args.path)
         entry = await drive.lookup(path)
@@ -227,7 +232,9 @@ def cmd_ls(args) -> int:
 
 async def _cat(args) -> int:
     store = _store(args)
-    async with open_drive(store, args.key, **read_options(args)) as drive:
+    # the first bytes come with the index path, in the first round trip
+    async with open_drive(store, args.key, hint=(os.fsencode(args.path), CAT_FIRST),
+                          **read_options(args)) as drive:
         entry = await drive.lookup(args.path)
         if entry.kind == KIND_DIR:
             raise UsageError(f"{args.path}: is a directory")
@@ -247,33 +254,93 @@ async def _cat(args) -> int:
 
 
 def cmd_cat(args) -> int:
-    try:
-        return trio.run(_cat, args)
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141  # like a cat killed by SIGPIPE; nothing printed
+    return trio.run(_cat, args)
+
+
+async def _log(args) -> int:
+    store = _store(args)
+    async with open_drive(store, args.key, **read_options(args)) as drive:
+        if args.json:
+            print(json.dumps([{"version": c.version, "length": length, "time_ns": c.time_ns,
+                               "time": dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
+                               .isoformat(), "files": c.files, "bytes": c.bytes,
+                               "message": c.message} async for length, c in drive.history()],
+                             indent=2))
+            return 0
+        async for length, c in drive.history():
+            t = dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
+            line = (f"version {c.version:<5} length {length:<10} {t:%Y-%m-%d %H:%M:%S %z}  "
+                    f"{c.files} files  {_size(c.bytes)}")
+            if c.message:
+                line += f"  {c.message}"
+            print(line)
+    return 0
 
 
 def cmd_log(args) -> int:
-    store = _store(args)
-    key, _ = parse_drive_ref(args.key)
+    return trio.run(_log, args)
+
+
+RECOVERY = ("to recover: stop every p2pfs process using {home}, move {home}/store aside "
+            "(keep {home}/keys and {home}/node.key), then fetch the drives again with "
+            "--peer; see A DAMAGED STORE in p2pfs(1)")
+
+
+_SHOWN = 8  # structural problems listed by verify
+
+
+def _report(message: str) -> None:
+    _err(f"p2pfs: verify: {message}")
+
+
+def _verify_drive(store, key: bytes, version: int | None) -> bool:
+    """Verify one drive (at `version`: that version and those before it), print
+    the outcome; True if no problem was found."""
     drive = local_drive(store, key)
-    drive.open_local()
-    if args.json:
-        print(json.dumps([{"version": c.version, "length": length, "time_ns": c.time_ns,
-                           "time": dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
-                           .isoformat(), "files": c.files, "bytes": c.bytes,
-                           "message": c.message} for length, c in drive.versions()], indent=2))
-        return 0
-    for length, c in drive.versions():
-        t = dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
-        line = (f"version {c.version:<5} length {length:<10} {t:%Y-%m-%d %H:%M:%S %z}  "
-                f"{c.files} files  {_size(c.bytes)}")
-        if c.message:
-            line += f"  {c.message}"
-        print(line)
-    return 0
+    length = None
+    ref = drive.key_text
+    if version is not None:
+        try:
+            drive.open_local(version)
+        except VerificationError as exc:
+            _report(str(exc))
+            _report(f"drive {ref}@{version}: 1 problem(s) found")
+            return False
+        length = drive.length
+        ref = f"{ref}@{version}"
+    problems = drive_mod.verify_drive(drive, report=_report, length=length)
+    if problems:
+        _report(f"drive {ref}: {len(problems)} problem(s) found")
+        return False
+    limit = drive.head.length if length is None else length
+    held = sum(min(b, limit) - a for a, b in store.held_ranges(key) if a < limit)
+    line = f"ok: drive {ref}, length {limit}, {held} blocks"
+    if length is None:
+        line += f" ({_size(store.held(key)[1])})"
+    line += " and every signed head verified"
+    if held < limit:
+        line += f"; {limit - held} blocks not held here were not checked"
+    print(line)
+    return True
+
+
+def _verify_damaged(exc: StoreDamagedError) -> int:
+    """verify of a store whose file is damaged: what is wrong and how to recover."""
+    _report(f"the store in {exc.home} is damaged: {exc.detail}")
+    problems = check_structure(exc.home)
+    for problem in problems[:_SHOWN]:
+        _report(problem)
+    if len(problems) > _SHOWN:
+        _report(f"... and {len(problems) - _SHOWN} more problems in data.mdb")
+    _report(RECOVERY.format(home=exc.home))
+    return 1
+
+
+async def _fetch_heads(args) -> None:
+    """Learn the newest signed head from the peers (stored, verified)."""
+    store = _store(args)
+    async with open_drive(store, args.key, **read_options(args)):
+        pass
 
 
 def _version_arg(text: str) -> int:
@@ -307,22 +374,33 @@ def cmd_diff(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    store = _store(args)
-    key, _ = parse_drive_ref(args.key)
-    drive = local_drive(store, key)
-    problems = drive_mod.verify_drive(drive, report=lambda m: _err(f"p2pfs: verify: {m}"))
-    if problems:
-        _err(f"p2pfs: verify: drive {drive.key_text}: {len(problems)} problem(s) found")
-        return 1
-    blocks, nbytes = store.held(key)
-    print(f"ok: drive {drive.key_text}, length {drive.head.length}, "
-          f"{blocks} blocks ({_size(nbytes)}) and every signed head verified")
-    return 0
+    try:
+        if args.peer:
+            if args.key is None:
+                raise UsageError("verify --peer needs a KEY")
+            trio.run(_fetch_heads, args)
+        store = _store(args)
+        ok = True
+        if args.key is None:
+            targets = [(key, None) for key, _ in store.list_drives()]
+            for problem in store.check_structure():
+                _report(problem)
+                ok = False
+            if not ok:
+                _report(RECOVERY.format(home=store.home))
+        else:
+            targets = [parse_drive_ref(args.key)]
+        for key, version in targets:
+            ok = _verify_drive(store, key, version) and ok
+        return 0 if ok else 1
+    except StoreDamagedError as exc:
+        return _verify_damaged(exc)
 
 
-def _info(store, key: bytes, strict: bool = True) -> dict:
-    """What `info` shows.  A damaged drive raises VerificationError, or with
-    strict=False is marked "damaged" (so `drives` still lists the others)."""
+def _info(store, key: bytes, version: int | None = None, strict: bool = True) -> dict:
+    """What `info` shows (of `version`, default the newest).  A damaged drive
+    raises VerificationError, or with strict=False is marked "damaged" (so
+    `drives` still lists the others)."""
     drive = local_drive(store, key)
     blocks, nbytes = store.held(key)
     info = {"key": drive.key_text, "version": 0, "length": drive.head.length,
@@ -332,10 +410,12 @@ def _info(store, key: bytes, strict: bool = True) -> dict:
             "forks": len(store.forks(key))}
     info.update(cache_usage(store, key))
     try:
-        drive.open_local()
-        info.update(version=drive.version, block_size=drive.block_size,
+        drive.open_local(version)
+        info.update(version=drive.version, length=drive.length, block_size=drive.block_size,
                     files=drive.commit.files, bytes=drive.commit.bytes)
     except BlockUnavailableError:
+        if version is not None:
+            raise
         pass  # a partial copy without the newest commit: version unknown
     except VerificationError as exc:
         if strict:
@@ -346,9 +426,9 @@ def _info(store, key: bytes, strict: bool = True) -> dict:
 
 async def _info_with_peers(args, net: NetOptions) -> dict:
     store = _store(args)
-    key, _ = parse_drive_ref(args.key)
-    async with open_drive(store, key, net=net) as drive:
-        info = _info(store, key)
+    key, version = parse_drive_ref(args.key)
+    async with open_drive(store, key, version, net=net) as drive:
+        info = _info(store, key, version)
         swarm = drive.source
         info["peers"] = swarm.peer_info(key) if swarm is not None else []
         info["discovery"] = swarm.discovery_info() if swarm is not None else {}
@@ -358,12 +438,12 @@ async def _info_with_peers(args, net: NetOptions) -> dict:
 def cmd_info(args) -> int:
     net = net_options(args)
     store = _store(args)
-    key, _ = parse_drive_ref(args.key)
+    key, version = parse_drive_ref(args.key)
     owned = store.key_path(crypto.encode_key(key)).exists()
     if net.networked and (net.peers or not owned):
         info = trio.run(_info_with_peers, args, net)
     else:
-        info = _info(store, key)
+        info = _info(store, key, version)
         info["peers"] = []
         info["discovery"] = {}
     if args.json:
@@ -390,6 +470,8 @@ def cmd_drives(args) -> int:
     for key, record in store.list_drives():
         try:
             info = _info(store, key, strict=False)
+        except StoreDamagedError:
+            raise  # the store, not one drive: one line for the whole command
         except P2pfsError as exc:
             info = {"key": crypto.encode_key(key), "damaged": str(exc)}
         listed.append(info)
@@ -457,9 +539,10 @@ def _setup_cat(sub):
 
 
 def _setup_log(sub):
-    p = sub.add_parser("log", help="versions of a drive, newest first")
-    p.add_argument("key", metavar="KEY")
+    p = sub.add_parser("log", help="versions of a drive, newest first (KEY@N: from version N down)")
+    p.add_argument("key", metavar="KEY[@VERSION]")
     p.add_argument("--json", action="store_true", help="JSON output")
+    add_read_options(p)
     p.set_defaults(func=cmd_log)
 
 
@@ -474,8 +557,10 @@ def _setup_diff(sub):
 
 
 def _setup_verify(sub):
-    p = sub.add_parser("verify", help="re-check every held block, tree node and signature")
-    p.add_argument("key", metavar="KEY")
+    p = sub.add_parser("verify", help="re-check every held block, tree node and signature "
+                                      "(no KEY: the whole store and every drive)")
+    p.add_argument("key", metavar="KEY[@VERSION]", nargs="?", default=None)
+    add_read_options(p)
     p.set_defaults(func=cmd_verify)
 
 
@@ -487,7 +572,7 @@ def _setup_drives(sub):
 
 def _setup_info(sub):
     p = sub.add_parser("info", help="a drive's version, length and what is held")
-    p.add_argument("key", metavar="KEY")
+    p.add_argument("key", metavar="KEY[@VERSION]")
     p.add_argument("--json", action="store_true", help="JSON output")
     add_read_options(p)
     p.set_defaults(func=cmd_info)
@@ -881,6 +966,7 @@ def cmd_mount(args) -> int:
         net.listen = args.listen or config.load().listen or transport.EPHEMERAL_LISTEN
     return mount.mount_command(home=args.home, ref=args.key, mountpoint=args.mountpoint,
                                daemon=args.daemon, allow_other=args.allow_other,
+                               allow_non_empty=args.allow_non_empty,
                                argv=args.argv, net=net, cache_size=cache_size(args),
                                kernel=o.kernel)
 
@@ -899,6 +985,8 @@ def _setup_mount(sub):
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (needs user_allow_other in "
                         "/etc/fuse.conf unless root)")
+    p.add_argument("--allow-non-empty", action="store_true",
+                   help="mount even if MOUNTPOINT has files (they are hidden while mounted)")
     p.add_argument("--listen", metavar="HOST:PORT", default=None,
                    help="accept peers here and serve them what the mount holds "
                         "(default with discovery: any free port)")
@@ -981,6 +1069,22 @@ def _is_noise(exc: BaseException) -> bool:
     return isinstance(exc, (KeyboardInterrupt, trio.Cancelled))
 
 
+def _only(group: BaseExceptionGroup, kind: type) -> bool:
+    """Whether `group` holds `kind` and nothing else but noise."""
+    found, rest = group.split(kind)
+    return found is not None and (rest is None or rest.split(_is_noise)[1] is None)
+
+
+def _broken_pipe() -> int:
+    """The reader of our stdout went away (`| head`): exit quietly, as a
+    command killed by SIGPIPE would.  Whatever is still buffered for stdout
+    goes to /dev/null, so the interpreter's last flush is quiet too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
+
+
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
@@ -1031,7 +1135,11 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here for small outputs
+        return code
+    except BrokenPipeError:
+        return _broken_pipe()
     except P2pfsError as exc:
         _err(f"p2pfs: {exc}")
         return exc.exit_code
@@ -1041,10 +1149,11 @@ def main(argv: list[str] | None = None) -> int:
     except BaseExceptionGroup as group:
         # A trio nursery wraps what its tasks raised.  A user-facing error in
         # it is reported like any other; anything else keeps its traceback.
-        errors, rest = group.split(P2pfsError)
-        if errors is None or (rest is not None and rest.split(_is_noise)[1] is not None):
+        if _only(group, BrokenPipeError):
+            return _broken_pipe()
+        if not _only(group, P2pfsError):
             raise
-        first = _first_leaf(errors)
+        first = _first_leaf(group.split(P2pfsError)[0])
         _err(f"p2pfs: {first}")
         return first.exit_code
     finally:

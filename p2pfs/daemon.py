@@ -3,8 +3,9 @@ return once it is ready.
 
 Theory of operation
 -------------------
-`spawn` re-executes the same command line (`python -m p2pfs ARGV`) in a new
-session with `READY_ENV` naming the write end of a pipe, and waits.  The
+`spawn` re-executes the same command line (`python -P -m p2pfs ARGV`, with
+this package's directory first on PYTHONPATH, so that a `p2pfs` folder in
+the current directory cannot take its place) in a new session with `READY_ENV` naming the write end of a pipe, and waits.  The
 child, once it is ready, calls `detach`: it points its stdin and stdout at
 /dev/null and its stderr at a log file in the home (so its warnings and any
 crash are kept), then writes its ready message to the pipe and closes it.
@@ -47,6 +48,7 @@ def detach(fd: int, message: str, log_path: str | os.PathLike) -> None:
     os.dup2(logfd, 2)
     os.close(devnull)
     os.close(logfd)
+    os.chdir("/")  # a daemon keeps no directory busy (every path it uses is absolute)
     last = message.rstrip("\n").splitlines()[-1]
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {last} (pid {os.getpid()})",
           file=sys.stderr, flush=True)
@@ -54,15 +56,30 @@ def detach(fd: int, message: str, log_path: str | os.PathLike) -> None:
     os.close(fd)
 
 
+def command(argv: list[str]) -> tuple[list[str], dict]:
+    """The command line and environment that re-run this p2pfs as the daemon.
+
+    The child must import this very p2pfs, whatever the current directory
+    holds: ``-P`` keeps the current directory off ``sys.path`` (a folder
+    named ``p2pfs`` there would otherwise win), and the directory this
+    package was imported from goes first on PYTHONPATH."""
+    import p2pfs
+    env = dict(os.environ)
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(p2pfs.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return [sys.executable, "-P", "-m", "p2pfs", *argv], env
+
+
 def spawn(argv: list[str], what: str) -> int:
     """Re-run `p2pfs ARGV` in a new session and wait until it is ready (or failed).
 
     `what` names it in the message for a child that exits 0 before it was ready."""
     r, w = os.pipe()
-    env = dict(os.environ)
+    cmd, env = command(argv)
     env[READY_ENV] = str(w)
     child = subprocess.Popen(
-        [sys.executable, "-m", "p2pfs", *argv],
+        cmd,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         pass_fds=(w,), start_new_session=True, env=env,
     )

@@ -33,7 +33,7 @@ the version it signed (`adopt_own_head`).
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Protocol
+from typing import AsyncIterator, Callable, Iterator, Protocol
 
 from . import crypto, flat, index, tree
 from .errors import (
@@ -299,6 +299,27 @@ class Drive:
         self._notify(head)
         return True
 
+    def accept_dht_signature(self, head: Head, dht_signature: bytes) -> bool:
+        """Keep the owner's DHT signature of a head this home holds, if it is
+        one (so this node can put the head in the DHT).  True if kept."""
+        if len(dht_signature) != crypto.SIGNATURE_BYTES or self.store.dht_signature(self.key, head.length):
+            return False
+        held = self.store.get_head(self.key, head.length)
+        if held is None or held.root != head.root:
+            return False
+        try:
+            crypto.verify_dht_head(self.key, head.length, head.root, held.signature, dht_signature)
+        except VerificationError:
+            return False
+        self.store.put_dht_signature(self.key, head.length, dht_signature)
+        return True
+
+    def root_of(self, length: int) -> bytes | None:
+        """The signed root of version `length`, if we hold that signed head."""
+        head = self.head if self.head is not None and self.head.length == length \
+            else self.store.get_head(self.key, length)
+        return None if head is None else head.root
+
     def verify_received(self, block: int, data: bytes, proof: list[Node], length: int,
                         get_trusted: Callable[[int], Node | None] | None = None,
                         ) -> list[Node] | None:
@@ -437,21 +458,35 @@ class Drive:
         return await self._sync(lambda: list(index.diff_keys(
             self.reader, None if old is None else old.root, new.root, self.node_cache)))
 
-    def versions(self) -> list[tuple[int, Commit]]:
-        """(length, Commit) of every version, newest first (all blocks held)."""
+    def versions(self, length: int | None = None) -> list[tuple[int, Commit]]:
+        """(length, Commit) of the version at `length` (None: the newest) and
+        every earlier one, newest first (all blocks held)."""
         assert self.head is not None
         out = []
-        length = self.head.length
+        length = self.head.length if length is None else length
         while length > 0:
             commit = self._local(lambda: self._read_commit(length))
             out.append((length, commit))
-            if commit.prev < 0:
-                break
-            if commit.prev >= length - 1:
-                raise VerificationError(f"drive {self.key_text}: commit chain is broken "
-                                        f"at block {length - 1}")
-            length = commit.prev + 1
+            length = self._prev_length(length, commit)
         return out
+
+    async def history(self) -> AsyncIterator[tuple[int, Commit]]:
+        """(length, Commit) of this view's version and every earlier one,
+        newest first; commit records not held come through the source."""
+        length = self.length
+        while length > 0:
+            commit = await self._sync(lambda: self._read_commit(length))
+            yield length, commit
+            length = self._prev_length(length, commit)
+
+    def _prev_length(self, length: int, commit: Commit) -> int:
+        """The length of the version before `commit` (at `length`); 0 after version 1."""
+        if commit.prev < 0:
+            return 0
+        if commit.prev >= length - 1:
+            raise VerificationError(f"drive {self.key_text}: commit chain is broken "
+                                    f"at block {length - 1}")
+        return commit.prev + 1
 
     def _load_sync(self, length: int) -> None:
         header = index.decode_block(self.reader.read_block(0))
@@ -688,8 +723,11 @@ class Drive:
         return seed
 
 
-def verify_drive(drive: Drive, report: Callable[[str], None] | None = None) -> list[str]:
-    """Check every signed head, held block and stored tree node.  Returns the problems."""
+def verify_drive(drive: Drive, report: Callable[[str], None] | None = None,
+                 length: int | None = None) -> list[str]:
+    """Check every signed head, and every held block and stored tree node
+    (with `length`: only those of the version of that length and the ones
+    before it).  Returns the problems."""
     problems: list[str] = []
 
     advice = f" (run 'p2pfs verify {drive.key_text}')"
@@ -717,7 +755,7 @@ def verify_drive(drive: Drive, report: Callable[[str], None] | None = None) -> l
     drive.head = good_heads[-1]
     drive._trusted.clear()
     drive._stored.clear()
-    limit = drive.head.length
+    limit = drive.head.length if length is None else length
     # every head: its peaks (where held) hash to its root
     for h in good_heads:
         try:
@@ -743,7 +781,7 @@ def verify_drive(drive: Drive, report: Callable[[str], None] | None = None) -> l
     if not problems and drive.writable:
         # an owned drive holds everything: every version's commit must decode
         try:
-            drive.versions()
+            drive.versions(limit)
         except (VerificationError, BlockUnavailableError) as exc:
             bad(str(exc))
     return problems

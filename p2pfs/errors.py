@@ -53,6 +53,15 @@ class StoreError(P2pfsError):
     """The local store cannot be opened or written (disk full, permissions)."""
 
 
+class StoreDamagedError(StoreError):
+    """The local store's file is damaged (an LMDB page, a truncated file)."""
+
+    def __init__(self, home, detail: str):
+        self.home = home
+        self.detail = detail
+        super().__init__(f"the store in {home} is damaged: {detail}; run 'p2pfs verify'")
+
+
 class ProtocolError(P2pfsError):
     """A peer sent bytes that break the protocol.  The only error peer input may raise."""
 

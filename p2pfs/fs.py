@@ -17,6 +17,15 @@ Entries.  For every live inode we keep the `Entry` last reported to the
 kernel (`_entries`).  `getattr` answers from it; it is kept current by the
 version switch below, so it is never stale for longer than a switch takes.
 
+Link counts.  A directory's `st_nlink` is 2 + its subdirectories, as on a
+disk file system (`find` relies on it).  The count needs the directory's
+listing, so it is known (`_links`, for the current version) once the
+directory was listed (`opendir`) or looked up (`lookup` and `getattr` list
+it).  A directory reported before that, as a child in a `readdir` reply,
+gets the "unknown" count 1 with an attribute timeout of 0, so the kernel
+asks `getattr` before showing it.  A version switch forgets every count and
+invalidates the attributes of every live directory.
+
 Versions.  A live mount follows the drive's newest signed version; a fixed
 mount (`KEY@N`) never moves.  The follower task wakes when the drive reports
 a new head (`drive.subscribe`) and, as a backstop for writers in other
@@ -90,6 +99,7 @@ _TYPE = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_I
 _UNSUPPORTED_XATTRS = (b"system.", b"security.", b"trusted.")
 _MANY_LIVE = 8  # live children of one directory above which a switch lists it whole
 
+_STATFS_MAX = (1 << 63) - 1  # a drive's totals are the author's word: keep them in range
 DIR_SIZE = 4096  # what ext4 and most disk file systems report for a small directory
 FAILED_READ_MEMORY = 1.0  # s: a range that just timed out fails at once when retried
 READAHEAD_FIRST = 4  # blocks prefetched after the second sequential read
@@ -152,7 +162,8 @@ class DriveFS(pyfuse3.Operations):
         self._paths: dict[int, bytes] = {ROOT: b"/"}
         self._inos: dict[bytes, int] = {}  # (kind byte + path) -> ino, live inodes only
         self._entries: dict[int, Entry] = {}
-        self._attrs: dict[int, tuple[Entry, pyfuse3.EntryAttributes]] = {}  # live inodes
+        self._attrs: dict[int, tuple[Entry, int, pyfuse3.EntryAttributes]] = {}  # live inodes
+        self._links: dict[int, int] = {}  # live directory inode -> st_nlink, current version
         self._nlookup: dict[int, int] = defaultdict(int)
         self._files: dict[int, _File] = {}
         self._dirs: dict[int, tuple[bytes, int, list[tuple[bytes, int, Entry]]]] = {}
@@ -189,6 +200,7 @@ class DriveFS(pyfuse3.Operations):
 
     def _drop(self, ino: int) -> None:
         self._attrs.pop(ino, None)
+        self._links.pop(ino, None)
         path = self._paths.pop(ino, None)
         entry = self._entries.pop(ino, None)
         self._nlookup.pop(ino, None)
@@ -204,16 +216,19 @@ class DriveFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE) from None
 
     def _attr(self, ino: int, entry: Entry) -> pyfuse3.EntryAttributes:
+        nlink = self._links.get(ino, 0) if entry.kind == KIND_DIR else 1
         hit = self._attrs.get(ino)
-        if hit is not None and hit[0] is entry:
-            return hit[1]  # listing a directory again: the same objects
+        if hit is not None and hit[0] is entry and hit[1] == nlink:
+            return hit[2]  # listing a directory again: the same objects
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         a.generation = 0
         a.entry_timeout = self.timeout
-        a.attr_timeout = self.timeout
+        # a directory whose subdirectories are not counted yet: 1 ("unknown",
+        # as find understands it), and the kernel asks again before using it
+        a.attr_timeout = self.timeout if nlink else 0
         a.st_mode = _TYPE[entry.kind] | (entry.mode & 0o7777)
-        a.st_nlink = 2 if entry.kind == KIND_DIR else 1
+        a.st_nlink = nlink or 1
         a.st_uid = self.uid
         a.st_gid = self.gid
         a.st_rdev = 0
@@ -228,8 +243,25 @@ class DriveFS(pyfuse3.Operations):
         a.st_blocks = (size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = entry.mtime_ns
         if ino in self._entries:  # cached for live inodes only, dropped with them
-            self._attrs[ino] = (entry, a)
+            self._attrs[ino] = (entry, nlink, a)
         return a
+
+    @staticmethod
+    def _nlink(listing) -> int:
+        """st_nlink of a directory with these (name, entry) children."""
+        return 2 + sum(1 for _, e in listing if e.kind == KIND_DIR)
+
+    async def _count_links(self, ino: int, path: bytes) -> None:
+        """Know the link count of a live directory inode (lists it once per version)."""
+        if ino in self._links:
+            return
+        generation = self._generation
+        try:
+            nlink = self._nlink(await self._listdir(path))
+        except pyfuse3.FUSEError:
+            return  # unreadable listing: the count stays unknown (1)
+        if generation == self._generation and ino in self._entries:
+            self._links[ino] = nlink
 
     # ---------------------------------------------------------- drive calls
 
@@ -274,6 +306,8 @@ class DriveFS(pyfuse3.Operations):
         ino = self._ino_for(path, entry.kind)
         self._remember(ino, path, entry)
         self._nlookup[ino] += 1
+        if entry.kind == KIND_DIR:
+            await self._count_links(ino, path)
         return self._attr(ino, entry)
 
     async def forget(self, inode_list):
@@ -293,6 +327,9 @@ class DriveFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ESTALE)
             entry = await self._lookup(b"/")
             self._entries[ROOT] = entry
+        if entry.kind == KIND_DIR:
+            await self._count_links(inode, self._path(inode))
+            entry = self._entries.get(inode, entry)  # a switch meanwhile: its entry
         return self._attr(inode, entry)
 
     async def readlink(self, inode, ctx=None):
@@ -310,7 +347,10 @@ class DriveFS(pyfuse3.Operations):
             entry = self._entries[ROOT] = await self._lookup(b"/")
         if entry is not None and entry.kind != KIND_DIR:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        generation = self._generation
         items = await self._listdir(path)
+        if generation == self._generation and inode in self._entries:
+            self._links[inode] = self._nlink(items)
         # A snapshot, so that offsets stay valid for the whole listing.  "."
         # and ".." come first; the kernel keeps no lookup count for them.
         listing: list[tuple[bytes, int, Entry]] = []
@@ -393,16 +433,20 @@ class DriveFS(pyfuse3.Operations):
                 f.cancel.cancel()
 
     async def statfs(self, ctx=None):
+        """The drive's size against the free space of the store (where blocks
+        read from peers are kept), as network file systems report theirs;
+        every entry is an inode, and none can be created."""
         s = pyfuse3.StatvfsData()
         bs = self.drive.block_size
         s.f_bsize = bs
         s.f_frsize = bs
         commit = self.drive.commit
-        total_bytes, files = (commit.bytes, commit.files) if commit is not None else (0, 0)
-        s.f_blocks = (total_bytes + bs - 1) // bs
-        s.f_bfree = 0
-        s.f_bavail = 0
-        s.f_files = files
+        total_bytes, entries = ((commit.bytes, commit.entries or commit.files)
+                                if commit is not None else (0, 0))
+        free = self.drive.store.free_bytes() // bs
+        s.f_blocks = min((total_bytes + bs - 1) // bs + free, _STATFS_MAX)
+        s.f_bfree = s.f_bavail = min(free, s.f_blocks)
+        s.f_files = min(entries, _STATFS_MAX)
         s.f_ffree = 0
         s.f_favail = 0
         s.f_namemax = 255
@@ -556,6 +600,7 @@ class DriveFS(pyfuse3.Operations):
             moved = self.drive.version != before
         if moved:
             self._generation += 1
+            self._links.clear()  # subdirectories may have come or gone anywhere
             check = set(self._entries)
             self._recheck.clear()
         else:
@@ -593,6 +638,10 @@ class DriveFS(pyfuse3.Operations):
             new = None if current is None else current.get(f.ino)
             if new is not None and new.kind == KIND_FILE:
                 f.entry = new
+        if moved:  # the kernel must ask every directory's link count again
+            listed = set(changed)
+            changed.extend(ino for ino, e in self._entries.items()
+                           if e.kind == KIND_DIR and ino not in listed)
         if changed or gone:
             await trio.to_thread.run_sync(_invalidate, changed, gone, abandon_on_cancel=True)
         return moved

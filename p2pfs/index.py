@@ -104,6 +104,7 @@ class Commit(msgspec.Struct, frozen=True, array_like=True, tag=2):
     message: str = ""
     files: _U = 0
     bytes: _U = 0
+    entries: _U = 0  # every entry, the root included (0: written before this field)
 
 
 class Leaf(msgspec.Struct, frozen=True, array_like=True, tag=3):
@@ -540,6 +541,12 @@ class IndexWriter(_Tree):
 
     def get(self, path: bytes) -> Entry | None:
         return self._get(self._root, path_key(normalize_path(path)))
+
+    def children(self, path: bytes) -> list[tuple[bytes, Entry]]:
+        """(name, entry) of each child of directory `path` as this writer has it."""
+        lo, hi = children_range(normalize_path(path))
+        cut = len(lo)
+        return [(k[cut:], e) for k, e in self._range(lo, hi)]
 
     def items(self, path: bytes = b"/") -> Iterator[tuple[bytes, Entry]]:
         """(path, entry) of `path` and everything below it, in key order."""

@@ -136,8 +136,9 @@ def clear_stale(path: str) -> int:
     raise MountError(f"{path}: more than {_MAX_STALE_LAYERS} stale mounts are stacked here")
 
 
-def prepare_mountpoint(path: str) -> str:
-    """Absolute mount point, checked and cleared of stale mounts.  UsageError if unusable."""
+def prepare_mountpoint(path: str, allow_non_empty: bool = False) -> str:
+    """Absolute mount point, checked and cleared of stale mounts.  UsageError if
+    unusable, or not empty (its files would be hidden) unless `allow_non_empty`."""
     path = os.path.abspath(path)
     if clear_stale(path):
         print(f"p2pfs: cleared a stale mount at {path}", file=sys.stderr)
@@ -153,6 +154,15 @@ def prepare_mountpoint(path: str) -> str:
     if mount is not None and mount[0].startswith("fuse"):
         raise UsageError(f"{path} is already mounted ({mount[1]}); "
                          f"run 'p2pfs umount {path}' first")
+    if not allow_non_empty:
+        try:
+            with os.scandir(path) as entries:
+                busy = next(entries, None) is not None
+        except OSError as exc:
+            raise UsageError(f"{path}: {exc.strerror}") from None
+        if busy:
+            raise UsageError(f"{path} is not empty: the mount would hide its files; "
+                             "mount on an empty directory, or give --allow-non-empty")
     return path
 
 
@@ -289,14 +299,14 @@ def _answering(mountpoint: str) -> None:
 
 
 async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
-                net: node.NetOptions | None = None,
+                allow_non_empty: bool = False, net: node.NetOptions | None = None,
                 ready: Callable[[DriveFS], None] | None = None,
                 cache_size: int | None = None, kernel: Sequence[str] = ()) -> None:
     """Mount `ref` (KEY or KEY@N) at `mountpoint` and serve until unmounted or signalled.
 
     SIGINT/SIGTERM before the mount is up abandon the opening; after, they
     end the FUSE main loop, and the mount is undone in a `finally`."""
-    mountpoint = prepare_mountpoint(mountpoint)
+    mountpoint = prepare_mountpoint(mountpoint, allow_non_empty)
     mounted = False
     session = trio.CancelScope()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -321,7 +331,7 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                 # turns it off (for measuring it).
                 prefetch = drive.source is not None and os.environ.get("P2PFS_READAHEAD") != "0"
                 ops = DriveFS(drive, live=drive.live, prefetch=prefetch)
-                mountpoint = prepare_mountpoint(mountpoint)
+                mountpoint = prepare_mountpoint(mountpoint, allow_non_empty)
                 _fuse_init(ops, mountpoint, mount_options(drive.key, allow_other, kernel))
                 mounted = True
                 try:
@@ -366,7 +376,8 @@ def _ready_message(ops: DriveFS, mountpoint: str) -> str:
 
 
 def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
-                  allow_other: bool = False, net: node.NetOptions | None = None,
+                  allow_other: bool = False, allow_non_empty: bool = False,
+                  net: node.NetOptions | None = None,
                   argv: Sequence[str] | None = None, cache_size: int | None = None,
                   kernel: Sequence[str] = ()) -> int:
     """`p2pfs mount`: foreground by default; `daemon` re-runs `argv` detached."""
@@ -386,8 +397,9 @@ def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
 
     store = node.open_store(home)
     try:
-        trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other, net=net,
-                               ready=ready, cache_size=cache_size, kernel=kernel))
+        trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other,
+                               allow_non_empty=allow_non_empty, net=net, ready=ready,
+                               cache_size=cache_size, kernel=kernel))
     finally:
         store.close()
     return 0

@@ -9,6 +9,7 @@ head of a drive not yet held.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import AsyncIterator, Sequence
 
 import trio
 
-from . import crypto
+from . import crypto, index
 from .cache import FLUSH_INTERVAL, Cache
 from .drive import Drive
 from .errors import NotFoundError, UsageError
@@ -25,9 +26,14 @@ from .store import Store, default_home
 DEFAULT_TIMEOUT = 30.0
 
 
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def open_store(home: str | os.PathLike | None = None) -> Store:
-    """The store of `home` (default: $P2PFS_HOME or the XDG data dir)."""
-    return Store(Path(home) if home is not None else default_home())
+    """The store of `home` (default: $P2PFS_HOME or the XDG data dir).  A home
+    that other users could read is made private, saying so on stderr."""
+    return Store(Path(home) if home is not None else default_home(), warn=_warn)
 
 
 def parse_drive_ref(text: str) -> tuple[bytes, int | None]:
@@ -162,26 +168,27 @@ async def caching(store: Store, drive: Drive, cap: int | None) -> AsyncIterator[
 @asynccontextmanager
 async def open_drive(store: Store, key: bytes | str, version: int | None = None,
                      peers: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT,
-                     net: NetOptions | None = None,
-                     cache_size: int | None = None) -> AsyncIterator[Drive]:
+                     net: NetOptions | None = None, cache_size: int | None = None,
+                     hint: tuple[bytes, int] | None = None) -> AsyncIterator[Drive]:
     """Yield a Drive opened at `version` (None: newest, live).
 
     `key` is 32 bytes or key text (``KEY`` or ``KEY@N``; an explicit
     `version` wins).  `net` says where peers come from (default: the static
     `peers` only, waiting up to `timeout`).  A drive this home owns is read
-    locally unless static peers are given.  What is read is reported to the
-    cache, whose cap is `cache_size` bytes (None: no cap; see `p2pfs.cache`).
-    Raises UsageError for a bad key, NotFoundError for an unknown drive or
-    version."""
-    async with _open_drive(store, key, version, peers, timeout, net) as drive:
+    locally unless static peers are given.  `hint` = (path, bytes): what the
+    caller will read first, asked of every peer in the first flight (see
+    `Swarm.hint`).  What is read is reported to the cache, whose cap is
+    `cache_size` bytes (None: no cap; see `p2pfs.cache`).  Raises UsageError
+    for a bad key, NotFoundError for an unknown drive or version."""
+    async with _open_drive(store, key, version, peers, timeout, net, hint) as drive:
         async with caching(store, drive, cache_size):
             yield drive
 
 
 @asynccontextmanager
 async def _open_drive(store: Store, key: bytes | str, version: int | None,
-                      peers: Sequence[str], timeout: float,
-                      net: NetOptions | None) -> AsyncIterator[Drive]:
+                      peers: Sequence[str], timeout: float, net: NetOptions | None,
+                      hint: tuple[bytes, int] | None) -> AsyncIterator[Drive]:
     if isinstance(key, str):
         key, text_version = parse_drive_ref(key)
         version = version if version is not None else text_version
@@ -199,13 +206,17 @@ async def _open_drive(store: Store, key: bytes | str, version: int | None,
     async with open_network(store, net) as swarm:
         drive = Drive(store, key, source=swarm)
         swarm.add_drive(drive)
+        path = b"/"
+        if hint is not None and version is None:
+            path = index.normalize_path(hint[0])
+            swarm.hint(drive, path, hint[1])
         started = trio.current_time()
         await swarm.wait_for_peers(drive, net.timeout)
         if drive.head is None:
             raise unavailable(drive.key_text, swarm, net.timeout, trio.current_time() - started)
         # the header, the newest commit and the index root in one round trip
         # (in a small drive the root is the whole index: no more trips to look up)
-        await swarm.fetch_path(drive, b"/")
+        await swarm.fetch_path(drive, path)
         await swarm.fetch(drive, [0, drive.head.length - 1])
         await drive.open(version)
         yield drive

@@ -293,7 +293,10 @@ class _Appender:
         length = self.builder.length
         root = self.builder.root()
         head = Head(length, root, crypto.sign_head(seed, self.key, length, root))
-        self.store.commit_version(self.key, head, self.nodes, record, self.batch)
+        # and the DHT's copy of it (BEP 44, under the blinded key), so that
+        # any node holding this head can put it in the DHT unchanged
+        dht_signature = crypto.sign_dht_head(seed, length, root, head.signature)
+        self.store.commit_version(self.key, head, self.nodes, record, self.batch, dht_signature)
         self.batch = []
         return head
 
@@ -391,7 +394,8 @@ def _create(store: Store, key: bytes, seed: bytes, items: list[_Item], message: 
     idx_blocks, root = index.build(entries, app.length, block_size)
     for b in idx_blocks:
         app.append(b)
-    app.append(index.encode_block(Commit(1, root, -1, now, message, files, nbytes)))
+    app.append(index.encode_block(Commit(1, root, -1, now, message, files, nbytes,
+                                         len(items))))
     head = app.sign_and_commit(seed, DriveRecord(created_ns=now, owned=True, pinned=True))
     return WriteResult(key, 1, head.length, app.content_blocks, 0, len(idx_blocks), files, nbytes,
                        added=len(entries))
@@ -540,8 +544,10 @@ class Publisher:
         version = drive.version + 1
         if callable(message):
             message = message(_summary(job.added, job.changed, job.deleted, job.moved))
+        # entries: counted once for a version written before commits counted them
+        entries = (commit.entries or sum(1 for _ in drive.walk_local())) + job.entries
         app.append(index.encode_block(Commit(version, root, length - 1, time.time_ns(),
-                                             message, files, nbytes)))
+                                             message, files, nbytes, entries)))
         head = app.sign_and_commit(seed, None)
         drive.adopt_own_head(head)
         drive.open_local()
@@ -559,7 +565,7 @@ class _Job:
         self.app = app
         self.writer = writer
         self.bs = pub.drive.block_size
-        self.files = self.bytes = 0  # deltas of the commit's totals
+        self.files = self.bytes = self.entries = 0  # deltas of the commit's totals
         self.added = self.changed = self.deleted = self.moved = 0
         self.dirty = False
         self.retry: set[bytes] = set()
@@ -588,6 +594,7 @@ class _Job:
                 self.vanished_named.setdefault((e.size, index.split_path(p)[1]), []).append(e)
         self.writer.delete(path)
         self.deleted += len(gone)
+        self.entries -= len(gone)
         self.dirty = True
 
     def put(self, path: bytes, entry: Entry, prev: Entry | None) -> None:
@@ -601,6 +608,7 @@ class _Job:
         self.writer.put(path, entry)
         if prev is None:
             self.added += 1
+            self.entries += 1
         else:
             self.changed += 1
         self.dirty = True
@@ -614,6 +622,7 @@ class _Job:
         for _p, e in self.writer.items(new):  # whatever the rename replaced
             self._count(e, -1)
             self.deleted += 1
+            self.entries -= 1
         self.writer.move(old, new)
         self.moved += 1
         self.dirty = True
@@ -685,6 +694,27 @@ class _Job:
             self.sync_subtree(path)
             return
         self.sync_item(item, prev, {})
+        if item.kind == KIND_DIR:
+            self._sync_children(path, local)
+
+    def _sync_children(self, path: bytes, local: bytes) -> None:
+        """A reported directory is looked at whole, one level deep: a name that
+        appeared (a tree moved in under a name just deleted, say) is synced, a
+        name that went is deleted.  O(its children), never its subtree."""
+        try:
+            with os.scandir(local) as it:
+                on_disk = {os.fsencode(de.name) for de in it}
+        except OSError:
+            return  # gone or unreadable meanwhile: its own event says so
+        held = {name for name, _e in self.writer.children(path)}
+        for name in sorted(on_disk ^ held):
+            try:
+                child = index.normalize_path((b"" if path == b"/" else path) + b"/" + name)
+            except UsageError as exc:  # a name no drive can hold: as a full scan does
+                self._warn(f"skipping {os.fsdecode(local)}/{os.fsdecode(name)}: {exc}")
+                continue
+            if not self._covered(child):
+                self.sync_path(child)
 
     def sync_subtree(self, top: bytes) -> None:
         """Make the index below `top` agree with the disk (what import does for "/")."""

@@ -5,14 +5,32 @@ Theory of operation
 A home directory holds::
 
     store/data.mdb, store/lock.mdb   the LMDB environment (sparse, map 1 TiB)
-    keys/<zbase32 key>.key           a drive's secret seed, mode 0600
+    keys/<zbase32 key>.key           a drive's secret seed
+    locks/<key hex>.lock             writer locks (flock)
+    node.key, mount.log              the node's Noise key; a daemon mount's log
+
+*The home is private*: the store holds the plaintext of every drive in it.
+The home and every directory in it are created mode 0700, every file 0600,
+through `make_private_dir` and `open_private` (code that adds a file to the
+home uses them, so it cannot forget).  A home made by an older version is
+tightened when a Store opens it (`tighten_home`), and the caller's `warn`
+hears of it once.
+
+*Damage.*  Every LMDB error is turned into a `StoreError` naming the home:
+`StoreDamagedError` for damaged pages (``the store in HOME is damaged: ...;
+run 'p2pfs verify'``), a one-line full-disk message with the free space for
+ENOSPC.  LMDB maps the data file; a page past its end is SIGBUS, not an
+error, so before mapping, the meta pages are checked against the file's
+size (`check_data_file`): a truncated file or a meta page pointing past it
+is reported instead of killing the process.  `check_structure` walks every
+page (py-lmdb's offline verifier) for `p2pfs verify`.
 
 Sub-databases (all keys begin with the 32-byte drive key, integers are u64
 big-endian so that one drive's records are one sorted range):
 
     blocks   key || block        -> block bytes
     nodes    key || node         -> hash (32) || u64le size     tree nodes
-    heads    key || length       -> root (32) || signature (64) signed heads
+    heads    key || length       -> root (32) || signature (64) [|| DHT signature (64)]
     forks    key || length || root -> signature                 fork evidence
     drives   key                 -> DriveRecord (msgpack)
     held     key                 -> u64le blocks || u64le bytes accounting
@@ -54,19 +72,21 @@ so the size of the cache costs one scan of a small sub-database.
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import functools
 import os
 import stat
 import struct
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import lmdb
 import msgspec
 
-from .errors import KeyFileError, StoreError
+from .errors import KeyFileError, StoreDamagedError, StoreError
 from .types import Head, Node
 
 # MDB_NOMETASYNC: data pages are flushed at every commit, the meta page
@@ -80,6 +100,7 @@ WRITE_BATCH_BYTES = 8 << 20  # callers keep write transactions below this
 KEY_BYTES = 32
 HASH_BYTES = 32
 SIGNATURE_BYTES = 64
+_SIGNED = HASH_BYTES + SIGNATURE_BYTES  # a heads value: root, signature [, DHT signature]
 
 _U64 = struct.Struct(">Q")
 _NODE = struct.Struct("<Q")
@@ -126,6 +147,251 @@ def _check_key(key: bytes) -> None:
         raise ValueError("drive key must be 32 bytes")
 
 
+# --- the home is private ------------------------------------------------------------
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+# What older versions wrote into a home, tightened when a Store opens it:
+# these directories and the files in the first two, and these files.  Secret
+# key files (keys/*.key, node.key) are left alone: one that others could read
+# is refused with the chmod that fixes it (its secret may have been copied).
+_HOME_DIRS = ("store", "locks", "keys")
+_HOME_FILES = ("mount.log",)
+_tightened: set[str] = set()  # homes checked by this process
+
+
+def make_private_dir(path: str | os.PathLike) -> Path:
+    """Create directory `path` mode 0700 if it is missing (parents as `mkdir -p`
+    would).  An existing directory is left as it is.  Raises OSError."""
+    path = Path(path)
+    try:
+        os.mkdir(path, PRIVATE_DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return make_private_dir(path)
+    return path
+
+
+def open_private(path: str | os.PathLike, flags: int) -> int:
+    """os.open(path, flags) creating the file mode 0600; an existing file that
+    others could read is made private.  Raises OSError."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            os.fchmod(fd, mode & ~0o077)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _tighten(path: str, st: os.stat_result) -> bool:
+    """Take group and other bits off one path we own; True if it had any."""
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o077:
+        return False
+    os.chmod(path, mode & ~0o077, follow_symlinks=False)
+    return True
+
+
+def tighten_home(home: str | os.PathLike, warn: Callable[[str], None] | None = None) -> None:
+    """Make a home private: the home 0700, p2pfs's files in it 0600.
+
+    Only what p2pfs writes is touched, never a user's other files if the
+    home is a directory they also use (secret key files neither: they are
+    checked where they are read).  The home directory itself is tightened
+    if this user owns it and it is not a shared sticky directory like /tmp.
+    `warn` hears one line if a store that existed was readable by others, or
+    a line saying what could not be changed.  Once per home per process."""
+    home = os.path.abspath(home)
+    if home in _tightened:
+        return
+    _tightened.add(home)
+    try:
+        top = os.stat(home)
+    except OSError:
+        return  # not there yet: created private by the Store
+    is_ours = os.path.exists(os.path.join(home, "store", "data.mdb"))
+    exposed = False
+    try:
+        if top.st_uid == os.geteuid() and not top.st_mode & stat.S_ISVTX:
+            exposed = _tighten(home, top) and is_ours
+        paths = [os.path.join(home, name) for name in _HOME_FILES]
+        for name in _HOME_DIRS:
+            d = os.path.join(home, name)
+            paths.append(d)
+            if name != "keys" and os.path.isdir(d) and not os.path.islink(d):
+                paths.extend(os.path.join(d, n) for n in os.listdir(d))
+        for path in paths:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+                exposed |= _tighten(path, st)
+    except OSError as exc:
+        if warn is not None:
+            warn(f"p2pfs: warning: cannot make the home {home} private "
+                 f"({exc.strerror}); other users may read it")
+        return
+    if exposed and warn is not None:
+        warn(f"p2pfs: the home {home} was readable by other users; made it private "
+             "(directories 0700, files 0600)")
+
+
+# --- LMDB errors -----------------------------------------------------------------------
+
+_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError,
+           lmdb.PanicError, lmdb.VersionMismatchError)
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _disk_full(home) -> StoreError:
+    try:
+        free = f"{free_bytes(home) / (1 << 20):.1f} MiB free"
+    except OSError:
+        free = "no space left"
+    return StoreError(f"the disk holding the store in {home} is full ({free}): free some "
+                      "space, or give --home a bigger disk, and run the command again")
+
+
+def _os_error(home, exc: OSError, what: str) -> StoreError:
+    """`what` failed writing into the home: the full-disk message for ENOSPC."""
+    if exc.errno == errno.ENOSPC:
+        return _disk_full(home)
+    return StoreError(f"{what}: {exc.strerror}")
+
+
+def _store_error(home, exc: lmdb.Error) -> StoreError:
+    """The user's view of an LMDB error."""
+    if isinstance(exc, (lmdb.DiskError, lmdb.MapFullError)):
+        return _disk_full(home)
+    if "Input/output error" in str(exc):
+        # LMDB reports a short write (the usual way a disk fills up) as EIO
+        try:
+            if free_bytes(home) < 2 * WRITE_BATCH_BYTES:
+                return _disk_full(home)
+        except OSError:
+            pass
+    if isinstance(exc, _DAMAGE):
+        return StoreDamagedError(home, str(exc))
+    return StoreError(f"cannot use the store in {home}: {exc}")
+
+
+def _guard(fn):
+    """A Store method whose LMDB errors become StoreError (one line, naming the home)."""
+    @functools.wraps(fn)
+    def guarded(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except lmdb.Error as exc:
+            raise _store_error(self.home, exc) from None
+    return guarded
+
+
+def _guard_iter(fn):
+    """`_guard` for a Store method that is a generator."""
+    @functools.wraps(fn)
+    def guarded(self, *args, **kwargs):
+        try:
+            yield from fn(self, *args, **kwargs)
+        except lmdb.Error as exc:
+            raise _store_error(self.home, exc) from None
+    return guarded
+
+
+# --- the data file before it is mapped ---------------------------------------------------
+
+# LMDB 0.9 on a 64-bit host (the layout py-lmdb's verifier documents): a page
+# header of 16 bytes (u16 flags at 10), then the meta record: magic, data
+# version, address, map size, the free and main DB records (48 bytes each,
+# the free DB's first u32 is the page size, the root page number last) and
+# the last page number and transaction id.
+_META_MAGIC = 0xBEEFC0DE
+_P_META = 0x08
+_P_INVALID = (1 << 64) - 1
+_META = struct.Struct("=10xH4xII16xI36xQ40xQQQ")
+
+
+def _parse_meta(page: bytes):
+    """(page size, free root, main root, last page, txn id), or None if it is no meta page."""
+    if len(page) < _META.size:
+        return None
+    flags, magic, version, psize, free_root, main_root, last_pg, txnid = _META.unpack_from(page)
+    if not flags & _P_META or magic != _META_MAGIC or version != 1:
+        return None
+    return psize, free_root, main_root, last_pg, txnid
+
+
+def check_data_file(path: str | os.PathLike) -> str | None:
+    """What makes an LMDB data file unsafe to map, or None.
+
+    LMDB maps the file and trusts the meta page it picks (the one with the
+    higher transaction id): a file shorter than that meta's last page, or a
+    root page number past it, would be read through the map past the end of
+    the file, which kills the process with SIGBUS.  Those are reported here.
+    Anything LMDB itself reports as an error (a bad magic number, a wrong
+    page type) is left to it.  Reads the meta pages first and the size after,
+    so a writer growing the file meanwhile is never mistaken for damage."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(4096)
+            if not first:
+                return None  # a new environment
+            meta0 = _parse_meta(first)
+            if meta0 is None:
+                return None  # LMDB reports it: "not an LMDB file" / version mismatch
+            psize = meta0[0]
+            if psize < 512 or psize > 65536 or psize & (psize - 1):
+                return f"data.mdb has a meta page with a page size of {psize}"
+            f.seek(psize)
+            meta1 = _parse_meta(f.read(psize))
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return None  # a new environment
+    except OSError as exc:
+        return f"data.mdb cannot be read ({exc.strerror})"
+    if meta1 is None:
+        return "data.mdb has no second meta page (the file is cut short or overwritten)"
+    if meta1[0] != psize:
+        return f"data.mdb's meta pages disagree on the page size ({psize}, {meta1[0]})"
+    meta = meta1 if meta1[4] > meta0[4] else meta0
+    _, free_root, main_root, last_pg, txnid = meta
+    needed = (last_pg + 1) * psize
+    if needed > size:
+        return (f"data.mdb is {size} bytes but its last transaction ({txnid}) needs "
+                f"{needed} (the file was cut short or its meta page is damaged)")
+    for root in (free_root, main_root):
+        if root != _P_INVALID and root > last_pg:
+            return f"data.mdb's meta page points at page {root}, past its last page {last_pg}"
+    return None
+
+
+def check_structure(home: str | os.PathLike) -> list[str]:
+    """Every page of the home's LMDB file walked (py-lmdb's offline verifier,
+    which never maps the file): the problems found, each one line."""
+    import lmdb.verify
+
+    path = os.path.join(os.path.abspath(home), "store")
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        return []
+    try:
+        return [f"data.mdb: {p}" for p in lmdb.verify.verify(path, subdir=True)]
+    except lmdb.verify.VerifyError as exc:
+        return [f"data.mdb: {exc}"]
+    except OSError as exc:
+        return [f"data.mdb cannot be read ({exc.strerror})"]
+
+
 # LMDB allows one open environment per file per process: Store handles of
 # one home in one process share it (reference counted).
 _envs: dict[str, list] = {}
@@ -134,14 +400,43 @@ _DB_NAMES = (b"blocks", b"nodes", b"heads", b"forks", b"drives", b"held",
              b"lastread", b"lru", b"cached")
 
 
-def _acquire_env(path: str):
+# LMDB 0.9's lock file: a 128-byte header and a reader table, each entry a
+# 64-byte cache line (what LMDB itself sizes it to for MAX_READERS).
+LOCK_FILE_BYTES = 2 * 64 + MAX_READERS * 64
+
+
+def _reserve_lock_file(path: str) -> None:
+    """Allocate the lock file's blocks before LMDB maps it.
+
+    LMDB writes reader slots through a shared map of the lock file; a slot in
+    a hole of a sparse file, on a full disk, is SIGBUS rather than an error.
+    Raises OSError (ENOSPC on a full disk)."""
+    fd = open_private(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _acquire_env(path: str, home: Path):
     with _envs_lock:
         got = _envs.get(path)
         if got is not None:
             got[2] += 1
             return got[0], got[1]
         try:
-            os.makedirs(path, exist_ok=True)
+            make_private_dir(home)
+            make_private_dir(path)
+            _reserve_lock_file(os.path.join(path, "lock.mdb"))
+        except OSError as exc:
+            raise _os_error(home, exc, f"cannot open the store in {path}") from None
+        problem = check_data_file(os.path.join(path, "data.mdb"))
+        if problem is not None:
+            raise StoreDamagedError(home, problem)
+        try:
             env = lmdb.open(
                 path,
                 map_size=MAP_SIZE,
@@ -152,16 +447,17 @@ def _acquire_env(path: str):
                 metasync=False,
                 readahead=True,  # without it a cold 64 KiB block faults in as 16 single-page reads: 10x slower
                 subdir=True,
+                mode=PRIVATE_DIR_MODE,  # LMDB creates its files with this & ~0o111: 0600
             )
         except OSError as exc:
             raise StoreError(f"cannot open the store in {path}: {exc.strerror}") from None
         except lmdb.Error as exc:
-            raise StoreError(f"cannot open the store in {path}: {exc}") from None
+            raise _store_error(home, exc) from None
         try:
             dbs = tuple(env.open_db(name) for name in _DB_NAMES)
         except lmdb.Error as exc:
             env.close()
-            raise StoreError(f"cannot open the store in {path}: {exc}") from None
+            raise _store_error(home, exc) from None
         _envs[path] = [env, dbs, 1]
         return env, dbs
 
@@ -179,16 +475,19 @@ class Store:
     """A node's LMDB environment plus its key directory.
 
     Several Store objects for one home in one process share one environment.
+    `warn` hears a line if an existing home had to be made private.
 
-    Raises StoreError when the home cannot be opened or written.
+    Raises StoreError when the home cannot be opened or written (every
+    method: StoreDamagedError for a damaged file, a full-disk message).
     """
 
-    def __init__(self, home: str | os.PathLike):
-        self.home = Path(home)
+    def __init__(self, home: str | os.PathLike, warn: Callable[[str], None] | None = None):
+        self.home = Path(os.path.abspath(home))
         self.keys_dir = self.home / "keys"
         self._path = os.path.realpath(self.home / "store")
         self._closed = False
-        self.env, dbs = _acquire_env(self._path)
+        tighten_home(self.home, warn)
+        self.env, dbs = _acquire_env(self._path, self.home)
         (self._blocks, self._nodes, self._heads, self._forks, self._drives,
          self._held, self._lastread, self._lru, self._cached) = dbs
 
@@ -205,25 +504,36 @@ class Store:
         self.close()
 
     def _write(self):
-        try:
-            return self.env.begin(write=True, buffers=True)
-        except lmdb.Error as exc:
-            raise StoreError(f"cannot write the store in {self.home}: {exc}") from None
+        return self.env.begin(write=True, buffers=True)
 
+    @_guard
     def sync(self) -> None:
         """Flush every committed transaction to disk."""
+        self.env.sync(True)
+
+    def free_bytes(self) -> int:
+        """Bytes still free for the store on its disk (0 if it cannot be told)."""
         try:
-            self.env.sync(True)
-        except lmdb.Error as exc:
-            raise StoreError(f"cannot flush the store in {self.home}: {exc}") from None
+            return free_bytes(self._path)
+        except OSError:
+            return 0
+
+    @_guard
+    def check_structure(self) -> list[str]:
+        """`check_structure` of this home, inside a read transaction so that
+        writers in other processes cannot reuse the pages being walked."""
+        with self.env.begin():
+            return check_structure(self.home)
 
     # --- drives -------------------------------------------------------------
 
+    @_guard
     def get_drive(self, key: bytes) -> DriveRecord | None:
         with self.env.begin(db=self._drives) as txn:
             raw = txn.get(key)
         return None if raw is None else _record_decoder.decode(raw)
 
+    @_guard
     def list_drives(self) -> list[tuple[bytes, DriveRecord]]:
         with self.env.begin(db=self._drives) as txn:
             return [(bytes(k), _record_decoder.decode(v)) for k, v in txn.cursor()]
@@ -249,16 +559,19 @@ class Store:
 
     # --- blocks -------------------------------------------------------------
 
+    @_guard
     def get_block(self, key: bytes, index: int) -> bytes | None:
         with self.env.begin(db=self._blocks) as txn:
             return txn.get(_bk(key, index))
 
+    @_guard
     def get_blocks(self, key: bytes, indices: Iterable[int]) -> list[bytes | None]:
         """Several blocks in one read transaction (None where not held)."""
         with self.env.begin(db=self._blocks) as txn:
             get = txn.get
             return [get(key + _U64.pack(i)) for i in indices]
 
+    @_guard
     def with_blocks(self, key: bytes, indices: Iterable[int], fn):
         """Call fn(list of zero-copy buffers or None) inside one read transaction
         and return its result; the buffers are valid only during the call."""
@@ -266,16 +579,19 @@ class Store:
             get = txn.get
             return fn([get(key + _U64.pack(i)) for i in indices])
 
+    @_guard
     def has_block(self, key: bytes, index: int) -> bool:
         with self.env.begin(db=self._blocks, buffers=True) as txn:
             return txn.get(_bk(key, index)) is not None
 
+    @_guard
     def put_blocks(self, key: bytes, first: int, blocks: Iterable[bytes]) -> None:
         """Store blocks first, first+1, ... (unsigned until commit_version)."""
         _check_key(key)
         with self._write() as txn:
             self._put_blocks(txn, key, enumerate(blocks, first))
 
+    @_guard
     def put_block_items(self, key: bytes, items: Iterable[tuple[int, bytes]],
                         nodes: Iterable[Node] = ()) -> None:
         """Store (index, data) blocks and verified tree nodes in one transaction."""
@@ -307,12 +623,14 @@ class Store:
     def _add_held(self, txn, key: bytes, count: int, nbytes: int) -> None:
         self._add_counter(txn, self._held, key, count, nbytes)
 
+    @_guard
     def held(self, key: bytes) -> tuple[int, int]:
         """(blocks held, bytes held) for a drive: one read."""
         with self.env.begin(db=self._held) as txn:
             raw = txn.get(key)
         return _HELD.unpack(raw) if raw is not None else (0, 0)
 
+    @_guard_iter
     def block_indices(self, key: bytes, start: int = 0) -> Iterator[int]:
         """Indices of held blocks >= start, ascending (one read transaction)."""
         with self.env.begin(db=self._blocks, buffers=True) as txn:
@@ -335,6 +653,7 @@ class Store:
                 ranges.append([i, i + 1])
         return [(a, b) for a, b in ranges]
 
+    @_guard_iter
     def iter_blocks(self, key: bytes, start: int = 0, end: int | None = None,
                     ) -> Iterator[tuple[int, memoryview]]:
         """(index, data) for held blocks in [start, end); zero-copy buffers
@@ -359,10 +678,10 @@ class Store:
         Raises StoreError at once if another process holds it."""
         path = self.home / "locks" / f"{key.hex()}.lock"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            make_private_dir(path.parent)
+            fd = open_private(path, os.O_RDWR)
         except OSError as exc:
-            raise StoreError(f"cannot create lock file {path}: {exc.strerror}") from None
+            raise _os_error(self.home, exc, f"cannot create lock file {path}") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -373,6 +692,7 @@ class Store:
         finally:
             os.close(fd)
 
+    @_guard
     def orphan_keys(self) -> list[bytes]:
         """Keys with blocks but no signed head: creates that were interrupted
         (or are running now; callers check `writer_lock`)."""
@@ -389,6 +709,7 @@ class Store:
                     bytes(cur.key()[:KEY_BYTES]) != key or cur.next())
         return out
 
+    @_guard
     def discard_blocks_from(self, key: bytes, length: int) -> int:
         """Delete blocks >= length (an interrupted write's garbage).  Returns how many."""
         doomed = list(self.block_indices(key, length))
@@ -572,6 +893,7 @@ class Store:
 
     # --- tree nodes ---------------------------------------------------------
 
+    @_guard
     def get_node(self, key: bytes, index: int) -> Node | None:
         with self.env.begin(db=self._nodes) as txn:
             raw = txn.get(_bk(key, index))
@@ -579,6 +901,7 @@ class Store:
             return None
         return Node(index, raw[:HASH_BYTES], _NODE.unpack_from(raw, HASH_BYTES)[0])
 
+    @_guard
     def get_nodes(self, key: bytes, indices: Iterable[int]) -> list[Node | None]:
         out: list[Node | None] = []
         with self.env.begin(db=self._nodes) as txn:
@@ -589,6 +912,7 @@ class Store:
                            Node(i, raw[:HASH_BYTES], _NODE.unpack_from(raw, HASH_BYTES)[0]))
         return out
 
+    @_guard
     def node_range(self, key: bytes, lo: int, hi: int) -> dict[int, Node]:
         """Stored nodes with lo <= index < hi (one cursor scan)."""
         out: dict[int, Node] = {}
@@ -604,6 +928,7 @@ class Store:
                 out[i] = Node(i, raw[:HASH_BYTES], _NODE.unpack_from(raw, HASH_BYTES)[0])
         return out
 
+    @_guard_iter
     def iter_nodes(self, key: bytes) -> Iterator[Node]:
         with self.env.begin(db=self._nodes) as txn:
             cur = txn.cursor()
@@ -615,6 +940,7 @@ class Store:
                 yield Node(_U64.unpack_from(k, KEY_BYTES)[0], raw[:HASH_BYTES],
                            _NODE.unpack_from(raw, HASH_BYTES)[0])
 
+    @_guard
     def put_nodes(self, key: bytes, nodes: Iterable[Node]) -> None:
         with self._write() as txn:
             self._put_nodes(txn, key, nodes)
@@ -626,6 +952,7 @@ class Store:
 
     # --- heads and forks ----------------------------------------------------
 
+    @_guard
     def latest_head(self, key: bytes) -> Head | None:
         with self.env.begin(db=self._heads) as txn:
             cur = txn.cursor()
@@ -643,13 +970,31 @@ class Store:
 
     @staticmethod
     def _head(k: bytes, v: bytes) -> Head:
-        return Head(_U64.unpack_from(k, KEY_BYTES)[0], v[:HASH_BYTES], v[HASH_BYTES:])
+        return Head(_U64.unpack_from(k, KEY_BYTES)[0], bytes(v[:HASH_BYTES]), bytes(v[HASH_BYTES:_SIGNED]))
 
+    @_guard
     def get_head(self, key: bytes, length: int) -> Head | None:
         with self.env.begin(db=self._heads) as txn:
             raw = txn.get(_bk(key, length))
-        return None if raw is None else Head(length, raw[:HASH_BYTES], raw[HASH_BYTES:])
+        return None if raw is None else Head(length, raw[:HASH_BYTES], raw[HASH_BYTES:_SIGNED])
 
+    def dht_signature(self, key: bytes, length: int) -> bytes:
+        """The owner's BEP 44 signature of the head of `length` (its DHT item),
+        if this home has it (b"" if not)."""
+        with self.env.begin(db=self._heads) as txn:
+            raw = txn.get(_bk(key, length))
+        return b"" if raw is None else bytes(raw[_SIGNED:_SIGNED + SIGNATURE_BYTES])
+
+    def put_dht_signature(self, key: bytes, length: int, signature: bytes) -> None:
+        """Keep the (verified) DHT signature of a head already held."""
+        if len(signature) != SIGNATURE_BYTES:
+            raise ValueError("a DHT signature is 64 bytes")
+        with self._write() as txn:
+            raw = txn.get(_bk(key, length), db=self._heads)
+            if raw is not None:
+                txn.put(_bk(key, length), bytes(raw[:_SIGNED]) + signature, db=self._heads)
+
+    @_guard
     def heads(self, key: bytes) -> list[Head]:
         """Every signed head held, by length ascending."""
         out = []
@@ -662,6 +1007,7 @@ class Store:
                     out.append(self._head(k, v))
         return out
 
+    @_guard
     def put_head(self, key: bytes, head: Head, nodes: Iterable[Node] = ()) -> None:
         """Store a verified signed head (and nodes it makes trusted) in one transaction."""
         _check_key(key)
@@ -671,11 +1017,13 @@ class Store:
             if txn.get(key, db=self._drives) is None:
                 txn.put(key, _record_encoder.encode(DriveRecord(pinned=False)), db=self._drives)
 
+    @_guard
     def put_fork(self, key: bytes, head: Head) -> None:
         """Keep a conflicting signed head as evidence."""
         with self._write() as txn:
             txn.put(_bk(key, head.length) + head.root, head.signature, db=self._forks)
 
+    @_guard
     def forks(self, key: bytes) -> list[Head]:
         out = []
         with self.env.begin(db=self._forks) as txn:
@@ -689,9 +1037,10 @@ class Store:
 
     # --- the final transaction of a version ----------------------------------
 
+    @_guard
     def commit_version(self, key: bytes, head: Head, nodes: Iterable[Node],
                        record: DriveRecord | None = None,
-                       blocks: Iterable[tuple[int, bytes]] = ()) -> None:
+                       blocks: Iterable[tuple[int, bytes]] = (), dht_signature: bytes = b"") -> None:
         """Write the last blocks, tree nodes, signed head and drive record of a
         version in one transaction, then flush to disk.  Before this returns
         the version does not exist; after, it is durable."""
@@ -699,7 +1048,7 @@ class Store:
         with self._write() as txn:
             self._put_blocks(txn, key, blocks)
             self._put_nodes(txn, key, nodes)
-            txn.put(_bk(key, head.length), head.root + head.signature, db=self._heads)
+            txn.put(_bk(key, head.length), head.root + head.signature + dht_signature, db=self._heads)
             if record is not None or txn.get(key, db=self._drives) is None:
                 txn.put(key, _record_encoder.encode(record or DriveRecord()), db=self._drives)
         self.sync()
@@ -715,11 +1064,11 @@ class Store:
             raise ValueError("secret seed must be 32 bytes")
         path = self.key_path(key_text)
         try:
-            self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dir(self.keys_dir)
             write_key_file(path, seed)
         except OSError as exc:
-            raise StoreError(f"cannot write the secret key file in {self.keys_dir}: "
-                             f"{exc.strerror}") from None
+            raise _os_error(self.home, exc,
+                            f"cannot write the secret key file in {self.keys_dir}") from None
         return path
 
     def load_secret(self, key_text: str) -> bytes | None:
@@ -745,9 +1094,8 @@ def write_private_file(path: Path, data: bytes, *, keep_existing: bool = False) 
     first wins.  Raises OSError."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes never share one
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
-        os.fchmod(fd, 0o600)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

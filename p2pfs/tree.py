@@ -31,6 +31,19 @@ the request was sent); every trusted node met on the way must still match,
 and the climb must end at a trusted node or at the signed root.  The caller
 must not forget trusted nodes while a request is outstanding.
 
+Runs.  Wire version 2 sends runs of blocks ``[start, end)`` with one
+proof for the whole run.  `range_plan` / `range_proof_request` (requester)
+climb from every leaf of the run at once, level by level, and list the
+flat-tree indices of the nodes it lacks: siblings the run does not compute
+and that are not trusted, and, if a climb reaches its peak untrusted, the
+peaks it neither computes nor trusts.  `make_range_proof` (sender) looks
+those nodes up; they carry their indices, so their order is free.
+`verify_range` (receiver) climbs once with the peer's claimed leaves (one
+per block), then hashes each block against its own verified leaf, so one
+damaged block is pinned to that block and the rest of the run is kept.
+`plan_runs` / `verify_runs` do the same for several runs in one reply,
+each run relying on what the earlier ones proved.
+
 Recipes for the drive
 ---------------------
 * Accepting a block from a peer::
@@ -53,7 +66,7 @@ This module is pure: it imports only blake3 and p2pfs's pure core.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 from blake3 import blake3
 
@@ -70,9 +83,18 @@ __all__ = [
     "proof_request",
     "make_proof",
     "verify_block",
+    "RangePlan",
+    "VerifiedRange",
+    "range_plan",
+    "range_proof_request",
+    "make_range_proof",
+    "plan_runs",
+    "verify_range",
+    "verify_runs",
     "slow_root",
     "slow_node",
     "slow_proof",
+    "slow_range_request",
 ]
 
 HASH_BYTES = 32
@@ -222,24 +244,24 @@ def make_proof(block: int, length: int, siblings: int, peaks: bool, get_node: Ge
     return proof
 
 
-def _check_node(block: int, node: object) -> Node:
-    """`node` as a well-formed Node, or VerificationError (peer input)."""
+def _check_node(what: str, node: object) -> Node:
+    """`node` as a well-formed Node, or VerificationError naming `what` (peer input)."""
     if not (isinstance(node, (tuple, list)) and len(node) == 3):
-        raise VerificationError(f"block {block}: malformed proof node {type(node).__name__}")
+        raise VerificationError(f"{what}: malformed proof node {type(node).__name__}")
     index, digest, size = node
     if type(index) is not int or index < 0:
-        raise VerificationError(f"block {block}: proof node has a bad index")
+        raise VerificationError(f"{what}: proof node has a bad index")
     if not isinstance(digest, bytes) or len(digest) != HASH_BYTES:
-        raise VerificationError(f"block {block}: proof node {index} has a malformed hash")
+        raise VerificationError(f"{what}: proof node {index} has a malformed hash")
     if type(size) is not int or not 0 <= size <= MAX_SIZE:
-        raise VerificationError(f"block {block}: proof node {index} has a bad size")
+        raise VerificationError(f"{what}: proof node {index} has a bad size")
     return node if type(node) is Node else Node(index, digest, size)
 
 
-def _parent(block: int, left: Node, right: Node) -> Node:
+def _parent(what: str, left: Node, right: Node) -> Node:
     size = left.size + right.size
     if size > MAX_SIZE:
-        raise VerificationError(f"block {block}: node sizes overflow in the proof")
+        raise VerificationError(f"{what}: node sizes overflow in the proof")
     digest = blake3(PARENT_TAG + size.to_bytes(8, "little") + left.hash + right.hash).digest()
     return Node((left.index + right.index) >> 1, digest, size)
 
@@ -280,6 +302,7 @@ def verify_block(
         node = leaf_node(block, data)
     except TypeError:
         raise VerificationError(f"block {block}: data is not bytes") from None
+    what = f"block {block}"
     peak, height = _peak_path(block, length)
     new: list[Node] = []
     anchored = False  # the current node matches a trusted node
@@ -298,19 +321,19 @@ def verify_block(
             new.append(node)
         if level == height or i == len(proof):
             break
-        sib = _check_node(block, proof[i])
+        sib = _check_node(what, proof[i])
         want = flat.sibling(node.index)
         if sib.index != want:
             break  # the siblings are over; only the other peaks may follow
         i += 1
         _add_unless_trusted(block, sib, get_trusted, new)
-        node = _parent(block, node, sib) if want > node.index else _parent(block, sib, node)
+        node = _parent(what, node, sib) if want > node.index else _parent(what, sib, node)
         level += 1
     rest = proof[i:]
     if level < height:
         if rest:
             raise VerificationError(
-                f"block {block}: proof node {_check_node(block, rest[0]).index}"
+                f"block {block}: proof node {_check_node(what, rest[0]).index}"
                 f" is not the expected sibling {flat.sibling(node.index)}")
         if not anchored:
             raise VerificationError(
@@ -325,7 +348,7 @@ def verify_block(
             f"block {block}: proof has {len(rest)} peaks, length {length} needs {len(others)}")
     peaks = []
     for want, got in zip(others, rest):
-        got = _check_node(block, got)
+        got = _check_node(what, got)
         if got.index != want:
             raise VerificationError(f"block {block}: proof node {got.index} is not the expected peak {want}")
         peaks.append(got)
@@ -345,6 +368,340 @@ def _add_unless_trusted(block: int, node: Node, get_trusted: GetNode, new: list[
     elif trusted.hash != node.hash or trusted.size != node.size:
         raise VerificationError(
             f"block {block}: proof node {node.index} does not match the trusted node (hash or size differs)")
+
+
+# --- runs: blocks [start, end) verified with one climb ---------------------------
+
+class RangePlan(NamedTuple):
+    """What verifying a run takes (`range_plan`)."""
+
+    needed: list[int]   # proof nodes to ask the peer for, ascending
+    proven: set[int]    # every node a successful verification will have verified
+
+
+class VerifiedRange(NamedTuple):
+    """The outcome of `verify_range`: every node it verified (leaves, parents,
+    proof nodes; some may have been trusted already), and the blocks whose
+    data does not hash to their verified leaf (only told apart when the peer
+    sent one leaf per block)."""
+
+    nodes: list[Node]
+    bad: list[int]
+
+
+def _run_name(start: int, end: int) -> str:
+    return f"block {start}" if end - start == 1 else f"blocks {start}-{end - 1}"
+
+
+def range_plan(start: int, end: int, length: int, is_trusted: Callable[[int], bool]) -> RangePlan:
+    """The proof nodes needed to verify blocks ``[start, end)`` against a signed
+    `length`, given what `is_trusted` says we hold verified.
+
+    Climbs from every leaf of the run at once, level by level: a node stops
+    at the first trusted one; otherwise its sibling is needed unless the run
+    computes it or it is trusted.  If a climb reaches its peak untrusted, the
+    signed root is needed, so every peak of `length` the climb did not
+    compute and we do not trust is needed too.  Raises ValueError unless
+    ``0 <= start < end <= length``."""
+    if not (0 <= start < end <= length):
+        raise ValueError(f"blocks [{start}, {end}) are not a run inside length {length}")
+    peaks = flat.full_roots(length)
+    peak_set = set(peaks)
+    frontier = list(range(2 * start, 2 * end, 2))
+    proven = set(frontier)
+    needed: set[int] = set()
+    need_root = False
+    while frontier:
+        here = set(frontier)
+        up: list[int] = []
+        for n in frontier:
+            if is_trusted(n):
+                continue
+            if n in peak_set:
+                need_root = True
+                continue
+            s = flat.sibling(n)
+            if s not in here and not is_trusted(s):
+                needed.add(s)
+            p = flat.parent(n)
+            if not up or up[-1] != p:
+                up.append(p)
+        proven.update(up)
+        frontier = up
+    if need_root:
+        needed.update(p for p in peaks if p not in proven and not is_trusted(p))
+    proven |= needed
+    return RangePlan(sorted(needed), proven)
+
+
+def range_proof_request(start: int, end: int, length: int, is_trusted: Callable[[int], bool]) -> list[int]:
+    """The flat-tree indices of the proof nodes to request for blocks
+    ``[start, end)`` of `length` (see `range_plan`), ascending."""
+    return range_plan(start, end, length, is_trusted).needed
+
+
+def make_range_proof(start: int, end: int, length: int, nodes: Sequence[int], get_node: GetNode) -> list[Node]:
+    """The proof a sender attaches to the run ``[start, end)``: the requested
+    `nodes`, in the order asked.  Raises LookupError (the caller answers
+    no-data) if the run is not inside `length`, a node lies outside the tree
+    of `length` (so it is not covered by that signed root) or is not held."""
+    if not (0 <= start < end <= length):
+        raise LookupError(f"no run [{start}, {end}) in length {length}")
+    proof = []
+    for n in nodes:
+        if type(n) is not int or n < 0 or not flat.in_tree(n, length):
+            raise LookupError(f"tree node {n} is not in the tree of length {length}")
+        node = get_node(n)
+        if node is None:
+            raise LookupError(f"tree node {n} is not held")
+        proof.append(node)
+    return proof
+
+
+def plan_runs(ranges: Sequence[tuple[int, int]], length: int,
+              is_trusted: Callable[[int], bool] = lambda n: False) -> list[list[int]]:
+    """Proof nodes for several runs sent together (an index reply), in order:
+    each run's list leaves out what the runs before it prove, as
+    `verify_runs` will trust them.  `ranges` are ``(start, end)`` pairs."""
+    proven: set[int] = set()
+    out = []
+    for start, end in ranges:
+        plan = range_plan(start, end, length, lambda n: n in proven or is_trusted(n))
+        out.append(plan.needed)
+        proven |= plan.proven
+    return out
+
+
+def _leaf_of(block: int, data: object, what: str) -> Node:
+    """The leaf of a block of the run: hash `data`, or take a caller's Node."""
+    if type(data) is Node:
+        if data.index != 2 * block:
+            raise ValueError(f"leaf {data.index} given for block {block}")
+        return data
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise VerificationError(f"{what}: data of block {block} is not bytes")
+    return leaf_node(block, data)
+
+
+def _claimed_leaves(start: int, leaves: Sequence[object], what: str) -> list[Node]:
+    """A peer's (hash, size) for each leaf of the run, checked for shape."""
+    out = []
+    for block, leaf in enumerate(leaves, start):
+        if not (type(leaf) is tuple or type(leaf) is list) or len(leaf) != 2:
+            raise VerificationError(f"{what}: malformed leaf of block {block}")
+        digest, size = leaf
+        if type(digest) is not bytes or len(digest) != HASH_BYTES:
+            raise VerificationError(f"{what}: leaf of block {block} has a malformed hash")
+        if type(size) is not int or not 0 <= size <= MAX_SIZE:
+            raise VerificationError(f"{what}: leaf of block {block} has a bad size")
+        out.append(Node(2 * block, digest, size))
+    return out
+
+
+def _matches(a: Node, b: Node) -> bool:
+    return a.hash == b.hash and a.size == b.size
+
+
+def verify_range(
+    start: int,
+    blocks: Sequence[object],
+    proof: Sequence[Node],
+    length: int,
+    root: bytes,
+    get_trusted: GetNode,
+    leaves: Sequence[tuple[bytes, int]] | None = None,
+) -> VerifiedRange:
+    """Verify the run of blocks ``start, start+1, ...`` against the signed
+    `length` whose root is `root`, climbing the tree once for the whole run.
+
+    `blocks` holds each block's bytes (hashed here) or its leaf `Node`
+    (hashed by the caller, say in a worker thread).  With `leaves` (the
+    peer's ``(hash, size)`` per block) the climb runs on the claimed leaves,
+    and each block is then compared with its own verified leaf: a damaged
+    block is named in `bad` while the rest of the run still verifies.
+    Without `leaves` the climb runs on the data's own leaves and any damage
+    fails the whole run.
+
+    The climb goes up level by level from the leaves, pairing siblings the
+    run computes, taking other siblings from `proof` or `get_trusted`.  A
+    node that matches a trusted node anchors everything below it; the climb
+    stops once a whole level is anchored, no peak reached untrusted waits
+    for the root, and every proof node is used (a
+    proof asked for before other replies made more nodes trusted still
+    climbs as far as it was meant to).  A climb that reaches its peak with
+    every other peak at hand (proof or trusted) recomputes the root, which
+    must equal `root`.  Every leaf must end up
+    under an anchor or a checked root; every proof node must lie in the
+    tree of `length`, appear once, match any trusted or computed node of
+    its index, and be used on a path that is so anchored.
+
+    Raises VerificationError naming the run on any mismatch or malformed
+    input, nothing else whatever the peer sent."""
+    count = len(blocks) if isinstance(blocks, (list, tuple)) else 0
+    if type(start) is not int or start < 0:
+        raise VerificationError(f"block {start}: not a valid block number")
+    what = _run_name(start, start + max(count, 1))
+    if type(length) is not int or not 0 <= length <= MAX_LENGTH:
+        raise VerificationError(f"{what}: length {length} is out of range")
+    if not count:
+        raise VerificationError(f"{what}: no blocks")
+    end = start + count
+    if end > length:
+        raise VerificationError(f"{what}: past the drive's length {length}")
+    if not isinstance(root, bytes) or len(root) != HASH_BYTES:
+        raise VerificationError(f"{what}: malformed root")
+    if not isinstance(proof, (list, tuple)):
+        raise VerificationError(f"{what}: malformed proof")
+    if leaves is not None and not (isinstance(leaves, (list, tuple)) and len(leaves) == count):
+        raise VerificationError(f"{what}: {count} blocks need {count} leaves")
+    actual = [_leaf_of(start + i, b, what) for i, b in enumerate(blocks)]
+    climb = actual if leaves is None else _claimed_leaves(start, leaves, what)
+
+    given: dict[int, Node] = {}
+    for raw in proof:
+        node = _check_node(what, raw)
+        if not flat.in_tree(node.index, length):
+            raise VerificationError(f"{what}: proof node {node.index} is outside the tree of length {length}")
+        if node.index in given:
+            raise VerificationError(f"{what}: proof node {node.index} appears twice")
+        trusted = get_trusted(node.index)
+        if trusted is not None and not _matches(trusted, node):
+            raise VerificationError(
+                f"{what}: proof node {node.index} does not match the trusted node (hash or size differs)")
+        given[node.index] = node
+
+    peaks = flat.full_roots(length)
+    peak_set = set(peaks)
+    computed: dict[int, Node] = {}
+    levels: list[dict[int, Node]] = []  # the climb's nodes, one dict per depth
+    checked: dict[int, bool] = {}    # computed node -> matches a trusted node (only those looked up)
+    fed: dict[int, int] = {}         # proof node -> the computed parent it went into
+    used: set[int] = set()
+    open_peak = False  # a peak was reached untrusted: the root is needed
+    frontier = {leaf.index: leaf for leaf in climb}
+    while frontier:
+        # every node of a level has the same depth: sibling and parent by bit flips
+        flip, up_bit = 2 << len(levels), 1 << len(levels)
+        levels.append(frontier)
+        computed.update(frontier)
+        anchored = True  # every node here matches a trusted node
+        for n, node in frontier.items():
+            if given:
+                extra = given.get(n)
+                if extra is not None:
+                    if not _matches(extra, node):
+                        raise VerificationError(f"{what}: proof node {n} does not match the run's own tree")
+                    used.add(n)
+            if n ^ flip in frontier:
+                anchored = False  # a pair: its parent is checked instead
+                continue
+            trusted = get_trusted(n)
+            if trusted is not None and not _matches(trusted, node):
+                raise VerificationError(
+                    f"{what}: tree node {n} does not match the trusted node (hash or size differs)")
+            checked[n] = trusted is not None
+            anchored = anchored and trusted is not None
+            open_peak = open_peak or (trusted is None and n in peak_set)
+        if anchored and not open_peak and len(used) == len(given):
+            break  # everything below is anchored and nothing is left to learn
+        up: dict[int, Node] = {}
+        for n, node in frontier.items():
+            s = n ^ flip
+            sib = frontier.get(s)
+            if sib is not None:
+                if s < n:
+                    continue  # combined at the left one
+            elif n in peak_set:
+                continue
+            else:
+                sib = given.get(s)
+                if sib is not None:
+                    used.add(s)
+                    fed[s] = (n & ~flip) | up_bit
+                else:
+                    sib = get_trusted(s)
+                    if sib is None:
+                        continue  # this climb ends here
+            left, right = (node, sib) if n < s else (sib, node)
+            size = left.size + right.size
+            if size > MAX_SIZE:
+                raise VerificationError(f"{what}: node sizes overflow in the proof")
+            p = (n & ~flip) | up_bit
+            up[p] = Node(p, blake3(PARENT_TAG + size.to_bytes(8, "little") + left.hash + right.hash).digest(), size)
+        frontier = up
+
+    root_ok = False
+    if any(p in computed for p in peaks):
+        all_peaks = []
+        for p in peaks:
+            node = computed.get(p) or given.get(p) or get_trusted(p)
+            if node is None:
+                break
+            all_peaks.append(node)
+        else:
+            if root_hash(all_peaks) != root:
+                raise VerificationError(f"{what}: proof does not match the signed root of length {length}")
+            root_ok = True
+            used.update(p for p in peaks if p in given)
+
+    # Top-down: a node is verified under a verified parent, as a checked peak,
+    # or when it matches a trusted node (looked up only where still needed).
+    verified: set[int] = set()
+    for depth in range(len(levels) - 1, -1, -1):
+        flip, up_bit = 2 << depth, 1 << depth
+        for n, node in levels[depth].items():
+            if (n & ~flip) | up_bit in verified or (root_ok and n in peak_set):
+                verified.add(n)
+                continue
+            ok = checked.get(n)
+            if ok is None:
+                trusted = get_trusted(n)
+                if trusted is not None and not _matches(trusted, node):
+                    raise VerificationError(
+                        f"{what}: tree node {n} does not match the trusted node (hash or size differs)")
+                ok = trusted is not None
+            if ok:
+                verified.add(n)
+    for leaf in climb:
+        if leaf.index not in verified:
+            top = leaf.index
+            while flat.parent(top) in computed:
+                top = flat.parent(top)
+            raise VerificationError(
+                f"{what}: the proof of block {leaf.index // 2} ends at tree node {top}, which is not trusted")
+    for i in given:
+        if i not in used:
+            raise VerificationError(f"{what}: proof node {i} is not needed")
+        if not (i in verified or fed.get(i) in verified or (root_ok and i in peak_set)):
+            raise VerificationError(f"{what}: proof node {i} leads to no trusted node or signed root")
+    nodes = [computed[n] for n in verified]
+    nodes += [node for i, node in given.items() if i not in computed]
+    nodes.sort()
+    bad = []
+    if leaves is not None:
+        bad = [start + i for i, (a, c) in enumerate(zip(actual, climb)) if a.hash != c.hash or a.size != c.size]
+    return VerifiedRange(nodes, bad)
+
+
+def verify_runs(runs: Iterable[tuple[int, Sequence[object], Sequence[tuple[bytes, int]] | None, Sequence[Node]]],
+                length: int, root: bytes, get_trusted: GetNode) -> VerifiedRange:
+    """`verify_range` for several runs of one version sent together, in order
+    (``(start, blocks, leaves, proof)`` each): each run may rely on the nodes
+    the runs before it verified (as `plan_runs` leaves them out).  Returns
+    every node verified and every bad block of all runs."""
+    found: dict[int, Node] = {}
+
+    def trusted(n: int) -> Node | None:
+        node = found.get(n)
+        return node if node is not None else get_trusted(n)
+
+    bad: list[int] = []
+    for start, blocks, leaves, proof in runs:
+        result = verify_range(start, blocks, proof, length, root, trusted, leaves)
+        for node in result.nodes:
+            found[node.index] = node
+        bad += result.bad
+    return VerifiedRange(sorted(found.values()), bad)
 
 
 # --- slow reference, for tests only ------------------------------------------
@@ -428,3 +785,35 @@ def slow_proof(blocks: Sequence[bytes], block: int, length: int, siblings: int, 
                 h, s = _slow_hash_range(blocks, f, c)
                 proof.append(Node(_slow_index(f, c), h, s))
     return proof
+
+
+def slow_range_request(start: int, end: int, length: int, trusted: Iterable[int]) -> list[int]:
+    """`range_proof_request` block by block, with spans instead of flat.py (tests only):
+    each block walks up to its first trusted node or its peak; the siblings of
+    the untrusted nodes walked, and (if a walk reached its peak) the peaks,
+    are needed unless walked or trusted."""
+    trusted = set(trusted)
+    peaks = _slow_peaks(length)
+    walked: set[int] = set()
+    siblings: set[int] = set()
+    root = False
+    for block in range(start, end):
+        first, count = next((f, c) for f, c in peaks if f <= block < f + c)
+        lo, size = block, 1
+        while True:
+            walked.add(_slow_index(lo, size))
+            if _slow_index(lo, size) in trusted:
+                break
+            if size == count:
+                root = True
+                break
+            if (lo - first) // size % 2 == 0:  # a left child
+                siblings.add(_slow_index(lo + size, size))
+            else:
+                siblings.add(_slow_index(lo - size, size))
+                lo -= size
+            size *= 2
+    needed = {s for s in siblings if s not in walked and s not in trusted}
+    if root:
+        needed |= {_slow_index(f, c) for f, c in peaks} - walked - trusted
+    return sorted(needed)

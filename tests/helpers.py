@@ -253,3 +253,73 @@ def as_nobody() -> list[str]:
     if os.geteuid() != 0:
         return []
     return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
+def unprivileged() -> list[str]:
+    """A command prefix under which permission bits apply to the command ([] if
+    not root): root with every capability dropped (setpriv), so a file of
+    mode 0000 is unreadable to it.  Unlike switching to another user, the
+    interpreter, its virtualenv and this clone stay reachable whatever the
+    modes of their parent directories (a clone under a 0700 directory, an
+    interpreter under /root)."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
+
+
+def closed_pipe():
+    """The write end of a pipe whose read end is already closed: anything
+    written to it fails with EPIPE (like `| head` after it has exited)."""
+    r, w = os.pipe()
+    os.close(r)
+    return w
+
+
+def tree_modes(root) -> dict[str, int]:
+    """{path relative to root ('.' for root): permission bits} of a tree (no symlinks followed)."""
+    root = Path(root)
+    out = {".": stat.S_IMODE(os.lstat(root).st_mode)}
+    for p in root.rglob("*"):
+        out[str(p.relative_to(root))] = stat.S_IMODE(os.lstat(p).st_mode)
+    return out
+
+
+PAGE = 4096
+
+
+def lmdb_meta(data_mdb) -> dict:
+    """The meta page LMDB uses (the higher transaction id) of a data.mdb
+    (LMDB 0.9, 64-bit, 4 KiB pages): its offset and the fields the tests damage."""
+    import struct
+    with open(data_mdb, "rb") as f:
+        raw = f.read(2 * PAGE)
+    metas = []
+    for i in range(2):
+        page = raw[i * PAGE:(i + 1) * PAGE]
+        main_root, last_pg, txnid = struct.unpack_from("<Q", page, 128)[0], *struct.unpack_from("<QQ", page, 136)
+        metas.append({"offset": i * PAGE, "main_root": main_root, "last_pg": last_pg, "txnid": txnid})
+    return max(metas, key=lambda m: (m["txnid"], -m["offset"]))
+
+
+def lmdb_subdb_root(data_mdb, name: bytes) -> int:
+    """Page number of the root of named sub-database `name` (found in the main
+    DB's leaf page, where each named DB is a node holding its 48-byte record)."""
+    import struct
+    meta = lmdb_meta(data_mdb)
+    with open(data_mdb, "rb") as f:
+        f.seek(meta["main_root"] * PAGE)
+        page = f.read(PAGE)
+    flags, lower = struct.unpack_from("<HH", page, 10)
+    assert flags & 0x02, "the main DB of a small store is one leaf page"
+    for i in range((lower - 16) // 2):
+        off = struct.unpack_from("<H", page, 16 + 2 * i)[0]
+        ksize = struct.unpack_from("<H", page, off + 6)[0]
+        if page[off + 8:off + 8 + ksize] == name:
+            return struct.unpack_from("<Q", page, off + 8 + ksize + 40)[0]
+    raise AssertionError(f"no sub-database {name!r}")
+
+
+def poke(path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)

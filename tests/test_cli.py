@@ -6,14 +6,18 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
+import struct
 import subprocess
+import sys
 import time
 
 import pytest
 
-from helpers import (as_nobody, cat_digest, cli_command, cli_env, create, file_digest,
-                     find_all, find_once, flip_byte, make_tree, parse_ls_lR, run_cli, source_listing,
+from helpers import (PAGE, as_nobody, cat_digest, cli_command, cli_env, closed_pipe, create,
+                     file_digest, find_all, find_once, flip_byte, lmdb_meta, lmdb_subdb_root,
+                     make_tree, parse_ls_lR, poke, run_cli, source_listing, unprivileged,
                      write_random, REPO)
 
 GiB = 1 << 30
@@ -79,6 +83,22 @@ def test_cat_broken_pipe_is_quiet(home, tmp_path):
     assert p.stderr == b""
 
 
+def test_every_command_that_prints_is_quiet_into_a_closed_pipe(home, sample):
+    """`p2pfs ls | head` and the like: exit 141 quietly, as cat does (issue 7, 18)."""
+    key = create(home, sample)
+    (sample / "more").write_text("more")
+    run_cli(home, "import", "-q", key, sample)
+    for args in (["ls", key], ["ls", "-l", "-R", key], ["info", key], ["info", "--json", key],
+                 ["log", key], ["drives"], ["verify", key], ["verify"], ["cat", key, "/run.sh"]):
+        w = closed_pipe()
+        try:
+            p = subprocess.run(cli_command(home, *args), stdout=w, stderr=subprocess.PIPE,
+                               env=cli_env(), cwd=REPO)
+        finally:
+            os.close(w)
+        assert (p.returncode, p.stderr) == (141, b""), (args, p.stderr.decode())
+
+
 # --- acceptance 6: bad input ------------------------------------------------------------
 
 def _one_clear_line(r):
@@ -130,6 +150,12 @@ def open_tmp():
 
 
 def test_unreadable_dir_and_file(open_tmp):
+    """Run without the privileges that ignore permission bits (see
+    helpers.unprivileged: it works wherever the clone and interpreter are)."""
+    check = subprocess.run([*unprivileged(), sys.executable, "-c", "import p2pfs"],
+                           env=cli_env(), cwd=REPO, capture_output=True, text=True)
+    if check.returncode != 0:  # e.g. an interpreter in another user's private directory
+        pytest.skip(f"{sys.executable} cannot run without privileges here: {check.stderr[-200:]}")
     src = make_tree(open_tmp / "src", files=10)
     for p in [src, *src.rglob("*")]:
         if not p.is_symlink():
@@ -140,21 +166,21 @@ def test_unreadable_dir_and_file(open_tmp):
     secret = src / "d0-0" / "secret.txt"
     secret.write_text("no")
     secret.chmod(0o000)
-    r = run_cli(home, "create", src, check=False, prefix=as_nobody())
+    r = run_cli(home, "create", src, check=False, prefix=unprivileged())
     assert "secret.txt" in _one_clear_line(r)
     secret.unlink()
     (src / "d0-1").chmod(0o000)
-    r = run_cli(home, "create", src, check=False, prefix=as_nobody())
+    r = run_cli(home, "create", src, check=False, prefix=unprivileged())
     assert "d0-1" in _one_clear_line(r)
     (src / "d0-1").chmod(0o755)
     closed = open_tmp / "closed"
     closed.mkdir(mode=0o000)
     closed.chmod(0o000)
-    _one_clear_line(run_cli(home, "create", closed, check=False, prefix=as_nobody()))
-    assert run_cli(home, "drives", prefix=as_nobody()).out == ""
+    _one_clear_line(run_cli(home, "create", closed, check=False, prefix=unprivileged()))
+    assert run_cli(home, "drives", prefix=unprivileged()).out == ""
     # and with everything readable it works for that user
-    key = run_cli(home, "create", "-q", src, prefix=as_nobody()).last_line
-    run_cli(home, "verify", key, prefix=as_nobody())
+    key = run_cli(home, "create", "-q", src, prefix=unprivileged()).last_line
+    run_cli(home, "verify", key, prefix=unprivileged())
 
 
 def test_secret_key_file_permissions(home, sample):
@@ -375,6 +401,152 @@ def test_flipped_commit_record(home, sample):
     assert f"{key}  " in listing and "damaged" in listing.split(key)[1].splitlines()[0]
     assert "damaged" not in listing.split(other)[1].splitlines()[0]
     run_cli(home, "verify", other)
+
+
+# --- issue 7, findings 14-16 and 19: the local store ----------------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_another_user_cannot_read_the_store(open_tmp):
+    """The home sits in a directory everyone can walk; its own modes keep
+    another local user out of the plaintext it holds (finding 14)."""
+    src = open_tmp / "src"
+    src.mkdir()
+    (src / "private.txt").write_bytes(b"the plaintext of a 0600 file\n")
+    (src / "private.txt").chmod(0o600)
+    home = open_tmp / "home"
+    key = create(home, src)
+    run_cli(home, "ls", key)
+    for path in ("store/data.mdb", "store/lock.mdb", f"keys/{key}.key"):
+        other = subprocess.run([*as_nobody(), "cat", str(home / path)], capture_output=True)
+        assert other.returncode != 0 and b"Permission denied" in other.stderr, path
+    other = subprocess.run([*as_nobody(), "ls", str(home / "store")], capture_output=True)
+    assert other.returncode != 0 and b"Permission denied" in other.stderr
+
+
+def _commands(key, sample):
+    return [["ls", key], ["cat", key, "/run.sh"], ["info", key], ["log", key], ["drives"],
+            ["import", "-q", key, sample], ["ls", key, "--peer", "127.0.0.1:9"]]
+
+
+def _damaged_everywhere(home, key, sample, tmp_path):
+    """Every command fails with one line saying the store is damaged (no
+    traceback, no SIGBUS); `verify` without KEY explains and exits 1."""
+    for args in _commands(key, sample) + [["create", "-q", sample]]:
+        r = run_cli(home, *args, check=False, timeout=60)
+        line = _one_clear_line(r)
+        assert r.returncode == 1 and f"the store in {home} is damaged" in line, (args, line)
+        assert line.endswith("run 'p2pfs verify'"), line
+    for args in (["verify"], ["verify", key]):
+        r = run_cli(home, *args, check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert all(l.startswith("p2pfs: verify: ") for l in lines), r.stderr
+        assert "is damaged" in lines[0] and "A DAMAGED STORE" in lines[-1] and "keys" in lines[-1]
+    return lines
+
+
+def test_truncated_store_file_is_a_clear_error_not_sigbus(home, sample, tmp_path):
+    """A data.mdb cut below what its meta page says: LMDB would read past the
+    end of its map and every command died of SIGBUS (finding 16)."""
+    key = create(home, sample)
+    mdb = home / "store" / "data.mdb"
+    size = mdb.stat().st_size
+    os.truncate(mdb, size // 2)
+    lines = _damaged_everywhere(home, key, sample, tmp_path)
+    assert f"{size // 2} bytes" in lines[0] and str(size) in lines[0]
+
+
+def test_meta_page_pointing_past_the_file_is_a_clear_error(home, sample, tmp_path):
+    key = create(home, sample)
+    mdb = home / "store" / "data.mdb"
+    meta = lmdb_meta(mdb)
+    pages = mdb.stat().st_size // PAGE
+    # the last page and the main root moved far out: within the map, past the file
+    poke(mdb, meta["offset"] + 136, struct.pack("<Q", pages * 1000))
+    poke(mdb, meta["offset"] + 128, struct.pack("<Q", pages * 100))
+    _damaged_everywhere(home, key, sample, tmp_path)
+
+
+def test_damaged_page_is_one_line_for_every_command(home, sample, tmp_path):
+    """A page of the blocks sub-database turned into something else: LMDB
+    raised CorruptedError from every read (finding 16)."""
+    key = create(home, sample)
+    mdb = home / "store" / "data.mdb"
+    root = lmdb_subdb_root(mdb, b"blocks")
+    poke(mdb, root * PAGE + 10, struct.pack("<H", 0x08))  # page flags: a meta page
+    for args in _commands(key, sample):
+        line = _one_clear_line(run_cli(home, *args, check=False, timeout=60))
+        assert f"the store in {home} is damaged" in line and "MDB_CORRUPTED" in line, (args, line)
+    for args in (["verify"], ["verify", key]):
+        r = run_cli(home, *args, check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert any("data.mdb" in l and "blocks" in l for l in lines), r.stderr
+        assert "A DAMAGED STORE" in lines[-1]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs, unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small file system")
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_full_disk_during_import_and_create(small_disk, tmp_path):
+    """ENOSPC: one line naming the home and its free space; the last version
+    is intact and verifies (finding 15)."""
+    home = small_disk / "home"
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    write_random(v1 / "a", 1 << 20, seed=1)
+    key = create(home, v1)
+    v2 = tmp_path / "v2"
+    shutil.copytree(v1, v2)
+    write_random(v2 / "big", 12 << 20, seed=2)
+    r = run_cli(home, "import", "-q", key, v2, check=False)
+    line = _one_clear_line(r)
+    assert r.returncode == 1 and str(home) in line and "is full" in line and "free" in line, line
+    assert json.loads(run_cli(home, "info", key, "--json").stdout)["version"] == 1
+    run_cli(home, "verify", key)
+    assert run_cli(home, "cat", key, "/a").stdout == (v1 / "a").read_bytes()
+    # a new drive, and a new home, on the full disk
+    for h in (home, small_disk / "new-home"):
+        r = run_cli(h, "create", "-q", v2, check=False)
+        line = _one_clear_line(r)
+        assert r.returncode == 1 and str(h) in line and "is full" in line, line
+    assert run_cli(home, "drives").out.split()[0] == key
+
+
+def test_info_log_verify_of_one_version(home, tmp_path):
+    """KEY@N: info and verify of version N, log from version N down (finding 19)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "one").write_bytes(b"version one\n")
+    key = create(home, src, "-m", "first")
+    write_random(src / "two", 3 * 65536, seed=9)
+    run_cli(home, "import", "-q", "-m", "second", key, src)
+    v1 = json.loads(run_cli(home, "info", f"{key}@1", "--json").stdout)
+    v2 = json.loads(run_cli(home, "info", key, "--json").stdout)
+    assert (v1["version"], v1["files"], v2["version"], v2["files"]) == (1, 1, 2, 2)
+    assert v1["length"] < v2["length"]
+    assert [l.split()[1] for l in run_cli(home, "log", f"{key}@1").out.splitlines()] == ["1"]
+    assert [l.split()[1] for l in run_cli(home, "log", key).out.splitlines()] == ["2", "1"]
+    # damage a block that only version 2 holds: version 1 still verifies
+    data = (src / "two").read_bytes()
+    mdb = home / "store" / "data.mdb"
+    flip_byte(mdb, find_once(mdb, data[65536 + 100:65536 + 164]) + 3)
+    r = run_cli(home, "verify", f"{key}@1")
+    assert r.out.startswith(f"ok: drive {key}@1, length {v1['length']}")
+    assert run_cli(home, "verify", key, check=False).returncode == 1
+    assert "no version 3" in _one_clear_line(run_cli(home, "info", f"{key}@3", check=False))
 
 
 def test_json_of_ls_and_drives(tmp_path, home):

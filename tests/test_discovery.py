@@ -84,6 +84,12 @@ def test_mount_a_key_found_through_the_dht_alone(tmp_path):
             info = json.loads(res.stdout)
             assert info["peers"] and {p["source"] for p in info["peers"]} == {"dht"}, info["peers"]
             assert info["discovery"]["dht"]["lookups"] >= 1
+            # the owner's DHT signature of the head travelled with it (to re-put it)
+            from p2pfs.store import Store
+            with Store(reader) as st:
+                head = st.latest_head(key)
+                crypto.verify_dht_head(key, head.length, head.root, head.signature,
+                                       st.dht_signature(key, head.length))
         finally:
             subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
             mount.terminate()
@@ -119,3 +125,45 @@ def test_a_reader_finds_a_seeder_on_the_lan_within_two_seconds(tmp_path):
         res = lab.run(read_ns, cli_command(tmp_path / "reader", "cat", key_text, "/docs/hello.txt",
                                            "--no-dht"), capture_output=True, env=env)
         assert res.stdout == b"hello from the seeder\n", res.stderr.decode()
+
+
+async def test_a_reader_learns_the_newest_head_from_the_dht_alone(tmp_path):
+    """BEP 44: the owner's swarm puts its head (with the owner's DHT signature,
+    under the blinded key); a reader with no peer at all learns it from the DHT."""
+    import trio
+
+    from p2pfs.drive import Drive
+    from p2pfs.net.discovery.dht.node import DhtNode
+    from p2pfs.net.discovery.dht_source import DhtSource
+    from p2pfs.net.swarm import open_swarm
+    from p2pfs.store import Store
+
+    src = _tree(tmp_path / "src")
+    key = crypto.decode_key(create(tmp_path / "owner", src))
+    async with trio.open_nursery() as nursery:
+        first = DhtNode(bind=("127.0.0.2", 0), bootstrap=[], timeout=1.0)
+        await nursery.start(first.run)
+        boot = [first.address]
+        others = [DhtNode(bind=(f"127.0.0.{i}", 0), bootstrap=boot, timeout=1.0) for i in range(3, 7)]
+        for node in others:
+            await nursery.start(node.run)
+        owner_store, reader_store = Store(tmp_path / "owner"), Store(tmp_path / "reader")
+        try:
+            async with open_swarm(owner_store, crypto.x25519_keypair()[0]) as owner:
+                await owner.add_source(DhtSource(DhtNode(bind=("127.0.0.7", 0), bootstrap=boot, timeout=1.0)))
+                owner.add_drive(Drive(owner_store, key))
+                async with open_swarm(reader_store, crypto.x25519_keypair()[0]) as reader:
+                    await reader.add_source(DhtSource(DhtNode(bind=("127.0.0.8", 0), bootstrap=boot,
+                                                              timeout=1.0)))
+                    drive = reader.add_drive(Drive(reader_store, key))
+                    # lookups are retried after 2, 4, 8 ... s while the owner's put is not
+                    # in yet (the owner's node bootstraps meanwhile, and retries too)
+                    with trio.fail_after(90):
+                        while drive.head is None:
+                            await reader.connections.wait_changed()
+                    assert drive.head == owner_store.latest_head(key)
+                    assert reader_store.dht_signature(key, drive.head.length)
+        finally:
+            owner_store.close()
+            reader_store.close()
+        nursery.cancel_scope.cancel()

@@ -99,7 +99,7 @@ async def test_a_dialled_peer_breaking_the_protocol_is_reported_and_not_redialle
         assert hostile.accepted == 1
 
     address, log = await _mount_beside(tmp_path, seeders, owner, wrong_block, not_redialled)
-    assert f"peer {address}" in log and "wrong block" in log and "will not ask it again" in log
+    assert f"peer {address}" in log and "answered request" in log and "will not ask it again" in log
 
 
 async def test_a_reader_drops_a_peer_flooding_heads_and_haves(tmp_path, seeders, owner):
@@ -159,7 +159,7 @@ def _rss(pid: int) -> int:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError("no VmRSS: the seeder died")
 
 
 def _memory(pid: int) -> str:
@@ -244,4 +244,49 @@ async def test_seeder_under_idle_connections_non_readers_and_a_head_flood(tmp_pa
         assert seeder.proc.poll() is None, "the seeder died"
     finally:
         err = seeder.stop()
+        print(err[-3000:])
     assert "Traceback" not in err, err[-3000:]
+
+
+async def test_one_bad_block_in_a_run_is_refetched_alone_and_the_liar_dropped(tmp_path):
+    """Issue 8, acceptance 3: a liar flips one byte of one block in a run of 64
+    (honest leaves and proof); the reader keeps the other 63, asks only that
+    block of another peer, drops the liar, and reads correct bytes."""
+    from p2pfs.node import NetOptions, open_drive
+    from p2pfs.store import Store
+    from bench.peers import serving
+    src = drive_tree(tmp_path / "src", big=4 << 20)
+    a = tmp_path / "a"
+    key_text = create(a, src, "--block-size", "16384")  # 64 blocks in one 1 MiB reply
+    key = crypto.decode_key(key_text)
+    head = signed_head(a, key)
+    liar_asked: list[int] = []
+    honest_asked: list[int] = []
+    liar = HostileSeeder(key, head, serving(a, key, flip_first_run_at=10, requested=liar_asked))
+    honest = HostileSeeder(key, head, serving(copy_home(a, tmp_path / "a2"), key, requested=honest_asked))
+    reports: list[str] = []
+    async with trio.open_nursery() as nursery:
+        liar_address = await nursery.start(liar.serve)
+        store = Store(tmp_path / "b")
+        try:
+            async with open_drive(store, key, net=NetOptions(peers=(liar_address,), timeout=20)) as drive:
+                drive.source.report = reports.append
+                drive.source.connections.report = reports.append
+                entry = await drive.lookup("/big.bin")
+                honest_address = await nursery.start(honest.serve)
+                drive.source.add_peer(honest_address)
+                got = await drive.read(entry, 0, entry.size)
+        finally:
+            store.close()
+        nursery.cancel_scope.cancel()
+    assert got == (src / "big.bin").read_bytes()
+    # the run it spoiled: its first long one (it may have sent more before the reader hung up)
+    start, count = next(run for run in liar_asked if run[1] > 10)
+    assert count == 64
+    bad = start + 10
+    honest_blocks = {b for s, c in honest_asked for b in range(s, s + c)}
+    assert bad in honest_blocks
+    assert not (set(range(start, start + 64)) - {bad}) & honest_blocks, \
+        "good blocks of the spoiled run were fetched again"
+    assert any("fails verification" in r and liar_address in r for r in reports), reports
+    assert liar.accepted == 1

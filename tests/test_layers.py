@@ -8,10 +8,11 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "p2pfs"
 
 PURE = {"errors", "types", "flat", "crypto", "tree", "index", "wire"}
-THIRD_PURE = {"blake3", "nacl", "msgspec"}
+THIRD_PURE = {"blake3", "nacl", "cryptography", "msgspec"}
 FORBIDDEN_EVERYWHERE_BUT = {  # third-party module -> the only p2pfs modules that may import it
     "lmdb": {"store"},
     "nacl": {"crypto"},
+    "cryptography": {"crypto"},
     "pyfuse3": {"fs", "mount", "node", "cli"},
 }
 ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import

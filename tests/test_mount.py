@@ -8,11 +8,13 @@ poll with a deadline; nothing sleeps to wait for something.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -299,8 +301,8 @@ def test_xattrs(tmp_path, home):
             with pytest.raises(OSError) as info:
                 os.getxattr(f, name, follow_symlinks=False)
             assert info.value.errno == errno.EOPNOTSUPP, name
-        vfs = os.statvfs(mnt)
-        assert vfs.f_bsize == 65536 and vfs.f_files == 2 and vfs.f_blocks == 3
+        vfs = os.statvfs(mnt)  # used: the drive's 3 blocks; entries: the root and 2 files
+        assert vfs.f_bsize == 65536 and vfs.f_files == 3 and vfs.f_blocks - vfs.f_bfree == 3
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -508,3 +510,88 @@ def test_live_update_replaces_a_directory_by_a_file(tmp_path, home):
         assert os.stat(mnt / "thing").st_ino != old_ino
         assert os.stat(mnt / "thing").st_ino not in children
         same_tree(src, mnt)
+
+
+# ------------------------------------------- issue 7, findings 17 and 19
+
+def dir_links(root) -> dict[str, int]:
+    """{directory: link count} under root (`find -type d -printf '%p %n'`)."""
+    out = subprocess.run(["find", ".", "-type", "d", "-printf", r"%p %n\n"], cwd=root, check=True,
+                         capture_output=True).stdout.decode("utf-8", "surrogateescape")
+    return dict((p, int(n)) for p, n in (line.rsplit(" ", 1) for line in out.splitlines()))
+
+
+def test_daemon_does_not_depend_on_the_current_directory(tmp_path, home):
+    """`mount --daemon` from a directory holding a folder named p2pfs (finding 17):
+    the daemon re-runs this p2pfs, not the folder's; it then leaves that directory."""
+    src = make_tree(tmp_path / "src", files=5)
+    key = create(home, src)
+    cwd = tmp_path / "work"
+    (cwd / "p2pfs").mkdir(parents=True)
+    (cwd / "p2pfs" / "__init__.py").write_text("raise ImportError('the wrong p2pfs')\n")
+    (cwd / "p2pfs" / "__main__.py").write_text("raise SystemExit('the wrong p2pfs')\n")
+    (cwd / "mnt").mkdir()
+    mnt = cwd / "mnt"
+    pid = None
+    try:
+        # as the installed `p2pfs` script starts: not from the current directory
+        r = subprocess.run([sys.executable, "-P", "-m", "p2pfs", "--home", os.path.relpath(home, cwd),
+                            "mount", key, "mnt", "--daemon"], cwd=cwd, env=cli_env(),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        pid = daemon_pid(r.stderr)
+        assert (mnt / "run.sh").read_bytes() == (src / "run.sh").read_bytes()
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    finally:
+        force_unmount(mnt)
+        if pid is not None:
+            stop(pid)
+
+
+def test_mount_over_a_non_empty_directory_is_refused(tmp_path, home):
+    """Its files would be hidden (finding 19): refused unless --allow-non-empty, as rclone does."""
+    src = make_tree(tmp_path / "src", files=5)
+    key = create(home, src)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (mnt / "mine.txt").write_text("mine")
+    for extra in ([], ["--daemon"]):
+        r = run_cli(home, "mount", key, mnt, *extra, check=False, timeout=60)
+        assert r.returncode == 2 and "not empty" in r.stderr and "--allow-non-empty" in r.stderr, r.stderr
+        assert mount_layers(mnt) == [] and (mnt / "mine.txt").read_text() == "mine"
+    with mounted(home, key, mnt, "--allow-non-empty"):
+        assert not (mnt / "mine.txt").exists() and (mnt / "run.sh").exists()
+    assert (mnt / "mine.txt").read_text() == "mine"
+
+
+def test_df_and_directory_link_counts(tmp_path, home):
+    """df: the drive's size used, the store's free space available, every entry
+    an inode; a directory's link count is 2 + its subdirectories, also after
+    a version adds some (finding 19)."""
+    src = make_tree(tmp_path / "src", files=30, depth=3, fanout=3)
+    write_random(src / "big.bin", 5 * 65536 + 1, seed=4)
+    key = create(home, src)
+    info = json.loads(run_cli(home, "info", key, "--json").stdout)
+    entries = sum(1 for _ in src.rglob("*")) + 1  # and the root
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt):
+        vfs = os.statvfs(mnt)
+        used = vfs.f_blocks - vfs.f_bfree
+        assert used == -(-info["bytes"] // 65536) and vfs.f_bavail == vfs.f_bfree > 0
+        store_free = os.statvfs(home).f_bavail * os.statvfs(home).f_frsize
+        assert abs(vfs.f_bavail * vfs.f_frsize - store_free) < 64 << 20
+        assert vfs.f_files == entries and vfs.f_ffree == 0
+        df = subprocess.run(["df", "-P", str(mnt)], capture_output=True, text=True).stdout
+        assert "100%" not in df, df
+        assert subprocess.run(["df", "-i", "-P", str(mnt)], capture_output=True,
+                              text=True).stdout.split()[-5] == str(entries)
+        assert dir_links(mnt) == dir_links(src)
+        assert os.stat(mnt / "d0-0").st_nlink == os.stat(src / "d0-0").st_nlink
+        before = os.stat(mnt / "d0-1").st_nlink
+        for name in ("new-a", "new-b"):
+            (src / "d0-1" / name).mkdir()
+        shutil.rmtree(src / "d0-2")
+        import_dir(home, key, src)
+        wait_until(lambda: os.stat(mnt / "d0-1").st_nlink == before + 2,
+                   what="the new link count after a version switch")
+        assert dir_links(mnt) == dir_links(src)

@@ -10,7 +10,9 @@ test must watch a connected reader.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -116,6 +118,31 @@ def sha(path) -> str:
 
 # --- acceptance 1: two homes -------------------------------------------------
 
+def test_log_verify_info_with_peers_and_versions(tmp_path, seeders):
+    """log, verify and info take --peer/--timeout and KEY@N like ls and cat
+    (issue 7, 19); verify says what it could not check."""
+    src = drive_tree(tmp_path / "src", big=1 << 20)
+    a = tmp_path / "a"
+    key = create(a, src, "-m", "first")
+    (src / "docs" / "f10.txt").write_text("ten\n")
+    run_cli(a, "import", "-q", "-m", "second", key, src)
+    seeder = seeders(a, key)
+    peer = ["--peer", seeder.address, "--timeout", "10"]
+    b = tmp_path / "b"
+    log = run_cli(b, "log", key, *peer).out.splitlines()
+    assert [l.split()[1] for l in log] == ["2", "1"] and "second" in log[0] and "first" in log[1]
+    assert [l.split()[1] for l in run_cli(b, "log", f"{key}@1", *peer).out.splitlines()] == ["1"]
+    assert json.loads(run_cli(b, "info", f"{key}@1", "--json", *peer).stdout)["version"] == 1
+    length = json.loads(run_cli(a, "info", key, "--json").stdout)["length"]
+    r = run_cli(b, "verify", key, *peer)
+    m = re.match(rf"ok: drive {key}, length {length}, (\d+) blocks .*; (\d+) blocks not held "
+                 r"here were not checked$", r.out.strip())
+    assert m and int(m.group(1)) + int(m.group(2)) == length and int(m.group(2)) > 10, r.out
+    c = tmp_path / "c"
+    r = run_cli(c, "verify", f"{key}@1", *peer)
+    assert r.out.startswith(f"ok: drive {key}@1, length ")
+
+
 def test_cat_from_a_seeder_fetches_only_what_it_reads(tmp_path, seeders):
     src = drive_tree(tmp_path / "src", big=3 << 20)
     a, b = tmp_path / "a", tmp_path / "b"
@@ -151,6 +178,7 @@ def test_unknown_key_and_unreachable_peer_are_clear_errors(tmp_path, seeders):
     t = time.monotonic()
     res = run_cli(b, "cat", key, "/docs/f1.txt", "--peer", f"127.0.0.1:{port}", "--timeout", "5", check=False)
     assert res.returncode == 1 and f"127.0.0.1:{port}" in res.stderr and "unreachable" in res.stderr
+    assert "connection refused" in res.stderr and "timed out" not in res.stderr  # issue 7, 19
     assert time.monotonic() - t < 5
     res = run_cli(b, "cat", key, "/x", "--peer", "nonsense", check=False)
     assert res.returncode == 2 and "HOST:PORT" in res.stderr

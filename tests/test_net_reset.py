@@ -50,7 +50,7 @@ async def test_readers_leaving_with_requests_queued_do_not_crash_the_seeder(tmp_
         peer, head = await _opened_peer(seeder.address, key)
         conn = peer.conn
         for i in range(200):
-            conn._queue(m.Request(0, i, i % head.length, 0, False, head.length))
+            conn._queue(m.Request(0, i, i % head.length, 1, head.length, []))
         await peer.stream.send_all(conn.data_to_send())
         if round_ % 2:  # half-close and read until the seeder ends too
             await peer.stream.send_eof()

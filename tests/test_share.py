@@ -367,9 +367,14 @@ def test_queue_overflow_falls_back_to_a_rescan(tmp_path, home):
             share.log.close()
             raise
     try:
-        for i in range(400):  # far more events than the queue holds
-            (src / f"f{i}").write_text(str(i))
-        os.rename(src / "a", src / "b")
+        # far more events than the queue holds, while the share cannot read them
+        share.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(400):
+                (src / f"f{i}").write_text(str(i))
+            os.rename(src / "a", src / "b")
+        finally:
+            share.proc.send_signal(signal.SIGCONT)
         wait_until(lambda: "inotify queue overflowed" in share.text(), 20, "the overflow log line")
         published(home, share.key, src)
         assert "rescanning the whole tree" in share.text()

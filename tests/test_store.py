@@ -12,7 +12,7 @@ from p2pfs.errors import KeyFileError
 from p2pfs.store import MAP_SIZE, DriveRecord, Store, default_home
 from p2pfs.types import Head, Node
 
-from helpers import REPO, cli_env
+from helpers import REPO, cli_env, run_cli, tree_modes
 
 K1 = bytes(range(32))
 K2 = bytes(range(1, 33))
@@ -220,3 +220,69 @@ def test_forget_drops_every_record_of_one_drive(store, monkeypatch):
     # the other drive is untouched, and its bookkeeping still works
     assert store.held(K2) == (5, 45) and store.cached(K2) == (5, 45) and len(store.heads(K2)) == 1
     assert store.evict(10 ** 9) == (3, 27) and store.evict(10 ** 9) == (2, 18)
+# --- issue 7, finding 14: the home is private ------------------------------------------
+
+def test_a_new_home_is_private(tmp_path):
+    from p2pfs.net.transport import load_node_key
+    from p2pfs.store import make_private_dir, open_private
+
+    home = tmp_path / "not" / "yet" / "home"
+    saved = os.umask(0o022)  # what a user usually has: it must not matter
+    try:
+        with Store(home) as s:
+            s.put_blocks(K1, 0, [b"secret plaintext"])
+            with s.writer_lock(K1):
+                pass
+            s.save_secret("abc", b"\x07" * 32)
+        load_node_key(home)
+    finally:
+        os.umask(saved)
+    fd = open_private(home / "later.log", os.O_WRONLY)  # what later code writes into a home
+    os.close(fd)
+    make_private_dir(home / "later")
+    modes = tree_modes(home)
+    assert set(modes) == {".", "store", "store/data.mdb", "store/lock.mdb", "keys", "keys/abc.key",
+                          "locks", f"locks/{K1.hex()}.lock", "node.key", "later.log", "later"}
+    for path, mode in modes.items():
+        want = 0o700 if (home / path).is_dir() else 0o600
+        assert mode == want, (path, oct(mode))
+    # a file that others could read is made private when opened through the helper
+    loose = home / "loose"
+    loose.write_bytes(b"x")
+    loose.chmod(0o644)
+    os.close(open_private(loose, os.O_RDONLY))
+    assert loose.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_old_home_is_tightened_once_saying_so(tmp_path):
+    from helpers import create, make_tree
+    home = tmp_path / "home"
+    key = create(home, make_tree(tmp_path / "src", files=5))
+    # as an older p2pfs left it, plus a file of the user's own
+    for p in [home, *home.rglob("*")]:
+        if p.parent.name != "keys":  # key files were always 0600
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    (home / "notes.txt").write_text("mine")
+    (home / "notes.txt").chmod(0o644)
+    first = run_cli(home, "ls", key)
+    lines = first.stderr.splitlines()
+    assert len(lines) == 1 and str(home) in lines[0] and "made it private" in lines[0], first.stderr
+    modes = tree_modes(home)
+    assert modes.pop("notes.txt") == 0o644  # not p2pfs's: left alone
+    for path, mode in modes.items():
+        assert mode == (0o700 if (home / path).is_dir() else 0o600), (path, oct(mode))
+    again = run_cli(home, "ls", key)
+    assert again.stderr == "" and again.stdout == first.stdout
+
+
+def test_a_shared_directory_as_home_is_not_changed(tmp_path):
+    """A home that is a sticky shared directory (like /tmp) keeps its mode;
+    the store inside it is private all the same."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with Store(shared) as s:
+        s.put_blocks(K1, 0, [b"x"])
+    modes = tree_modes(shared)
+    assert modes.pop(".") == 0o1777
+    assert modes == {"store": 0o700, "store/data.mdb": 0o600, "store/lock.mdb": 0o600}

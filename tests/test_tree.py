@@ -432,3 +432,246 @@ def test_wrong_sibling_that_we_already_trust_is_named():
     bad = [proof[0]._replace(hash=bytes(32))] + proof[1:]
     with pytest.raises(VerificationError, match="block 1: proof node 0 does not match the trusted node"):
         tree.verify_block(1, blocks[1], bad, 8, root, {0: nodes[0]}.get)
+
+
+# --- runs: range proofs ------------------------------------------------------------
+
+def run_case(blocks, start, end, trusted_ids=()):
+    """(held nodes, root, trusted dict, plan, proof, claimed leaves) for a run of a log."""
+    length = len(blocks)
+    _, nodes = build(blocks)
+    held = proof_nodes(nodes, length)
+    trusted = {i: held[i] for i in trusted_ids}
+    plan = tree.range_plan(start, end, length, trusted.__contains__)
+    proof = tree.make_range_proof(start, end, length, plan.needed, held.get)
+    leaves = [(held[2 * b].hash, held[2 * b].size) for b in range(start, end)]
+    return held, tree.slow_root(blocks), trusted, plan, proof, leaves
+
+
+RUN_LENGTHS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9, 16, 17, 33])
+def test_every_run_of_small_logs_verifies_untrusted(n):
+    blocks = blocks_of(n)
+    for start in range(n):
+        for end in range(start + 1, n + 1):
+            held, root, _, plan, proof, leaves = run_case(blocks, start, end)
+            assert plan.needed == tree.slow_range_request(start, end, n, ())
+            for with_leaves in (None, leaves):
+                result = tree.verify_range(start, blocks[start:end], proof, n, root, lambda i: None, with_leaves)
+                assert result.bad == []
+                assert all(node == tree.slow_node(blocks, node.index) for node in result.nodes)
+                got = {node.index for node in result.nodes}
+                assert got >= plan.proven and got >= set(flat.full_roots(n))
+                # the run proves what every single block's own proof would
+                for b in range(start, end):
+                    single = tree.make_proof(b, n, *tree.proof_request(b, n, lambda i: False), held.get)
+                    assert {x.index for x in tree.verify_block(b, blocks[b], single, n, root, lambda i: None)} <= got
+
+
+def test_a_run_needs_fewer_nodes_than_its_blocks_one_by_one():
+    blocks = blocks_of(64)
+    _, _, _, plan, proof, _ = run_case(blocks, 16, 32)
+    one_by_one = sum(len(tree.make_proof(b, 64, 6, True, build(blocks)[1].get)) for b in range(16, 32))
+    assert plan.needed == [15, 95]  # node 47 is the run; blocks 0-15 and 32-63 lead to the root
+    assert len(proof) == 2 < one_by_one
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(logs, st.data())
+def test_random_runs_with_partial_and_growing_trust(blocks, data):
+    length = data.draw(st.one_of(st.integers(1, len(blocks)), st.just(len(blocks))), label="length")
+    blocks = blocks[:length]
+    start = data.draw(st.integers(0, length - 1), label="start")
+    end = data.draw(st.one_of(st.integers(start + 1, length), st.just(length),
+                              st.sampled_from([start + 1, start + 2])).filter(lambda e: e <= length), label="end")
+    _, nodes = build(blocks)
+    held = proof_nodes(nodes, length)
+    ids = sorted(held)
+    trusted_ids = data.draw(st.sets(st.sampled_from(ids)), label="trusted")
+    held, root, trusted, plan, proof, leaves = run_case(blocks, start, end, trusted_ids)
+    assert plan.needed == tree.slow_range_request(start, end, length, trusted_ids)
+    assert not set(plan.needed) & set(trusted_ids)
+    result = tree.verify_range(start, blocks[start:end], proof, length, root, trusted.get, leaves)
+    assert result.bad == []
+    assert all(node == held[node.index] for node in result.nodes)
+    assert {node.index for node in result.nodes} | set(trusted_ids) >= plan.proven
+    # more nodes became trusted while the request was out: the same proof still verifies
+    later = dict(trusted)
+    later.update((i, held[i]) for i in data.draw(st.sets(st.sampled_from(ids)), label="later"))
+    for with_leaves in (None, leaves):
+        again = tree.verify_range(start, blocks[start:end], proof, length, root, later.get, with_leaves)
+        assert again.bad == [] and all(node == held[node.index] for node in again.nodes)
+    # one damaged block is pinned to itself; the rest of the run verifies
+    k = data.draw(st.integers(start, end - 1), label="damaged")
+    damaged = list(blocks[start:end])
+    damaged[k - start] = bytes([damaged[k - start][0] ^ 1]) + damaged[k - start][1:] if damaged[k - start] else b"!"
+    pinned = tree.verify_range(start, damaged, proof, length, root, trusted.get, leaves)
+    assert pinned.bad == [k]
+    assert {node.index for node in pinned.nodes} == {node.index for node in result.nodes}
+    with pytest.raises(VerificationError):  # without the leaves the whole run fails
+        tree.verify_range(start, damaged, proof, length, root, trusted.get)
+
+
+def run_tamper_cases(proof, leaves, length):
+    """Every single change of a proof node or claimed leaf, drops, duplicates, extras."""
+    for what, bad in tamper_cases(proof):
+        if what != "swap":  # range proof nodes carry their index: their order is free
+            yield what, bad, leaves
+    for i, (digest, size) in enumerate(leaves):
+        others = leaves[:i], leaves[i + 1:]
+        yield f"leaf hash {i}", proof, [*others[0], (bytes([digest[0] ^ 1]) + digest[1:], size), *others[1]]
+        yield f"leaf size {i}", proof, [*others[0], (digest, size + 1), *others[1]]
+    yield "leaf dropped", proof, leaves[:-1]
+    extra = [i for i in range(2 * length) if flat.in_tree(i, length) and i not in {n.index for n in proof}]
+    for i in extra[:3]:
+        yield f"extra node {i}", proof + [Node(i, bytes(32), 1)], leaves
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 11, 17])
+def test_any_change_to_a_run_fails(n):
+    blocks = blocks_of(n)
+    for start in range(n):
+        for end in sorted({start + 1, start + 2, n} - {e for e in range(n + 2) if e > n}):
+            held, root, _, plan, proof, leaves = run_case(blocks, start, end)
+            name = f"block {start}" if end - start == 1 else f"blocks {start}-{end - 1}"
+            for what, bad_proof, bad_leaves in run_tamper_cases(proof, leaves, n):
+                with pytest.raises(VerificationError, match=name):
+                    tree.verify_range(start, blocks[start:end], bad_proof, n, root, lambda i: None, bad_leaves)
+            for wrong_root in (bytes([root[0] ^ 1]) + root[1:], root[:31]):
+                with pytest.raises(VerificationError, match=name):
+                    tree.verify_range(start, blocks[start:end], proof, n, wrong_root, lambda i: None, leaves)
+            for i in range(start, end):  # one changed byte or size of any block, without leaves
+                for damaged in (blocks[i] + b"!", blocks[i][:-1], bytes([blocks[i][0] ^ 0x80]) + blocks[i][1:]):
+                    run = list(blocks[start:end])
+                    run[i - start] = damaged
+                    with pytest.raises(VerificationError, match=name):
+                        tree.verify_range(start, run, proof, n, root, lambda i: None)
+            if end < n:  # the same proof under a longer length
+                with pytest.raises(VerificationError):
+                    tree.verify_range(start, blocks[start:end], proof, n + 1,
+                                      tree.slow_root(blocks_of(n + 1)), lambda i: None, leaves)
+            with pytest.raises(VerificationError):  # the run shifted by one
+                tree.verify_range(start + 1, blocks[start:end], proof, n + 1,
+                                  tree.slow_root(blocks_of(n + 1)), lambda i: None, leaves)
+
+
+def test_a_wrong_trusted_node_fails_the_run():
+    blocks = blocks_of(16)
+    held, root, trusted, plan, proof, leaves = run_case(blocks, 4, 8, [11])
+    assert plan.needed == []  # node 11 (blocks 4-7) is trusted: it anchors the whole run
+    tree.verify_range(4, blocks[4:8], proof, 16, root, trusted.get, leaves)
+    for bad in (held[11]._replace(hash=bytes(32)), held[11]._replace(size=held[11].size + 1)):
+        with pytest.raises(VerificationError, match="blocks 4-7: tree node 11 does not match"):
+            tree.verify_range(4, blocks[4:8], proof, 16, root, {11: bad}.get, leaves)
+
+
+def test_run_arguments_are_checked():
+    blocks = blocks_of(6)
+    held, root, _, plan, proof, leaves = run_case(blocks, 2, 5)
+    for args in [
+        (2, blocks[2:5], proof, 4, root),       # past the length
+        (-1, blocks[2:5], proof, 6, root),
+        (True, blocks[2:5], proof, 6, root),
+        (2, [], proof, 6, root),
+        (2, "abc", proof, 6, root),
+        (2, blocks[2:5], proof, 2**63, root),
+        (2, blocks[2:5], None, 6, root),
+        (2, blocks[2:5], proof, 6, None),
+        (2, [b"a", 7, b"c"], proof, 6, root),
+    ]:
+        with pytest.raises(VerificationError):
+            tree.verify_range(*args, lambda i: None)
+    for bad_leaves in ([(b"short", 3)] * 3, [(bytes(32), -1)] * 3, [None] * 3, leaves[:2], "xyz"):
+        with pytest.raises(VerificationError):
+            tree.verify_range(2, blocks[2:5], proof, 6, root, lambda i: None, bad_leaves)
+    # leaves hashed by the caller (a worker thread) are taken as they are
+    hashed = [tree.leaf_node(b, blocks[b]) for b in range(2, 5)]
+    assert tree.verify_range(2, hashed, proof, 6, root, lambda i: None, leaves).bad == []
+    with pytest.raises(ValueError):
+        tree.verify_range(2, hashed[::-1], proof, 6, root, lambda i: None, leaves)
+    with pytest.raises(ValueError):
+        tree.range_plan(3, 3, 6, lambda i: False)
+    with pytest.raises(ValueError):
+        tree.range_plan(5, 7, 6, lambda i: False)
+
+
+def test_make_range_proof_lookup_errors():
+    blocks = blocks_of(6)
+    _, nodes = build(blocks)
+    with pytest.raises(LookupError):
+        tree.make_range_proof(2, 7, 6, [], nodes.get)
+    with pytest.raises(LookupError):  # node 7 spans blocks 0-7: not covered by length 6
+        tree.make_range_proof(0, 2, 6, [7], nodes.get)
+    with pytest.raises(LookupError):
+        tree.make_range_proof(0, 2, 6, [-1], nodes.get)
+    with pytest.raises(LookupError):
+        tree.make_range_proof(0, 2, 6, [5], {}.get)
+    assert tree.make_range_proof(0, 2, 6, [5, 9], nodes.get) == [nodes[5], nodes[9]]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(logs, st.data())
+def test_several_runs_in_one_reply(blocks, data):
+    length = len(blocks)
+    cuts = sorted(data.draw(st.sets(st.integers(0, length), min_size=2, max_size=8), label="cuts"))
+    ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if data.draw(st.booleans())] or [(cuts[0], cuts[1])]
+    ranges = [r for r in ranges if r[0] < r[1]] or [(0, length)]
+    _, nodes = build(blocks)
+    held = proof_nodes(nodes, length)
+    root = tree.slow_root(blocks)
+    plans = tree.plan_runs(ranges, length)
+    alone = [tree.range_proof_request(a, b, length, lambda i: False) for a, b in ranges]
+    assert plans[0] == alone[0] and sum(map(len, plans)) <= sum(map(len, alone))
+    runs = [(a, blocks[a:b], [(held[2 * i].hash, held[2 * i].size) for i in range(a, b)],
+             tree.make_range_proof(a, b, length, need, held.get)) for (a, b), need in zip(ranges, plans)]
+    result = tree.verify_runs(runs, length, root, lambda i: None)
+    assert result.bad == [] and all(node == held[node.index] for node in result.nodes)
+    # the runs lean on each other: out of order a later run's proof is too short
+    if len(runs) > 1 and len(plans[1]) < len(alone[1]):
+        with pytest.raises(VerificationError):
+            tree.verify_runs(runs[1:], length, root, lambda i: None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 40), st.data())
+def test_fuzz_verify_range_only_raises_verification_error(length, data):
+    blocks = [bytes([i % 256]) for i in range(length)]
+    _, nodes = build(blocks)
+    start = data.draw(st.integers(-2, length + 1))
+    count = data.draw(st.integers(0, 5))
+    proof = data.draw(fuzz_proofs)
+    if isinstance(proof, list) and 0 <= start < length and data.draw(st.booleans()):
+        end = min(length, start + max(count, 1))
+        real = tree.make_range_proof(start, end, length, tree.range_proof_request(
+            start, end, length, lambda i: False), nodes.get)
+        at = data.draw(st.integers(0, len(real)))
+        proof = real[:at] + proof + real[at + data.draw(st.integers(0, 2)):]
+    run = data.draw(st.one_of(st.just([b"z"] * count), st.lists(st.one_of(st.binary(max_size=3), st.none(),
+                                                                            st.integers()), max_size=4)))
+    leaves = data.draw(st.one_of(st.none(), st.lists(st.one_of(
+        st.tuples(st.binary(min_size=32, max_size=32), st.integers(-1, 3)),
+        st.tuples(st.binary(max_size=33)), st.none()), max_size=5)))
+    trusted = data.draw(st.sampled_from([{}, proof_nodes(nodes, length)]))
+    root = data.draw(st.sampled_from([tree.slow_root(blocks), bytes(32), b"short"]))
+    try:
+        tree.verify_range(start, run, proof, length, root, trusted.get, leaves)
+    except VerificationError:
+        pass
+
+
+def test_run_proof_extras_are_named():
+    blocks = blocks_of(8)
+    held, root, _, plan, proof, leaves = run_case(blocks, 2, 4)
+    assert plan.needed == [1, 11]
+    cases = [
+        (proof + [held[13]], "proof node 13 is not needed"),          # a true node, not asked for
+        (proof + [Node(15, bytes(32), 1)], "proof node 15 is outside the tree of length 8"),
+        (proof + [proof[0]], "proof node 1 appears twice"),
+        (proof + [held[5]._replace(hash=bytes(32))], "proof node 5 does not match the run's own tree"),
+        (proof[1:], "the proof of block 2 ends at tree node 5, which is not trusted"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(VerificationError, match=f"blocks 2-3: {message}"):
+            tree.verify_range(2, blocks[2:4], bad, 8, root, lambda i: None, leaves)

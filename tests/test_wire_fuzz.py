@@ -1,9 +1,11 @@
 """Fuzz the wire decoders with hypothesis: only ProtocolError may escape.
 
-Targets: the frame decoder, the message decoder, the handshake (a responder
-and an initiator fed random and mutated handshake streams) and an
-established connection fed random and mutated messages encrypted under the
-right keys (so the state machine, not just the authenticator, sees them).
+Targets: the frame decoder, the message decoder, the handshake payload
+decoder, the handshake (a responder and an initiator fed random and mutated
+handshake streams, and hostile payloads inside correctly keyed handshake
+messages, so the negotiation itself is fuzzed and not just the
+authenticator) and an established connection fed random and mutated
+messages encrypted under the right keys.
 Each target is fed whole and byte by byte.  scripts/fuzz runs the same
 kind of targets for >= 100,000 inputs.
 """
@@ -15,8 +17,10 @@ from hypothesis import strategies as st
 from p2pfs import crypto
 from p2pfs.errors import ProtocolError
 from p2pfs.wire import messages as m
-from p2pfs.wire.connection import Connection
+from p2pfs.wire import negotiation as n
+from p2pfs.wire.connection import PROLOGUE, Connection
 from p2pfs.wire.frames import FrameDecoder, encode_frame
+from p2pfs.wire.noise import Handshake
 
 from test_wire import ALL_MESSAGES, KEY_A
 
@@ -48,7 +52,7 @@ def _recorded_session():
     move(i, r, i.open_channel(KEY_A))
     move(r, i)
     la = i.local_channel(KEY_A)
-    move(i, r, b"".join(i.send(x) for x in [m.Request(la, 1, 0, 0, True, 3), m.IndexRequest(la, 2, b"/a", 3)]))
+    move(i, r, b"".join(i.send(x) for x in [m.Request(la, 1, 0, 2, 3, [4]), m.IndexRequest(la, 2, b"/a", 0, 100)]))
     return bytes(sent[True]), bytes(sent[False])
 
 
@@ -107,9 +111,16 @@ def test_frame_decoder(data, byte_by_byte):
         raw = mutate(raw, data.draw)
     dec = FrameDecoder(max_size=64)
     step = 1 if byte_by_byte else max(1, len(raw))
+    into = data.draw(st.booleans())  # recv_into through get_buffer, or feed
     try:
         for pos in range(0, len(raw), step):
-            dec.feed(raw[pos:pos + step])
+            piece = raw[pos:pos + step]
+            if into:
+                view = dec.get_buffer(len(piece))
+                view[:len(piece)] = piece
+                dec.buffer_updated(len(piece))
+            else:
+                dec.feed(piece)
             while dec.next_frame() is not None:
                 pass
         dec.feed(b"")
@@ -142,6 +153,72 @@ def test_message_decoder(data):
         pass
 
 
+PAYLOADS = [n.Offer(2, 2, ["aes256gcm", "chacha20poly1305"]), n.Accept(2, "aes256gcm", 1, 3, ["aes256gcm"]),
+            n.Refuse("no cipher in common", 2, 2, []), n.Confirm(2, "chacha20poly1305")]
+
+
+def hostile_payload(data) -> bytes:
+    kind = data.draw(st.sampled_from(["random", "mutated", "structured", "empty"]))
+    if kind == "random":
+        return data.draw(st.binary(max_size=100))
+    if kind == "mutated":
+        return mutate(n.encode_payload(data.draw(st.sampled_from(PAYLOADS))), data.draw)
+    if kind == "structured":
+        fields = data.draw(st.lists(st.one_of(msgpack_values, st.lists(st.sampled_from(
+            ["aes256gcm", "chacha20poly1305", "x", "", "AES"]), max_size=18)), max_size=6))
+        return msgspec.msgpack.encode([data.draw(st.integers(0, 5))] + fields)
+    return b""
+
+
+@SETTINGS
+@given(st.data())
+def test_handshake_payload_decoder(data):
+    try:
+        n.decode_payload(hostile_payload(data), data.draw(st.sampled_from([n.Offer, n.Accept, n.Confirm])))
+    except ProtocolError:
+        pass
+
+
+def _step(conn, data):
+    """Feed `conn`; True if it is still alive (only ProtocolError may kill it)."""
+    try:
+        conn.receive_data(data)
+        while conn.next_event() is not None:
+            pass
+    except ProtocolError:
+        return False
+    return True
+
+
+@SETTINGS
+@given(st.data())
+def test_responder_gets_hostile_payloads_under_valid_keys(data):
+    """Offers and confirmations that authenticate: the negotiation, not the AEAD, judges them."""
+    r = Connection(False, STATIC_R, KNOWN.get, ephemeral_private=EPH_R)
+    raw = Handshake(True, STATIC_I, PROLOGUE, EPH_I)
+    good = data.draw(st.booleans())
+    offer = n.offer((2, 2), ["aes256gcm", "chacha20poly1305"]) if good else hostile_payload(data)
+    if not _step(r, encode_frame(raw.write_message(offer))):
+        r.data_to_send()  # the refusal
+        return
+    reply = FrameDecoder()
+    reply.feed(r.data_to_send())
+    raw.read_message(reply.next_frame())
+    _step(r, encode_frame(raw.write_message(hostile_payload(data))))
+
+
+@SETTINGS
+@given(st.data())
+def test_initiator_gets_hostile_payloads_under_valid_keys(data):
+    i = Connection(True, STATIC_I, KNOWN.get, ephemeral_private=EPH_I)
+    raw = Handshake(False, STATIC_R, PROLOGUE, EPH_R)
+    offer = FrameDecoder()
+    offer.feed(i.data_to_send())
+    raw.read_message(offer.next_frame())
+    if _step(i, encode_frame(raw.write_message(hostile_payload(data)))):
+        i.data_to_send()  # an accepted answer: message 3 goes out
+
+
 @SETTINGS
 @given(st.data(), st.booleans())
 def test_handshake_responder(data, byte_by_byte):
@@ -169,7 +246,7 @@ def test_established_connection_gets_hostile_messages(data, byte_by_byte):
     i.receive_data(r.data_to_send())
     while i.next_event() is not None:
         pass
-    stream = bytearray(i.data_to_send())
+    stream = bytearray(i.data_to_send())  # message 3
     if data.draw(st.booleans()):
         stream += i.open_channel(KEY_A)
     plaintexts = data.draw(st.lists(st.one_of(

@@ -74,6 +74,7 @@ OUTPUT_FAIR = 256 << 10    # ... beyond which a peer with less queued than this 
 TRIM_EVERY = 5.0           # s between returning free memory to the system
 BAN_SECONDS = 600.0
 SHORTAGE_REPORT = 10.0
+REPORT_EVERY = 10.0        # s between two lines about peers dropped for the same reason
 _SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -126,6 +127,7 @@ class Connections:
         self._changed = trio.Event()
         self._last_shortage = -1e9
         self._ended_since_trim = 0
+        self._reported: dict[str, tuple[float, int]] = {}  # kind of trouble -> (last line, left out)
         self.shortages = 0
         self.refused = 0
         self.evicted = 0
@@ -247,9 +249,24 @@ class Connections:
                 target.status = f"dropped: {reason}"
                 target.next_try = trio.current_time() + BAN_SECONDS
         if peer.initiator:
-            self.report(f"peer {peer.address} {reason}; dropped it and will not ask it again")
+            self._report_limited(reason, f"peer {peer.address} {reason}; dropped it and will not ask it again")
         else:
-            self.report(f"peer {peer.address} {reason}; disconnected it")
+            self._report_limited(reason, f"peer {peer.address} {reason}; disconnected it")
+
+    def _report_limited(self, kind: str, line: str) -> None:
+        """Report, but at most one line per kind of trouble per REPORT_EVERY
+        seconds (a flood of attackers is one line, with a count)."""
+        now = trio.current_time()
+        last, suppressed = self._reported.get(kind, (-1e9, 0))
+        if now - last < REPORT_EVERY:
+            self._reported[kind] = (last, suppressed + 1)
+            return
+        if suppressed:
+            line += f" ({suppressed} more peers like it in the last {now - last:.0f} s)"
+        self._reported[kind] = (now, 0)
+        if len(self._reported) > 256:
+            self._reported.clear()
+        self.report(line)
 
     def ban_now(self, peer: Peer, reason: str) -> None:
         """Drop a peer at fault at once (the ban follows when its tasks end)."""

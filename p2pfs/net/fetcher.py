@@ -66,13 +66,41 @@ class _Want:
 class _Fetches:
     """Per-drive fetch state."""
 
-    __slots__ = ("wants", "queue", "last_progress", "ahead_start", "ahead_end", "window")
+    __slots__ = ("wants", "queue", "queued", "last_progress", "ahead_start", "ahead_end", "window")
 
     def __init__(self):
         self.wants: dict[int, _Want] = {}
-        self.queue: deque[int] = deque()
+        self.queue: deque[int] = deque()   # blocks to ask for, in order (may hold stale entries)
+        self.queued: set[int] = set()      # ... the live ones: a run takes blocks from the middle
         self.last_progress = 0.0
         self.ahead_start = self.ahead_end = self.window = 0  # the read-ahead window
+
+    def push(self, block: int, front: bool = False) -> None:
+        if block not in self.queued:
+            self.queued.add(block)
+            if front:
+                self.queue.appendleft(block)
+            else:
+                self.queue.append(block)
+
+    def pop(self) -> int | None:
+        while self.queue:
+            block = self.queue.popleft()
+            if block in self.queued:
+                self.queued.discard(block)
+                return block
+        return None
+
+    def take(self, block: int) -> bool:
+        """Take a queued block out of the middle (for a run); True if it was queued."""
+        if block in self.queued:
+            self.queued.discard(block)
+            return True
+        return False
+
+    def clear(self) -> None:
+        self.queue.clear()
+        self.queued.clear()
 
 
 class NodeCaches:
@@ -163,39 +191,64 @@ class Fetcher:
         if drive is None:
             return
         if isinstance(msg, m.Data):
-            try:
-                self._accept(peer, drive, msg.block, msg.data, msg.nodes, inf.length)
-            except PeerDropped:
-                self._requeue(peer, inf)
-                raise
+            self._accept_run(peer, drive, inf, msg)
         elif isinstance(msg, m.IndexData):
             try:
-                for item in msg.blocks:
-                    self._accept(peer, drive, item.block, item.data, item.nodes, inf.length)
+                self._accept_index(peer, drive, msg)
             finally:
                 inf.done.set()
         else:  # NoData
-            if inf.path is not None:
-                inf.done.set()
-            else:
-                self._requeue(peer, inf)
+            self._requeue(peer, inf)
         self.schedule()
 
-    def _accept(self, peer: Peer, drive: Drive, block: int, data: bytes, proof, length: int) -> None:
+    def _accept_run(self, peer: Peer, drive: Drive, inf: Inflight, msg: m.Data) -> None:
+        """Verify a run with one climb; keep its good blocks, refetch the bad ones
+        elsewhere and drop the peer that sent them."""
         key = drive.key
-        try:
-            nodes = drive.verify_received(block, data, proof, length, self.nodes.trusted(key))
-        except VerificationError as exc:
-            raise PeerDropped(f"sent block {block} of drive {drive.key_text} that fails "
-                              f"verification ({exc})") from None
-        if nodes is None:
+        root = drive.root_of(inf.length)
+        if root is None:
+            self._requeue(peer, inf)
             return  # we never held that version's head: cannot check, do not store
+        try:
+            result = tree.verify_range(inf.start, msg.blocks, msg.nodes, inf.length, root,
+                                       self.nodes.trusted(key), msg.leaves)
+        except VerificationError as exc:
+            self._requeue(peer, inf)
+            raise PeerDropped(f"sent blocks of drive {drive.key_text} that fail verification "
+                              f"({exc})") from None
+        bad = set(result.bad)
+        self._keep(peer, key, [(b, d) for b, d in zip(inf.blocks, msg.blocks) if b not in bad],
+                   result.nodes)
+        if bad:
+            self._requeue(peer, inf, only=bad)
+            raise PeerDropped(f"sent block {min(bad)} of drive {drive.key_text} that fails "
+                              f"verification ({len(bad)} of a run of {inf.count} blocks)")
+
+    def _accept_index(self, peer: Peer, drive: Drive, msg: m.IndexData) -> None:
+        key = drive.key
+        root = drive.root_of(msg.length)
+        if root is None:
+            return  # a head we do not hold (it came before, and was older or refused)
+        runs = [(r.start, r.blocks, r.leaves, r.nodes) for r in msg.runs]
+        try:
+            result = tree.verify_runs(runs, msg.length, root, self.nodes.trusted(key))
+        except VerificationError as exc:
+            raise PeerDropped(f"sent index blocks of drive {drive.key_text} that fail "
+                              f"verification ({exc})") from None
+        if result.bad:
+            raise PeerDropped(f"sent block {min(result.bad)} of drive {drive.key_text} "
+                              "that fails verification")
+        self._keep(peer, key, [(r.start + i, d) for r in msg.runs for i, d in enumerate(r.blocks)],
+                   result.nodes)
+
+    def _keep(self, peer: Peer, key: bytes, items: list, nodes) -> None:
+        """Verified blocks and nodes: to the store (by the writer), and known now."""
         self.nodes.remember(key, nodes)
-        items, batch_nodes = self._batch.setdefault(key, ([], []))
-        items.append((block, data))
+        batch_items, batch_nodes = self._batch.setdefault(key, ([], []))
+        batch_items.extend(items)
         batch_nodes.extend(nodes)
-        self._batch_bytes += len(data)
-        peer.blocks_received += 1
+        self._batch_bytes += sum(len(d) for _b, d in items)
+        peer.blocks_received += len(items)
 
     def after_input(self) -> None:
         if self._batch:
@@ -264,16 +317,21 @@ class Fetcher:
             f.last_progress = trio.current_time()
             want.done.set()
 
-    def _requeue(self, peer: Peer, inf: Inflight) -> None:
+    def _requeue(self, peer: Peer, inf: Inflight, only=None) -> None:
+        """Ask for a request's blocks again, not of `peer` (`only`: just these)."""
         if inf.path is not None:
             inf.done.set()
             return
         f = self._fetches.get(inf.key)
-        want = f.wants.get(inf.block) if f is not None else None
-        if want is not None and not want.done.is_set():
-            want.tried.add(peer)
-            if inf.block not in f.queue:
-                f.queue.appendleft(inf.block)
+        if f is None:
+            return
+        for block in reversed(inf.blocks):
+            if only is not None and block not in only:
+                continue
+            want = f.wants.get(block)
+            if want is not None and not want.done.is_set():
+                want.tried.add(peer)
+                f.push(block, front=True)
 
     # --- stalls and timeouts ------------------------------------------------------------------
 
@@ -315,10 +373,11 @@ class Fetcher:
     # --- scheduling --------------------------------------------------------------------
 
     def schedule(self) -> None:
-        """Hand queued wants to peers with free pipeline slots."""
+        """Hand queued wants to peers with free pipeline slots, as runs of
+        consecutive blocks the chosen peer has (up to what one reply holds)."""
         all_peers = self._peers()
         for key, f in self._fetches.items():
-            if not f.queue:
+            if not f.queued:
                 continue
             drive = self._drive(key)
             if drive is None or drive.head is None:
@@ -330,12 +389,15 @@ class Fetcher:
                 continue
             deferred = []
             length = drive.head.length
-            get_trusted = self.nodes.trusted(key)
-            while f.queue:
+            trusted = self.nodes.trusted(key)
+            max_run = max(1, min(m.MAX_RUN_BLOCKS, m.MAX_RUN_DATA // max(drive.block_size, 1)))
+            while f.queued:
                 free = [p for p in peers if len(p.inflight) < PIPELINE]
                 if not free:
                     break
-                block = f.queue.popleft()
+                block = f.pop()
+                if block is None:
+                    break
                 want = f.wants.get(block)
                 if want is None or want.done.is_set():
                     continue
@@ -350,16 +412,24 @@ class Fetcher:
                     deferred.append(block)
                     continue
                 peer = min(cands, key=lambda p: len(p.inflight))
-                siblings, peaks = tree.proof_request(block, length, lambda n: get_trusted(n) is not None)
-                peer.request_block(key, block, length, siblings, peaks)
-            f.queue.extendleft(reversed(deferred))
+                end = block + 1
+                while end - block < max_run and end < length and end in f.queued:
+                    nxt = f.wants.get(end)
+                    if nxt is None or nxt.done.is_set() or peer in nxt.tried or not peer.has(key, end):
+                        break
+                    f.take(end)
+                    end += 1
+                nodes = tree.range_proof_request(block, end, length, lambda n: trusted(n) is not None)
+                peer.request_run(key, block, end - block, length, nodes)
+            for block in reversed(deferred):
+                f.push(block, front=True)
 
     def _fail_all(self, f: _Fetches, why: str) -> None:
         for want in list(f.wants.values()):
             want.error = why
             want.done.set()
         f.wants.clear()
-        f.queue.clear()
+        f.clear()
 
     # --- BlockSource -------------------------------------------------------------------
 
@@ -373,7 +443,7 @@ class Fetcher:
             want = f.wants.get(b)
             if want is None:
                 want = f.wants[b] = _Want(b)
-                f.queue.append(b)
+                f.push(b)
             want.waiters += 1
             wants.append(want)
         self._readahead(drive, f, blocks)
@@ -400,10 +470,7 @@ class Fetcher:
                 want.waiters -= 1
                 if want.waiters == 0 and not want.done.is_set():
                     f.wants.pop(want.block, None)
-                    try:
-                        f.queue.remove(want.block)
-                    except ValueError:
-                        pass
+                    f.take(want.block)
 
     def _readahead(self, drive: Drive, f: _Fetches, blocks: list[int]) -> None:
         """Sequential reads get read-ahead, so that the pipelines (several
@@ -426,7 +493,7 @@ class Fetcher:
         for b in range(start, end):
             if b not in f.wants and not drive.has_block(b):
                 f.wants[b] = _Want(b)
-                f.queue.append(b)
+                f.push(b)
 
     async def fetch_path(self, drive: Drive, path: bytes) -> None:
         """Best effort: every index block on `path` from one peer, one round trip."""

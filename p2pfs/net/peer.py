@@ -58,10 +58,10 @@ from ..wire.connection import (
 )
 
 RECV_SIZE = 1 << 20
-HIGH_WATER = 512 << 10     # output queued per peer before its server waits (the kernel holds more)
-BLOCKED_WATER = 128 << 10  # ... once its socket has taken nothing for SLOW_SEND
+HIGH_WATER = 128 << 10     # output queued per peer before its server waits (the kernel holds more)
+BLOCKED_WATER = 64 << 10   # ... once its socket has taken nothing for SLOW_SEND
 SLOW_SEND = 0.5
-SEND_PIECE = 256 << 10
+SEND_PIECE = 128 << 10
 DECRYPT_IN_THREAD = 64 << 10  # a read this big is decrypted in a worker thread
 HANDSHAKE_TIMEOUT = 10.0
 MAX_HAVE_RANGES_KEPT = 1 << 16
@@ -121,28 +121,35 @@ class PeerHost(Protocol):
     def on_connected(self, peer: "Peer") -> None: ...
     def on_channel_opened(self, peer: "Peer", key: bytes) -> None: ...
     def on_channel_closed(self, peer: "Peer", key: bytes, rejected: bool) -> None: ...
-    def on_head(self, peer: "Peer", key: bytes, head: Head) -> None: ...
+    def on_head(self, peer: "Peer", key: bytes, head: Head, dht_signature: bytes) -> None: ...
     def on_have(self, peer: "Peer", key: bytes) -> None: ...
     def on_reply(self, peer: "Peer", inf: "Inflight", msg) -> None: ...
     def after_input(self, peer: "Peer") -> None: ...
-    def answer(self, peer: "Peer", key: bytes, msg) -> m.Message: ...
+    def answer(self, peer: "Peer", key: bytes, msg) -> list[m.Message]: ...
     def output_changed(self, delta: int) -> None: ...
     async def input_room(self) -> None: ...
     async def output_room(self, peer: "Peer") -> None: ...
 
 
 class Inflight:
-    """A request we sent and have not had answered."""
+    """A request we sent and have not had answered: the run ``[start,
+    start+count)`` of version `length`, or (with `path`) an index lookup."""
 
-    __slots__ = ("key", "block", "length", "sent", "path", "done")
+    __slots__ = ("key", "start", "count", "length", "sent", "path", "done")
 
-    def __init__(self, key: bytes, block: int, length: int, sent: float, path: bytes | None = None):
+    def __init__(self, key: bytes, start: int, count: int, length: int, sent: float,
+                 path: bytes | None = None):
         self.key = key
-        self.block = block
+        self.start = start
+        self.count = count
         self.length = length
         self.sent = sent
         self.path = path
         self.done: trio.Event | None = trio.Event() if path is not None else None
+
+    @property
+    def blocks(self) -> range:
+        return range(self.start, self.start + self.count)
 
 
 class Peer:
@@ -153,6 +160,8 @@ class Peer:
         self.initiator = initiator
         self.conn = Connection(initiator, host.node_key, host.lookup_key)
         self.remote_key: bytes | None = None
+        self.version: int | None = None   # protocol version and cipher the handshake agreed
+        self.cipher: str | None = None
         self.source = "static" if initiator else "incoming"  # where its address came from
         self.heads: dict[bytes, Head] = {}
         self.haves: dict[bytes, list[tuple[int, int]]] = {}
@@ -178,7 +187,7 @@ class Peer:
         self._announce_tokens = float(ANNOUNCE_BURST)
         self._announce_time = now
         self._next_id = 0
-        self._out: list[bytes] = []
+        self._out: deque = deque()   # pieces to write, in order
         self._out_bytes = 0
         self._out_event = trio.Event()
         self._drained = trio.Event()
@@ -253,9 +262,16 @@ class Peer:
                 self._out_event = trio.Event()
                 await self._out_event.wait()
                 continue
-            pieces, self._out = self._out, []
-            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-            del pieces
+            # Small pieces (many messages) are joined into one write; a large
+            # one (a run of blocks) is written as it is, never copied again.
+            batch: list = []
+            size = 0
+            while self._out and (not batch or size + len(self._out[0]) <= SEND_PIECE):
+                piece = self._out.popleft()
+                batch.append(piece)
+                size += len(piece)
+            data = batch[0] if len(batch) == 1 else b"".join(batch)
+            del batch
             with memoryview(data) as view:
                 for start in range(0, len(data), SEND_PIECE):
                     piece = view[start:start + SEND_PIECE]
@@ -266,12 +282,13 @@ class Peer:
                     self.bytes_sent += len(piece)
                     self.host.output_changed(-len(piece))
                     self._drained.set()  # waiters look again
+            del data
 
     def _release_output(self) -> None:
         if self._out_bytes:
             self.host.output_changed(-self._out_bytes)
             self._out_bytes = 0
-        self._out = []
+        self._out.clear()
 
     # --- requests we make --------------------------------------------------------
 
@@ -293,17 +310,20 @@ class Peer:
         self._next_id += 1
         return rid
 
-    def request_block(self, key: bytes, block: int, length: int, siblings: int, peaks: bool) -> None:
+    def request_run(self, key: bytes, start: int, count: int, length: int, nodes: list[int]) -> None:
+        """Ask for blocks ``[start, start+count)`` of version `length` with the proof `nodes`."""
         rid = self._new_request_id()
         ch = self.conn.local_channel(key)
-        self.write(self.conn.send(m.Request(ch, rid, block, siblings, peaks, length)))
-        self.inflight[rid] = Inflight(key, block, length, trio.current_time())
+        self.write(self.conn.send(m.Request(ch, rid, start, count, length, nodes)))
+        self.inflight[rid] = Inflight(key, start, count, length, trio.current_time())
 
-    def request_path(self, key: bytes, path: bytes, length: int) -> Inflight:
+    def request_path(self, key: bytes, path: bytes, length: int, content_bytes: int = 0) -> Inflight:
+        """Ask for what a lookup of `path` in version `length` (0: the peer's
+        newest) reads, and the first `content_bytes` of it if it is a file."""
         rid = self._new_request_id()
         ch = self.conn.local_channel(key)
-        self.write(self.conn.send(m.IndexRequest(ch, rid, path, length)))
-        inf = self.inflight[rid] = Inflight(key, -1, length, trio.current_time(), path)
+        self.write(self.conn.send(m.IndexRequest(ch, rid, path, length, content_bytes)))
+        inf = self.inflight[rid] = Inflight(key, -1, 0, length, trio.current_time(), path)
         return inf
 
     def cancel(self, rid: int) -> Inflight | None:
@@ -393,6 +413,11 @@ class Peer:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(1):
                     try:
+                        if not self.connected.is_set():
+                            # a handshake we refused: the refusal says why
+                            refusal = self.conn.data_to_send()
+                            if refusal:
+                                await self.stream.send_all(refusal)
                         await self.stream.aclose()
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
@@ -412,10 +437,9 @@ class Peer:
             await self._wait_writable()
             await host.input_room()
             self.paused = False
-            data = await self.stream.receive_some(RECV_SIZE)
-            self.bytes_received += len(data)
-            conn.receive_data(data)
-            if len(data) >= DECRYPT_IN_THREAD and conn.can_decrypt_ahead:
+            n = await self._receive()
+            self.bytes_received += n
+            if n >= DECRYPT_IN_THREAD and conn.can_decrypt_ahead:
                 # the cipher drops the GIL: our other tasks run meanwhile
                 await trio.to_thread.run_sync(conn.decrypt_ahead)
             while True:
@@ -429,6 +453,7 @@ class Peer:
                     return
                 elif isinstance(ev, HandshakeComplete):
                     self.remote_key = ev.remote_static
+                    self.version, self.cipher = ev.version, ev.cipher
                     self.connected.set()
                     host.on_connected(self)
                 elif isinstance(ev, ChannelOpened):
@@ -441,8 +466,27 @@ class Peer:
                     host.on_channel_closed(self, ev.drive_key, ev.rejected)
             self.write(conn.data_to_send())
             host.after_input(self)
-            if not data:
+            if not n:
                 return
+
+    async def _receive(self) -> int:
+        """Read once into the connection (0: end of input).  From a socket the
+        bytes go straight into the frame buffer (`recv_into`), not copied."""
+        sock = getattr(self.stream, "socket", None)
+        if sock is None:
+            data = await self.stream.receive_some(RECV_SIZE)
+            self.conn.receive_data(data)
+            return len(data)
+        view = self.conn.get_buffer(RECV_SIZE)
+        try:
+            n = await sock.recv_into(view)  # OSError (a reset) ends the peer as a lost connection
+        finally:
+            view.release()
+        if n:
+            self.conn.buffer_updated(n)
+        else:
+            self.conn.receive_data(b"")
+        return n
 
     def _received(self, key: bytes, msg) -> None:
         host = self.host
@@ -463,7 +507,7 @@ class Peer:
             head = Head(msg.length, msg.root, msg.signature)
             if self.heads.get(key) == head:
                 return  # the same bytes again: nothing to check
-            host.on_head(self, key, head)
+            host.on_head(self, key, head, msg.dht_signature)
         elif isinstance(msg, m.Have):
             self._count_announcement()
             self._merge_have(key, msg.ranges)
@@ -483,10 +527,10 @@ class Peer:
                 # woken or at a checkpoint; the reader is ending the connection
                 self._serve.clear()
                 continue
-            reply = host.answer(self, key, msg)
-            if isinstance(reply, m.Data):
-                self.blocks_sent += 1
-            self.write(self.conn.send(reply))
+            for reply in host.answer(self, key, msg):
+                if isinstance(reply, m.Data):
+                    self.blocks_sent += len(reply.blocks)
+                self.write(self.conn.send(reply))
             await self._wait_writable()
             await host.output_room(self)
             await trio.lowlevel.checkpoint()

@@ -1,11 +1,13 @@
 """Serving: the answer to a peer's request, from the store.
 
 The receiver verifies everything it gets, so blocks are served as stored
-(raw, never decoded); proofs come from the verified-node caches.  An index
-lookup (`IndexRequest`) walks our own stored index for the path, bounded
-by the index's depth limit and the reply budget, so a request costs at
-most one reply's worth of reading.  A request we cannot serve gets NoData;
-nothing here raises for a request.
+(raw, never decoded), each run with the leaf of every block (so a receiver
+can pin a bad block to itself) and the proof nodes it asked for, from the
+verified-node caches.  An index lookup (`IndexRequest`) walks our own
+stored index for the path, bounded by the index's depth limit and one
+reply's size, and adds the file's first content blocks when asked: a cold
+small read needs no further round trip.  A request we cannot serve gets
+NoData; nothing here raises for a request.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from ..errors import MissingBlock, P2pfsError
 from ..store import Store
 from ..wire import messages as m
 from .fetcher import NodeCaches
-
-INDEX_REPLY_BUDGET = m.MAX_REPLY_DATA - (64 << 10)
 
 
 class _StoreReader:
@@ -35,43 +35,109 @@ class _StoreReader:
         return data
 
 
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """Sorted, distinct block numbers as (start, end) runs."""
+    out: list[list[int]] = []
+    for b in sorted(set(blocks)):
+        if out and out[-1][1] == b:
+            out[-1][1] = b + 1
+        else:
+            out.append([b, b + 1])
+    return [(a, b) for a, b in out]
+
+
 class Server:
     def __init__(self, store: Store, nodes: NodeCaches, drive: Callable[[bytes], Drive | None]):
         self.store = store
         self.nodes = nodes
         self._drive = drive
 
-    def answer(self, channel: int, key: bytes, msg) -> m.Message:
-        """The reply to a request (Data, IndexData or NoData)."""
+    def answer(self, channel: int, key: bytes, msg) -> list[m.Message]:
+        """The reply to a request (Data, IndexData or NoData), after the Head
+        it refers to when the request asked for our newest version."""
         drive = self._drive(key)
         head = drive.head if drive is not None else None
         if head is None or msg.length > head.length:
-            return m.NoData(channel, msg.id)
+            return [m.NoData(channel, msg.id)]
         try:
             if isinstance(msg, m.Request):
-                data = self.store.get_block(key, msg.block)
-                if data is None or len(data) > m.MAX_BLOCK_DATA:
-                    return m.NoData(channel, msg.id)
-                proof = tree.make_proof(msg.block, msg.length, msg.siblings, msg.peaks,
-                                        self.nodes.serving(key))
-                return m.Data(channel, msg.id, msg.block, data, proof)
-            return self._answer_path(drive, channel, msg)
+                return [self._answer_run(channel, key, msg)]
+            if msg.length == 0:
+                return [m.Head(channel, head.length, head.root, head.signature,
+                               self.store.dht_signature(key, head.length)),
+                        self._answer_path(drive, channel, msg, head.length)]
+            return [self._answer_path(drive, channel, msg, msg.length)]
         except (LookupError, MissingBlock, P2pfsError):
-            return m.NoData(channel, msg.id)
+            return [m.NoData(channel, msg.id)]
 
-    def _answer_path(self, drive: Drive, channel: int, msg: m.IndexRequest) -> m.Message:
-        key, length = drive.key, msg.length
+    def _run(self, key: bytes, start: int, end: int, length: int, nodes, get) -> tuple:
+        """(blocks, leaves, proof) of a run; LookupError if anything is not held."""
+        blocks = self.store.get_blocks(key, range(start, end))
+        if any(b is None or len(b) > m.MAX_BLOCK_DATA for b in blocks):
+            raise LookupError("a block of the run is not held")
+        leaves = []
+        for i in range(start, end):
+            leaf = get(2 * i)
+            if leaf is None:
+                raise LookupError(f"the leaf of block {i} is not held")
+            leaves.append((leaf.hash, leaf.size))
+        return blocks, leaves, tree.make_range_proof(start, end, length, nodes, get)
+
+    def _answer_run(self, channel: int, key: bytes, msg: m.Request) -> m.Message:
+        blocks, leaves, proof = self._run(key, msg.start, msg.start + msg.count, msg.length,
+                                          msg.nodes, self.nodes.serving(key))
+        if sum(map(len, blocks)) > m.MAX_RUN_DATA:
+            return m.NoData(channel, msg.id)
+        return m.Data(channel, msg.id, msg.start, blocks, leaves, proof)
+
+    def _answer_path(self, drive: Drive, channel: int, msg: m.IndexRequest, length: int) -> m.Message:
+        key = drive.key
         reader = _StoreReader(self.store, key, length)
         commit = index.decode_block(reader.read_block(length - 1))
         if not isinstance(commit, index.Commit):
             return m.NoData(channel, msg.id)
-        blocks = [0, length - 1] + index.Index(reader, commit.root).path_blocks(msg.path)
-        items, total = [], 0
-        get = self.nodes.serving(key)
-        for b in dict.fromkeys(blocks):
-            data = reader.read_block(b)
-            total += len(data)
-            if total > INDEX_REPLY_BUDGET or len(items) == m.MAX_INDEX_BLOCKS:
+        idx = index.Index(reader, commit.root)
+        wanted = [0, length - 1] + idx.path_blocks(msg.path)
+        content = self._first_content(idx, msg.path, length) if msg.content_bytes else []
+        # blocks in order while they fit one reply; content up to what was asked
+        chosen: list[int] = []
+        total = content_total = 0
+        for b in dict.fromkeys(wanted + content):
+            if b in chosen:
+                continue
+            is_content = b not in wanted
+            if is_content and content_total >= msg.content_bytes:
                 break
-            items.append(m.BlockItem(b, data, tree.make_proof(b, length, 64, True, get)))
-        return m.IndexData(channel, msg.id, items)
+            size = len(reader.read_block(b))
+            if total + size > m.MAX_RUN_DATA or len(chosen) == m.MAX_RUN_BLOCKS:
+                break
+            chosen.append(b)
+            total += size
+            if is_content:
+                content_total += size
+        ranges = _runs(chosen)[:m.MAX_INDEX_RUNS]
+        get = self.nodes.serving(key)
+        out = []
+        for (start, end), need in zip(ranges, tree.plan_runs(ranges, length)):
+            blocks, leaves, proof = self._run(key, start, end, length, need, get)
+            out.append(m.Run(start, blocks, leaves, proof))
+        if sum(len(r.proof) for r in out) > m.MAX_REPLY_PROOF_NODES:
+            return m.NoData(channel, msg.id)
+        return m.IndexData(channel, msg.id, length, out)
+
+    @staticmethod
+    def _first_content(idx: index.Index, path: bytes, length: int) -> list[int]:
+        """The first content blocks (at most a reply's worth) of the file at `path`."""
+        try:
+            entry = idx.lookup(index.normalize_path(path))
+        except (P2pfsError, MissingBlock):
+            return []
+        if entry is None or entry.kind != index.KIND_FILE:
+            return []
+        out: list[int] = []
+        for start, count in entry.extents:
+            for b in range(start, min(start + count, length)):
+                if len(out) >= m.MAX_RUN_BLOCKS:
+                    return out
+                out.append(b)
+        return out

@@ -46,12 +46,14 @@ from . import transport
 from .connections import Connections
 from .discovery import Candidate, Source
 from .discovery.static import StaticSource
-from .fetcher import DEFAULT_TIMEOUT, Fetcher, NodeCaches
+from .fetcher import DEFAULT_TIMEOUT, STALL_TIMEOUT, Fetcher, NodeCaches
 from .peer import Inflight, Peer, PeerDropped, raise_single
 from .serving import Server
 
 POLL_INTERVAL = 0.15       # seconds between polls of the store's latest heads
 DISCOVERY_GRACE = 1.0      # s a reader holding a drive looks for a newer version before going on
+HEAD_LOOKUP_EVERY = 300.0  # s between looking up a drive's newest head in the DHT
+HEAD_RETRY_FIRST = 2.0     # s before a failed head lookup or put is tried again (doubling)
 
 
 def _stderr(text: str) -> None:
@@ -84,6 +86,9 @@ class Swarm:
         self.static = StaticSource()
         self.sources: list[Source] = []
         self.port: int | None = None  # the TCP port we accept peers on, once listening
+        self._hints: dict[bytes, tuple[bytes, int]] = {}   # drive key -> (path, content bytes)
+        self._hinted: dict[bytes, list[Inflight]] = {}     # ... the first-flight requests sent
+        self._put_heads = trio.Event()  # a head (or its DHT signature) to put in the DHT
         self._nursery: trio.Nursery | None = None
 
     # --- registry ------------------------------------------------------------------
@@ -107,6 +112,7 @@ class Swarm:
         if old is not None:
             self._unsubscribe.pop(drive.key)()
         self.drives[drive.key] = drive
+        self._put_heads.set()
         dk = crypto.discovery_key(drive.key)
         self._dk[dk] = drive.key
         for source in self.sources:
@@ -157,6 +163,8 @@ class Swarm:
             if dk in self._wanted_topics():
                 source.join(dk, announce=self.port is not None)
         await self._nursery.start(source.run, self._candidate)
+        if hasattr(source, "get_head"):
+            self._nursery.start_soon(self._dht_heads, source)
 
     def _wanted_topics(self) -> set[bytes]:
         return {crypto.discovery_key(k) for k in self.drives}
@@ -192,11 +200,22 @@ class Swarm:
 
     # --- PeerHost ------------------------------------------------------------------
 
+    def hint(self, drive: Drive, path: bytes, content_bytes: int = 0) -> None:
+        """Ask every peer we dial from now on, in the first flight (with the
+        channel's Open, before any reply), for the index path of `path` in
+        its newest version and the first `content_bytes` of it: a cold small
+        read then costs no further round trip."""
+        self.add_drive(drive)
+        self._hints[drive.key] = (path, content_bytes)
+
     def on_connected(self, peer: Peer) -> None:
         self.connections.admit(peer, self.node_public)
         if peer.initiator and not peer.closed:
             for key in self.drives:
                 peer.write(peer.conn.open_channel(key))
+                hint = self._hints.get(key)
+                if hint is not None:
+                    self._hinted.setdefault(key, []).append(peer.request_path(key, hint[0], 0, hint[1]))
         self.connections.changed()
 
     def on_channel_opened(self, peer: Peer, key: bytes) -> None:
@@ -205,10 +224,13 @@ class Swarm:
             return
         ch = peer.conn.local_channel(key)
         if drive.head is not None:
-            h = drive.head
-            peer.write(peer.conn.send(m.Head(ch, h.length, h.root, h.signature)))
+            peer.write(peer.conn.send(self._head_message(ch, drive)))
         self._send_have(peer, drive)
         self.connections.changed()
+
+    def _head_message(self, channel: int, drive: Drive) -> m.Head:
+        h = drive.head
+        return m.Head(channel, h.length, h.root, h.signature, self.store.dht_signature(drive.key, h.length))
 
     def _send_have(self, peer: Peer, drive: Drive) -> None:
         ch = peer.conn.local_channel(drive.key)
@@ -223,7 +245,7 @@ class Swarm:
             target.status = "does not have the drive" if rejected else "closed the drive"
         self.connections.changed()
 
-    def on_head(self, peer: Peer, key: bytes, head: Head) -> None:
+    def on_head(self, peer: Peer, key: bytes, head: Head, dht_signature: bytes = b"") -> None:
         drive = self.drives.get(key)
         if drive is None:
             return
@@ -234,6 +256,8 @@ class Swarm:
                 self.report(f"{exc} (announced by peer {peer.address})")
             except VerificationError as exc:
                 raise PeerDropped(f"sent a signed head that does not verify ({exc})") from None
+        if dht_signature and drive.accept_dht_signature(head, dht_signature):
+            self._put_heads.set()
         old = peer.heads.get(key)
         if old is None or head.length >= old.length:
             peer.heads[key] = head
@@ -259,7 +283,7 @@ class Swarm:
     async def output_room(self, peer: Peer) -> None:
         await self.connections.output_room(peer)
 
-    def answer(self, peer: Peer, key: bytes, msg) -> m.Message:
+    def answer(self, peer: Peer, key: bytes, msg) -> list[m.Message]:
         ch = peer.conn.local_channel(key)
         return self.server.answer(0 if ch is None else ch, key, msg)
 
@@ -271,14 +295,92 @@ class Swarm:
 
     # --- announcing ----------------------------------------------------------------
 
+    async def _dht_heads(self, source) -> None:
+        """The drives' heads and the DHT (a HeadSource): put every head we hold
+        with its owner's DHT signature (once per length once some node took
+        it; the source puts it again while it lives), and look up the newest
+        head of every drive we do not own: at once, again after 2, 4, 8 ...
+        s while none is found, then every HEAD_LOOKUP_EVERY s (a reader
+        learns a new version before any peer tells it)."""
+        put: dict[bytes, int] = {}           # drive -> length some DHT node took
+        next_put: dict[bytes, tuple[float, float]] = {}   # drive -> (when, backoff)
+        next_get: dict[bytes, tuple[float, float]] = {}
+        busy: set[tuple[str, bytes]] = set()
+
+        async def do_put(drive: Drive, head: Head, sig: bytes) -> None:
+            try:
+                took = await source.put_head(drive.key, head.length, head.root, head.signature, sig)
+            except (P2pfsError, OSError) as exc:
+                self.report(f"could not put the head of drive {drive.key_text} in the DHT: {exc}")
+                took = 0
+            finally:
+                busy.discard(("put", drive.key))
+            when, backoff = next_put.get(drive.key, (0.0, HEAD_RETRY_FIRST))
+            if took:
+                put[drive.key] = max(put.get(drive.key, -1), head.length)
+                next_put.pop(drive.key, None)
+            else:
+                next_put[drive.key] = (trio.current_time() + backoff, min(2 * backoff, HEAD_LOOKUP_EVERY))
+            self._put_heads.set()
+
+        async def do_get(drive: Drive) -> None:
+            found = None
+            try:
+                found = await source.get_head(drive.key)
+            except P2pfsError:
+                pass
+            finally:
+                busy.discard(("get", drive.key))
+                self._put_heads.set()  # the loop sleeps until the next lookup is due
+            _when, backoff = next_get.get(drive.key, (0.0, HEAD_RETRY_FIRST))
+            if found is None:
+                next_get[drive.key] = (trio.current_time() + backoff, min(2 * backoff, HEAD_LOOKUP_EVERY))
+                return
+            next_get[drive.key] = (trio.current_time() + HEAD_LOOKUP_EVERY, HEAD_RETRY_FIRST)
+            length, root, signature, dht_signature = found
+            head = Head(length, root, signature)
+            try:
+                if drive.head is None or head.length > drive.head.length:
+                    drive.accept_head(head)
+                drive.accept_dht_signature(head, dht_signature)
+            except VerificationError as exc:
+                self.report(f"a head of drive {drive.key_text} in the DHT: {exc}")
+            self.connections.changed()
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = trio.current_time()
+                wake = now + HEAD_LOOKUP_EVERY
+                for key, drive in list(self.drives.items()):
+                    head = drive.head
+                    if head is not None and put.get(key, -1) < head.length and ("put", key) not in busy:
+                        when = next_put.get(key, (now, 0.0))[0]
+                        sig = self.store.dht_signature(key, head.length)
+                        if sig and when <= now:
+                            busy.add(("put", key))
+                            nursery.start_soon(do_put, drive, head, sig)
+                        elif sig:
+                            wake = min(wake, when)
+                    if not drive.writable and ("get", key) not in busy:
+                        when = next_get.get(key, (now, 0.0))[0]
+                        if when <= now:
+                            busy.add(("get", key))
+                            nursery.start_soon(do_get, drive)
+                        else:
+                            wake = min(wake, when)
+                self._put_heads = trio.Event()
+                with trio.move_on_at(wake):
+                    await self._put_heads.wait()
+
     def _announce(self, drive: Drive) -> None:
+        self._put_heads.set()
         head = drive.head
         if head is None:
             return
         for peer in self.peers:
             if not peer.closed and peer.conn.can_send and peer.conn.is_open(drive.key):
                 ch = peer.conn.local_channel(drive.key)
-                peer.write(peer.conn.send(m.Head(ch, head.length, head.root, head.signature)))
+                peer.write(peer.conn.send(self._head_message(ch, drive)))
                 self._send_have(peer, drive)
         self.fetcher.schedule()
         self.connections.changed()
@@ -291,8 +393,14 @@ class Swarm:
         await self.fetcher.fetch(drive, blocks)
 
     async def fetch_path(self, drive: Drive, path: bytes) -> None:
-        """Best effort: every index block on `path` from one peer, one round trip."""
+        """Best effort: every index block on `path` from one peer, one round trip
+        (none if a first-flight request for that path is answered or in flight)."""
         self.add_drive(drive)
+        hinted = [inf for inf in self._hinted.get(drive.key, ()) if inf.path == path]
+        if hinted:
+            with trio.move_on_after(min(self.timeout, STALL_TIMEOUT)):
+                await hinted[0].done.wait()  # answered (or refused: NoData) by its peer
+            return
         await self.fetcher.fetch_path(drive, path)
 
     # --- waiting and reporting -----------------------------------------------------------

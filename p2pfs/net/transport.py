@@ -13,7 +13,7 @@ import trio
 
 from .. import crypto
 from ..errors import KeyFileError, UsageError
-from ..store import read_key_file, write_key_file
+from ..store import make_private_dir, read_key_file, write_key_file
 
 NODE_KEY_FILE = "node.key"
 DEFAULT_PORT = 7640
@@ -32,7 +32,7 @@ def load_node_key(home: str | os.PathLike) -> bytes:
         return key
     private, _ = crypto.x25519_keypair()
     try:
-        Path(home).mkdir(parents=True, exist_ok=True)
+        make_private_dir(home)
         write_key_file(path, private, keep_existing=True)  # first writer wins a race
     except OSError as exc:
         raise KeyFileError(f"cannot write the node key {path}: {exc.strerror}") from None
@@ -59,7 +59,10 @@ def format_address(host: str, port: int) -> str:
 
 
 async def dial(address: str) -> trio.SocketStream:
-    """Open a TCP connection to 'HOST:PORT' (OSError on failure, like refusal)."""
+    """Open a TCP connection to 'HOST:PORT'.
+
+    Raises trio.TooSlowError after CONNECT_TIMEOUT, else OSError
+    (`describe_dial_error` says why in a user's words)."""
     host, port = parse_address(address)
     with trio.fail_after(CONNECT_TIMEOUT):
         stream = await trio.open_tcp_stream(host, port)

@@ -3,45 +3,57 @@
 Theory of operation
 -------------------
 The driver (`p2pfs.net`) owns the socket.  It passes every chunk it reads to
-`receive_data` (``b""`` at end of input), then calls `next_event` until it
-returns None, then writes `data_to_send()`.  Everything the application
+`receive_data` (``b""`` at end of input) -- or reads straight into the
+frame buffer with `get_buffer` / `buffer_updated` -- then calls
+`next_event` until it returns None, then writes `data_to_send()`.  Everything the application
 wants to say goes through `open_channel`, `close_channel` and `send`, which
 return the bytes to write (including any protocol replies queued before, so
 that ciphertexts always leave in order).  Any ProtocolError raised by
-`next_event` is final: the connection is dead and must be dropped.  Once
-open, a driver may call `decrypt_ahead` (in a worker thread) between
-`receive_data` and `next_event`: it decrypts the buffered frames in order
-and touches only the receiving half.
+`next_event` is final: the connection is dead and must be dropped -- after
+writing `data_to_send()`, which may still hold a refusal for the peer (the
+second handshake message saying why we do not talk to it).  Once open, a
+driver may call `decrypt_ahead` (in a worker thread) between `receive_data`
+and `next_event`: it decrypts the buffered frames in order and touches only
+the receiving half.
 
 Phases::
 
-    HANDSHAKE   Noise XX, three frames (initiator writes 1 and 3).
-    HEADERS     each side sends one frame: stream id (32) || secretstream
-                header (24), the stream id binding the header to this
-                handshake and to the sender's role.  A side may send
-                messages right after its own header.
-    OPEN        one secretstream ciphertext per frame, one message each.
+    HANDSHAKE   Noise XX, three frames (initiator writes 1 and 3), whose
+                payloads agree on the protocol version and the transport
+                cipher (`negotiation`).
+    OPEN        one transport ciphertext per frame, one message each.
+
+First flight.  The initiator is OPEN as soon as it has read message 2: it
+may open channels and send requests at once, and they leave in the same
+write as message 3 (its `HandshakeComplete` comes before `data_to_send`).
+The responder reads message 3 and those frames in one `receive_data`, so
+its first frames can already answer them: a cold read's first byte
+arrives two round trips after TCP connect.
 
 Channels.  Each side numbers the channels it opens (`Open.channel`, never
 reused) and every message carries the *sender's* number, so no number is
 ever negotiated.  A channel for a drive is open when both sides have sent
-`Open` for its discovery key.  `Open` carries a capability: keyed BLAKE2b
-under the handshake hash of the sender's role and the drive key.  It proves
-that the sender knows the drive key, it cannot be replayed on another
-connection (other handshake hash) or reflected (other role).  When a valid
-`Open` arrives for a drive we know (our own open channel or `lookup_key`),
-we answer with our own `Open` if we have not sent one; for an unknown
-discovery key and for a known one with a wrong capability alike we answer
-`Reject` and keep nothing, so a peer without the key learns nothing about
-what we hold.  Messages on channel numbers we do not have open are ignored
-(they may be in flight across a Close).
+`Open` for its discovery key; a side may send on its own number at once.
+`Open` carries a capability: keyed BLAKE2b under the handshake hash of the
+sender's role and the drive key.  It proves that the sender knows the drive
+key, it cannot be replayed on another connection (other handshake hash) or
+reflected (other role).  When a valid `Open` arrives for a drive we know
+(our own open channel or `lookup_key`), we answer with our own `Open` if we
+have not sent one; for an unknown discovery key and for a known one with a
+wrong capability alike we answer `Reject` and keep nothing, so a peer
+without the key learns nothing about what we hold.  Messages on channel
+numbers we do not have open are ignored (they may be in flight across a
+Close).
 
 Requests.  Every `Request`/`IndexRequest` gets exactly one reply (`Data`,
 `IndexData` or `NoData`); `Cancel` turns a pending one into `NoData` at once.
 At most `MAX_REQUESTS` may be outstanding per direction; a peer that sends
-more, replies with the wrong kind or block, or repeats an id, breaks the
-protocol.  Replies to requests we no longer track (cancelled, channel
-closed) are dropped without an event.
+more, repeats an id, or replies with the wrong kind, other blocks, other
+proof nodes or (for an IndexRequest) another length breaks the protocol.
+An IndexRequest for length 0 must be answered for the length of the last
+Head the peer sent on that channel (it sends it first).  A reply's event
+carries the request it answers.  Replies to requests we no longer track
+(cancelled, channel closed) are dropped without an event.
 """
 
 from __future__ import annotations
@@ -49,20 +61,20 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from .. import crypto
 from ..errors import ProtocolError
 from . import messages as m
-from .frames import MAX_FRAME, PREFIX as FRAME_PREFIX, FrameDecoder, encode_frame
+from . import negotiation
+from .frames import MAX_FRAME, PREFIX as FRAME_PREFIX, PREFIX_BYTES, FrameDecoder, encode_frame
 from .noise import Handshake
 
-PROLOGUE = b"p2pfs/noise/v1"
+PROLOGUE = b"p2pfs/noise/v2"
+V1_PROLOGUE = b"p2pfs/noise/v1"   # only to recognise a version-1 responder
 MAX_HANDSHAKE_FRAME = 4096
 MAX_REQUESTS = 256        # outstanding requests per direction per connection
 MAX_CHANNELS = 4096       # channels the peer may have open on one connection
-STREAM_ID_BYTES = 32
-HEADER_FRAME_BYTES = STREAM_ID_BYTES + crypto.SECRETSTREAM_HEADER_BYTES
 
 
 def capability(handshake_hash: bytes, initiator: bool, drive_key: bytes) -> bytes:
@@ -71,18 +83,16 @@ def capability(handshake_hash: bytes, initiator: bool, drive_key: bytes) -> byte
     return hashlib.blake2b(b"p2pfs/capability/v1" + role + drive_key, key=handshake_hash, digest_size=32).digest()
 
 
-def _stream_id(handshake_hash: bytes, initiator: bool) -> bytes:
-    role = b"\x01" if initiator else b"\x02"
-    return hashlib.blake2b(b"p2pfs/stream/v1" + role, key=handshake_hash, digest_size=STREAM_ID_BYTES).digest()
-
-
 # --- events ------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class HandshakeComplete:
-    """We may send from now on; `remote_static` is the peer's X25519 node key."""
+    """We may send from now on; `remote_static` is the peer's X25519 node key,
+    `version` and `cipher` what the handshake agreed."""
 
     remote_static: bytes
+    version: int
+    cipher: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +112,12 @@ class ChannelClosed:
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """A message on an open channel: Head, Have, Request, IndexRequest, Data, IndexData, NoData."""
+    """A message on an open channel: Head, Have, Request, IndexRequest, Data,
+    IndexData, NoData.  For a reply, `request` is the request it answers."""
 
     drive_key: bytes
     message: m.Message
+    request: m.Request | m.IndexRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,22 +129,27 @@ Event = HandshakeComplete | ChannelOpened | ChannelClosed | Received | EndOfStre
 
 
 class _Channel:
-    __slots__ = ("drive_key", "discovery_key", "local", "remote")
+    __slots__ = ("drive_key", "discovery_key", "local", "remote", "head_length")
 
     def __init__(self, drive_key: bytes, discovery_key: bytes):
         self.drive_key = drive_key
         self.discovery_key = discovery_key
         self.local: int | None = None
         self.remote: int | None = None
+        self.head_length: int | None = None  # of the last Head the peer sent
 
 
-_HANDSHAKE, _HEADERS, _OPEN, _CLOSED, _ERROR = range(5)
+_HANDSHAKE, _OPEN, _CLOSED, _ERROR = range(4)
 
 
 class Connection:
     """One side of a connection.  `lookup_key(discovery_key)` returns the drive
     key if we serve or want that drive, else None (it must be quick and must
-    not block: it runs inside `next_event`)."""
+    not block: it runs inside `next_event`).
+
+    `ciphers` is this node's transport cipher preference (default
+    `crypto.local_ciphers()`); `versions` the protocol versions it speaks
+    (tests only); `ephemeral_private` only for test vectors."""
 
     def __init__(
         self,
@@ -140,34 +157,49 @@ class Connection:
         static_private: bytes,
         lookup_key: Callable[[bytes], bytes | None] = lambda dk: None,
         *,
+        ciphers: Sequence[str] | None = None,
+        versions: tuple[int, int] = negotiation.VERSIONS,
         ephemeral_private: bytes | None = None,
         max_frame: int = MAX_FRAME,
     ):
         self.initiator = initiator
         self._lookup_key = lookup_key
+        self._ciphers = tuple(crypto.local_ciphers() if ciphers is None else ciphers)
+        if not self._ciphers or any(c not in crypto.TRANSPORT_CIPHERS for c in self._ciphers):
+            raise ValueError(f"ciphers must be some of {crypto.TRANSPORT_CIPHERS}, not {self._ciphers}")
+        self._versions = versions
+        if ephemeral_private is None:
+            ephemeral_private, _ = crypto.x25519_keypair()
+        self._static = static_private
         self._hs = Handshake(initiator, static_private, PROLOGUE, ephemeral_private)
         self._frames = FrameDecoder(MAX_HANDSHAKE_FRAME)
         self._max_frame = max_frame
         self._state = _HANDSHAKE
         self._error: ProtocolError | None = None
-        self._out: list[bytes] = []   # queued output pieces, joined once by data_to_send
+        self._out: list = []   # queued output pieces, joined once by data_to_send
         self._events: deque[Event] = deque()
         self._plain: deque[bytes] = deque()  # decrypted by decrypt_ahead, not yet handled
         self._plain_error: ProtocolError | None = None  # met by decrypt_ahead after _plain
-        self._encryptor: crypto.StreamEncryptor | None = None
-        self._decryptor: crypto.StreamDecryptor | None = None
+        self._encryptor: crypto.TransportEncryptor | None = None
+        self._decryptor: crypto.TransportDecryptor | None = None
+        self._agreement: negotiation.Agreement | None = None
+        self.version: int | None = None
+        self.cipher: str | None = None
         self.handshake_hash: bytes | None = None
         self.remote_static: bytes | None = None
         self._by_dk: dict[bytes, _Channel] = {}
         self._by_local: dict[int, _Channel] = {}
         self._by_remote: dict[int, _Channel] = {}
         self._next_local = 0
-        # id -> (channel, the request) for requests we sent; value[2] = cancelled
+        # id -> [channel, the request, cancelled] for requests we sent
         self._pending: dict[int, list] = {}
         # id -> channel for requests the peer sent and we have not answered
         self._remote_pending: dict[int, _Channel] = {}
+        self._first: tuple[bytes, bytes] | None = None  # initiator: (ephemeral, offer) until message 2
         if initiator:
-            self._out.append(encode_frame(self._hs.write_message(), MAX_HANDSHAKE_FRAME))
+            offer = negotiation.offer(versions, self._ciphers)
+            self._first = (ephemeral_private, offer)
+            self._out.append(encode_frame(self._hs.write_message(offer), MAX_HANDSHAKE_FRAME))
 
     # --- state -------------------------------------------------------------
 
@@ -193,8 +225,10 @@ class Connection:
 
     # --- output ------------------------------------------------------------
 
-    def data_to_send(self) -> bytes:
-        """Bytes queued by the protocol itself (handshake, replies); write them out."""
+    def data_to_send(self) -> bytes | bytearray:
+        """Bytes queued by the protocol itself (handshake, replies); write them out.
+
+        Still callable after a ProtocolError: a refusal may be queued."""
         out = self._out
         if not out:
             return b""
@@ -202,11 +236,15 @@ class Connection:
         return out[0] if len(out) == 1 else b"".join(out)
 
     def _queue(self, message: m.Message) -> None:
-        ciphertext = self._encryptor.encrypt(m.encode(message))
-        if len(ciphertext) > self._max_frame:
-            raise ValueError(f"message of {len(ciphertext)} bytes exceeds the frame limit")
-        self._out.append(FRAME_PREFIX.pack(len(ciphertext)))
-        self._out.append(ciphertext)
+        # Encoded once into the frame's own buffer, sealed in place there.
+        buf = bytearray(PREFIX_BYTES)
+        m.encode_into(message, buf, PREFIX_BYTES)
+        size = len(buf) - PREFIX_BYTES + crypto.TRANSPORT_TAG_BYTES
+        if size > self._max_frame:
+            raise ValueError(f"message of {size} bytes exceeds the frame limit")
+        self._encryptor.seal(buf, PREFIX_BYTES)
+        FRAME_PREFIX.pack_into(buf, 0, size)
+        self._out.append(buf)
 
     def open_channel(self, drive_key: bytes) -> bytes:
         """Open the drive on this connection (no-op if already opened by us)."""
@@ -255,7 +293,7 @@ class Connection:
             del self._remote_pending[message.id]
         elif ch is None:
             raise ValueError(f"channel {message.channel} is not open on our side")
-        elif isinstance(message, (m.Request, m.IndexRequest)):
+        elif isinstance(message, m.REQUEST_TYPES):
             if message.id in self._pending:
                 raise ValueError(f"request id {message.id} is already in flight")
             if len(self._pending) >= MAX_REQUESTS:
@@ -285,6 +323,20 @@ class Connection:
             return
         self._frames.feed(data)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Instead of `receive_data`: a view to read up to `sizehint` bytes into
+        (``sock.recv_into``), or exactly the rest of a large frame in progress;
+        then call `buffer_updated` with the count read (a read of 0 bytes is
+        end of input: call ``receive_data(b"")``).  Saves the copy of every
+        byte into the frame buffer."""
+        if self._state == _CLOSED:
+            raise RuntimeError("data received after end of stream")
+        return self._frames.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """`nbytes` were read into the view from `get_buffer`."""
+        self._frames.buffer_updated(nbytes)
+
     @property
     def can_decrypt_ahead(self) -> bool:
         return self._state == _OPEN and self._plain_error is None
@@ -294,14 +346,15 @@ class Connection:
 
         It touches only the receiving half (the frame buffer and the
         decryptor), so a driver may run it in a worker thread while its other
-        tasks send; nothing may call `receive_data`/`next_event` meanwhile.
+        tasks send; nothing may call `receive_data`, `get_buffer`,
+        `buffer_updated` or `next_event` meanwhile.
         A bad frame is kept and raised by `next_event` in its turn."""
         if not self.can_decrypt_ahead:
             return
         frames, decrypt, plain = self._frames, self._decryptor.decrypt, self._plain
         try:
-            while (frame := frames.next_frame()) is not None:
-                plain.append(decrypt(frame))
+            while (plaintext := frames.next_frame(decrypt)) is not None:
+                plain.append(plaintext)
         except ProtocolError as exc:
             self._plain_error = exc
 
@@ -318,56 +371,82 @@ class Connection:
                     continue
                 if self._plain_error is not None:
                     raise self._plain_error
-                frame = self._frames.next_frame()
-                if frame is None:
-                    if self._frames._eof:
-                        self._state = _CLOSED
-                        self._pending.clear()
-                        self._remote_pending.clear()
-                        return EndOfStream()
-                    return None
-                self._handle_frame(frame)
+                if self._state == _OPEN:
+                    plaintext = self._frames.next_frame(self._decryptor.decrypt)
+                    if plaintext is not None:
+                        self._handle_message(m.decode(plaintext))
+                        continue
+                else:
+                    frame = self._frames.next_frame()
+                    if frame is not None:
+                        self._handle_handshake(frame)
+                        continue
+                if self._frames._eof:
+                    self._state = _CLOSED
+                    self._pending.clear()
+                    self._remote_pending.clear()
+                    return EndOfStream()
+                return None
         except ProtocolError as exc:
             self._state = _ERROR
             self._error = exc
             raise
         return self._events.popleft()
 
-    def _handle_frame(self, frame: bytes) -> None:
-        if self._state == _OPEN:
-            self._handle_message(m.decode(self._decryptor.decrypt(frame)))
-        elif self._state == _HANDSHAKE:
-            self._handle_handshake(frame)
-        else:
-            self._handle_header(frame)
+    # --- the handshake -------------------------------------------------------
 
     def _handle_handshake(self, frame: bytes) -> None:
-        self._hs.read_message(frame)  # the payload is ignored (reserved)
-        if not self._hs.complete:
-            self._out.append(encode_frame(self._hs.write_message(), MAX_HANDSHAKE_FRAME))
-        if self._hs.complete:
-            self.handshake_hash = self._hs.handshake_hash
-            self.remote_static = self._hs.remote_static
-            send_key, recv_key = self._hs.split()
-            if not self.initiator:
-                send_key, recv_key = recv_key, send_key
-            self._recv_key = recv_key
-            self._encryptor = crypto.StreamEncryptor(send_key)
-            self._out.append(encode_frame(_stream_id(self.handshake_hash, self.initiator) + self._encryptor.header))
-            self._state = _HEADERS
-            self._frames.max_size = HEADER_FRAME_BYTES
-            self._events.append(HandshakeComplete(self.remote_static))
+        if self.initiator:  # message 2: the responder's choice (or refusal)
+            try:
+                payload = self._hs.read_message(frame)
+            except ProtocolError:
+                if self._speaks_v1(frame):
+                    raise ProtocolError(negotiation.version_error((1, 1), self._versions)) from None
+                raise
+            self._first = None
+            agreement = negotiation.accept(payload, self._versions, self._ciphers)
+            self._write_handshake(negotiation.confirm(agreement))
+            self._complete(agreement)
+        elif self._agreement is None:  # message 1: the initiator's offer
+            payload = self._hs.read_message(frame)
+            reply, outcome = negotiation.respond(payload, self._versions, self._ciphers)
+            self._write_handshake(reply)
+            if isinstance(outcome, ProtocolError):
+                raise outcome  # the refusal is queued in data_to_send
+            self._agreement = outcome
+        else:  # message 3: the initiator confirms
+            negotiation.check_confirm(self._hs.read_message(frame), self._agreement)
+            self._complete(self._agreement)
 
-    def _handle_header(self, frame: bytes) -> None:
-        if len(frame) != HEADER_FRAME_BYTES:
-            raise ProtocolError("peer sent a malformed secretstream header frame")
-        expected = _stream_id(self.handshake_hash, not self.initiator)
-        if not crypto.constant_time_equal(frame[:STREAM_ID_BYTES], expected):
-            raise ProtocolError("peer's secretstream header belongs to another session")
-        self._decryptor = crypto.StreamDecryptor(self._recv_key, frame[STREAM_ID_BYTES:])
-        del self._recv_key
+    def _write_handshake(self, payload: bytes) -> None:
+        self._out.append(encode_frame(self._hs.write_message(payload), MAX_HANDSHAKE_FRAME))
+
+    def _speaks_v1(self, message2: bytes) -> bool:
+        """True if a responder of protocol version 1 wrote `message2`: it
+        authenticates under the old prologue (which ignored our offer)."""
+        ephemeral, offer = self._first
+        old = Handshake(True, self._static, V1_PROLOGUE, ephemeral)
+        old.write_message(offer)
+        try:
+            old.read_message(message2)
+        except ProtocolError:
+            return False
+        return True
+
+    def _complete(self, agreement: negotiation.Agreement) -> None:
+        self.handshake_hash = self._hs.handshake_hash
+        self.remote_static = self._hs.remote_static
+        to_responder, to_initiator = self._hs.split()
+        send, recv = (to_responder, to_initiator) if self.initiator else (to_initiator, to_responder)
+        cipher = agreement.cipher
+        self._encryptor = crypto.TransportEncryptor(cipher, crypto.transport_key(send, cipher))
+        self._decryptor = crypto.TransportDecryptor(cipher, crypto.transport_key(recv, cipher))
+        self.version, self.cipher = agreement.version, cipher
         self._frames.max_size = self._max_frame
         self._state = _OPEN
+        self._events.append(HandshakeComplete(self.remote_static, agreement.version, cipher))
+
+    # --- messages -------------------------------------------------------------
 
     def _handle_message(self, msg: m.Message) -> None:
         if isinstance(msg, m.Open):
@@ -387,7 +466,7 @@ class Connection:
                 self._queue(m.Close(ch.local))
             self._drop_channel(ch)
             self._events.append(ChannelClosed(ch.drive_key, False))
-        elif isinstance(msg, (m.Request, m.IndexRequest)):
+        elif isinstance(msg, m.REQUEST_TYPES):
             if msg.id in self._remote_pending:
                 raise ProtocolError(f"peer reused request id {msg.id} while it was in flight")
             if len(self._remote_pending) >= MAX_REQUESTS:
@@ -405,14 +484,16 @@ class Connection:
             if pending[0] is not ch:
                 raise ProtocolError(f"peer answered request {msg.id} on the wrong channel")
             request = pending[1]
-            if isinstance(msg, m.Data) and (not isinstance(request, m.Request) or msg.block != request.block):
-                raise ProtocolError(f"peer answered request {msg.id} with the wrong block")
-            if isinstance(msg, m.IndexData) and not isinstance(request, m.IndexRequest):
-                raise ProtocolError(f"peer answered block request {msg.id} with index data")
+            if isinstance(msg, m.Data):
+                _check_data(msg, request)
+            elif isinstance(msg, m.IndexData):
+                _check_index_data(msg, request, ch)
             del self._pending[msg.id]
             if not pending[2]:
-                self._events.append(Received(ch.drive_key, msg))
+                self._events.append(Received(ch.drive_key, msg, request))
         else:  # Head, Have
+            if isinstance(msg, m.Head):
+                ch.head_length = msg.length
             self._events.append(Received(ch.drive_key, msg))
 
     def _handle_open(self, msg: m.Open) -> None:
@@ -447,3 +528,26 @@ class Connection:
             del self._pending[rid]
         for rid in [i for i, c in self._remote_pending.items() if c is ch]:
             del self._remote_pending[rid]
+
+
+def _check_data(msg: m.Data, request: m.Message) -> None:
+    """A Data reply carries exactly the run and the proof nodes asked for."""
+    if not isinstance(request, m.Request):
+        raise ProtocolError(f"peer answered index request {msg.id} with block data")
+    if msg.start != request.start or len(msg.blocks) != request.count:
+        raise ProtocolError(
+            f"peer answered request {msg.id} for blocks {request.start}+{request.count}"
+            f" with blocks {msg.start}+{len(msg.blocks)}")
+    if sorted(p[0] for p in msg.proof) != request.nodes:
+        raise ProtocolError(f"peer answered request {msg.id} with other proof nodes than asked for")
+
+
+def _check_index_data(msg: m.IndexData, request: m.Message, ch: _Channel) -> None:
+    """An IndexData reply is for the length asked, or (0) the peer's last Head."""
+    if not isinstance(request, m.IndexRequest):
+        raise ProtocolError(f"peer answered block request {msg.id} with index data")
+    want = request.length or ch.head_length
+    if msg.length != want:
+        raise ProtocolError(
+            f"peer answered index request {msg.id} for length {msg.length}, not {want}"
+            + ("" if request.length else " (its last Head)"))

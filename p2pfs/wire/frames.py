@@ -1,8 +1,8 @@
 """Length-prefixed frames: ``u32le length || payload``, bounded.
 
 Every byte on a p2pfs connection is inside a frame: the three Noise
-handshake messages, then each side's secretstream header, then one
-secretstream ciphertext per message.  `length` counts the payload only.
+handshake messages, then one transport ciphertext (message || 16-byte
+tag) per message.  `length` counts the payload only.
 A length above the decoder's `max_size` is refused before any of the
 payload is buffered, so a peer can make us hold at most one maximum-size
 frame plus one read's worth of bytes.
@@ -16,9 +16,13 @@ from ..errors import ProtocolError, TruncatedError
 
 PREFIX = struct.Struct("<I")
 PREFIX_BYTES = PREFIX.size
-# One 64 KiB block with its proof in a message fits many times over; an
-# index lookup reply packs several index blocks up to `messages.MAX_REPLY_DATA`.
-MAX_FRAME = 1 << 20
+# The largest message (`messages.MAX_MESSAGE`: 1 MiB of blocks, their leaves
+# and proof) and its 16-byte tag.
+MAX_FRAME = (1 << 20) + (64 << 10) + 16
+# A frame in progress with at least this much still to come is read exactly
+# into place by `FrameDecoder.get_buffer`.
+LARGE_FRAME = 64 << 10
+READ_ROOM = 1 << 20   # a read's worth, past a whole frame, before the buffer stops doubling
 
 
 def encode_frame(payload: bytes, max_size: int = MAX_FRAME) -> bytes:
@@ -33,47 +37,96 @@ class FrameDecoder:
 
     `feed(b"")` marks end of input; `next_frame()` then raises ProtocolError
     if a partial frame is left over.  Oversized frames raise ProtocolError.
+
+    The buffer is kept for the decoder's life (at most about one frame plus
+    one read): freeing and reallocating a megabyte per frame costs more
+    than the cipher (the allocator returns it to the kernel and faults it
+    back in).  `get_buffer` / `buffer_updated` let a driver read straight
+    into it (``recv_into``), a large frame's rest exactly into place, so
+    its bytes are never copied again before they are decrypted.
     """
 
-    __slots__ = ("_buf", "_pos", "max_size", "_eof")
+    __slots__ = ("_buf", "_start", "_end", "max_size", "_eof")
 
     def __init__(self, max_size: int = MAX_FRAME):
         self._buf = bytearray()
-        self._pos = 0
+        self._start = 0   # first byte not yet taken
+        self._end = 0     # end of the bytes received
         self.max_size = max_size
         self._eof = False
 
-    def feed(self, data: bytes) -> None:
+    def _room(self, n: int) -> None:
+        """Make `n` bytes writable at `_end` (never resizes the bytearray in
+        place, so a driver's stale view of it cannot get in the way)."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        if self._end + n <= len(self._buf):
+            return
+        pending = self._end - self._start
+        if pending + n <= len(self._buf):  # move the partial frame to the front
+            self._buf[:pending] = self._buf[self._start:self._end]
+        else:  # grow by doubling, up to a frame and a read
+            cap = self.max_size + PREFIX_BYTES + READ_ROOM
+            grown = bytearray(max(pending + n, min(2 * len(self._buf), cap)))
+            grown[:pending] = memoryview(self._buf)[self._start:self._end]
+            self._buf = grown
+        self._start, self._end = 0, pending
+
+    def feed(self, data) -> None:
         if not data:
             self._eof = True
             return
         if self._eof:
             raise RuntimeError("data fed after end of input")
-        if self._pos and self._pos >= len(self._buf) // 2:
-            del self._buf[:self._pos]
-            self._pos = 0
-        self._buf += data
+        n = len(data)
+        self._room(n)
+        self._buf[self._end:self._end + n] = data
+        self._end += n
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """A writable view for the next read: `sizehint` bytes, or exactly the
+        rest of a large frame in progress.  Call `buffer_updated` with the
+        number of bytes read into it before anything else."""
+        if self._eof:
+            raise RuntimeError("read after end of input")
+        n = sizehint
+        have = self._end - self._start
+        if have >= PREFIX_BYTES:
+            (size,) = PREFIX.unpack_from(self._buf, self._start)
+            rest = PREFIX_BYTES + size - have
+            if rest >= LARGE_FRAME and size <= self.max_size:
+                n = rest
+        self._room(n)
+        return memoryview(self._buf)[self._end:self._end + n]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """`nbytes` were read into the view `get_buffer` gave (0 is not end of
+        input: use `feed(b"")` for that)."""
+        if not 0 <= nbytes <= len(self._buf) - self._end:
+            raise ValueError(f"{nbytes} bytes do not fit the buffer given")
+        self._end += nbytes
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
+        return self._end - self._start
 
-    def next_frame(self) -> bytes | None:
-        """The next whole payload, or None if more bytes are needed (or at a clean EOF)."""
-        avail = len(self._buf) - self._pos
+    def next_frame(self, transform=bytes):
+        """The next whole payload, or None if more bytes are needed (or at a clean EOF).
+
+        The payload is passed to `transform` as a memoryview of the buffer
+        (default: copied out as bytes); `transform` must not keep the view
+        (a decryptor returns its own plaintext), and sees it before any
+        further bytes arrive.  Its exceptions propagate."""
+        avail = self._end - self._start
         if avail >= PREFIX_BYTES:
-            (size,) = PREFIX.unpack_from(self._buf, self._pos)
+            (size,) = PREFIX.unpack_from(self._buf, self._start)
             if size > self.max_size:
                 raise ProtocolError(f"peer sent a {size}-byte frame; the limit is {self.max_size}")
             if avail >= PREFIX_BYTES + size:
-                start = self._pos + PREFIX_BYTES
-                self._pos = start + size
-                with memoryview(self._buf) as view:  # one copy, not two
-                    payload = bytes(view[start:self._pos])
-                if self._pos == len(self._buf):
-                    self._buf.clear()
-                    self._pos = 0
-                return payload
+                start = self._start + PREFIX_BYTES
+                self._start = start + size
+                with memoryview(self._buf) as view, view[start:self._start] as frame:
+                    return transform(frame)
         if self._eof and avail:
             raise TruncatedError("peer closed the connection in the middle of a frame")
         return None

@@ -42,8 +42,8 @@ from . import Candidate, Emit
 from .dht.items import MutableItem
 from .dht.node import DhtNode
 
-HEAD_SALT = b"p2pfs"
-HEAD_BYTES = 8 + 32 + 64
+HEAD_SALT = crypto.DHT_HEAD_SALT
+HEAD_BYTES = crypto.DHT_HEAD_BYTES
 LOOKUP_EVERY = 5 * 60.0
 RETRY_EVERY = 30.0
 RETRY_FIRST = 2.0
@@ -60,15 +60,12 @@ def info_hash(discovery_key: bytes) -> bytes:
 
 def head_value(length: int, root: bytes, signature: bytes) -> bytes:
     """The BEP 44 value (bencoded) carrying a signed head."""
-    raw = struct.pack("<Q", length) + root + signature
-    if len(raw) != HEAD_BYTES:
-        raise ValueError("a head is a u63 length, a 32-byte root and a 64-byte signature")
-    return b"%d:%s" % (HEAD_BYTES, raw)
+    return crypto.dht_head_value(length, root, signature)
 
 
 def head_dht_signature(seed: bytes, length: int, root: bytes, signature: bytes) -> bytes:
     """The owner's BEP 44 signature of the head item (made with the drive's secret seed)."""
-    return crypto.sign_bep44_blinded(seed, HEAD_SALT, length, head_value(length, root, signature))
+    return crypto.sign_dht_head(seed, length, root, signature)
 
 
 def parse_head_item(drive_key: bytes, item: MutableItem) -> tuple[int, bytes, bytes] | None:
