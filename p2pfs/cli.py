@@ -944,6 +944,7 @@ def cmd_mount(args) -> int:
     if o.home is not None and args.home is None:
         args.home = o.home
     args.allow_other = args.allow_other or o.allow_other
+    args.allow_non_empty = args.allow_non_empty or o.allow_non_empty
     args.peer = list(args.peer) + o.peers
     args.listen = args.listen or o.listen
     if args.timeout is None and o.timeout is not None:

@@ -61,7 +61,7 @@ from . import download
 from .drive import Drive
 from .errors import NotFoundError, StoreError, UsageError, VerificationError
 from .index import KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_PATH, Commit, Entry
-from .store import write_private_file
+from .store import make_private_dir, open_private, write_private_file
 
 READ_CHUNK = 4 << 20   # bytes read from the drive (and written) at a time
 MAX_DIR_FDS = 64       # directory descriptors kept open while writing
@@ -377,7 +377,7 @@ def load_state(home: Path, directory: str) -> State | None:
 def save_state(home: Path, state: State) -> None:
     path = _state_path(home, state.directory)
     try:
-        path.parent.mkdir(mode=0o700, exist_ok=True)
+        make_private_dir(path.parent)
         write_private_file(path, json.dumps(state.__dict__).encode() + b"\n")
     except OSError as exc:
         raise StoreError(f"cannot write {path}: {exc.strerror}") from None
@@ -386,8 +386,10 @@ def save_state(home: Path, state: State) -> None:
 def lock_directory(home: Path, directory: str) -> int:
     """An exclusive lock on mirroring `directory` (released when the fd closes)."""
     path = _state_path(home, directory).with_suffix(".lock")
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = open_private(make_private_dir(path.parent) / path.name, os.O_RDWR)
+    except OSError as exc:
+        raise StoreError(f"cannot create {path}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

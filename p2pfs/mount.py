@@ -202,7 +202,7 @@ IGNORED = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "atime", "dirat
            "auto", "noauto", "user", "nouser", "users", "owner", "group", "defaults",
            "_netdev", "nofail", "silent", "loud"}  # said by mount(8) and fstab; p2pfs is ro,nodev,nosuid
 VALUED = ("timeout", "cache_size", "peer", "listen", "bootstrap", "home")
-FLAGS = ("allow_other", "no_lan", "no_dht")
+FLAGS = ("allow_other", "nonempty", "no_lan", "no_dht")
 
 
 @dataclass
@@ -210,6 +210,7 @@ class MountOptions:
     """What `-o opt[,opt...]` said (None: not said)."""
 
     allow_other: bool = False
+    allow_non_empty: bool = False  # nonempty (FUSE 2's name): --allow-non-empty
     timeout: str | None = None
     cache_size: str | None = None
     peers: list[str] = field(default_factory=list)
@@ -233,6 +234,8 @@ def parse_mount_options(texts: Sequence[str]) -> MountOptions:
                 out.kernel.append(opt)
             elif opt == "allow_other":
                 out.allow_other = True
+            elif opt == "nonempty":
+                out.allow_non_empty = True
             elif opt in ("no_lan", "no_dht"):
                 setattr(out, opt[3:], False)
             elif name in VALUED and eq and value:

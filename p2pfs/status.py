@@ -31,7 +31,7 @@ from typing import Callable
 
 import trio
 
-from .store import write_private_file
+from .store import make_private_dir, open_private, write_private_file
 
 RUN_DIR = "run"
 INTERVAL = 1.0  # s between state writes
@@ -74,8 +74,8 @@ class StatusFile:
         self._last: tuple[float, int, int] | None = None
 
     def open(self) -> "StatusFile":
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        make_private_dir(self.dir)
+        self._fd = open_private(self.lock_path, os.O_RDWR)
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # a reader's probe holds it for an instant only
         return self
 

@@ -155,8 +155,8 @@ PRIVATE_FILE_MODE = 0o600
 # these directories and the files in the first two, and these files.  Secret
 # key files (keys/*.key, node.key) are left alone: one that others could read
 # is refused with the chmod that fixes it (its secret may have been copied).
-_HOME_DIRS = ("store", "locks", "keys")
-_HOME_FILES = ("mount.log",)
+_HOME_DIRS = ("store", "locks", "keys", "run", "mirrors")
+_HOME_FILES = ("mount.log", "share.log", "seed.log")
 _tightened: set[str] = set()  # homes checked by this process
 
 

@@ -82,6 +82,9 @@ def test_a_full_mirror_then_only_what_changed(tmp_path, home):
     r, ev = mirror(home, key, out)
     assert version_event(ev)["written"] == 0
     assert not list(out.rglob(".p2pfs-*"))
+    state = home / "mirrors"  # the home is private
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()} == {0o600}
 
 
 def test_modes_never_setuid_and_a_fixed_version(tmp_path, home):

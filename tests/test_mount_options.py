@@ -32,6 +32,7 @@ needs_root_mount = pytest.mark.skipif(
 
 
 def test_mount_options_as_mount_and_fstab_give_them():
+    assert parse_mount_options(["nonempty"]).allow_non_empty
     o = parse_mount_options(["ro,allow_other,timeout=5,cache_size=100M,dev,suid",
                              "peer=10.0.0.1:7640,peer=10.0.0.2:7640,no_lan,noexec,noatime",
                              "rw,noauto,_netdev,nofail,x-systemd.automount,user,home=/srv/p2pfs,"
@@ -71,6 +72,11 @@ def test_mount_dash_o(tmp_path, home):
         assert (mnt / "run.sh").read_bytes() == (src / "run.sh").read_bytes()
     r = run_cli(home, "mount", key, mnt, "-o", "bogus", check=False)
     assert r.returncode == 2 and "unknown mount option 'bogus'" in r.stderr
+    (mnt / "here.txt").write_text("hidden by the mount")
+    r = run_cli(home, "mount", key, mnt, check=False)
+    assert r.returncode == 2 and "not empty" in r.stderr
+    with mounted(home, key, mnt, "-o", "nonempty"):
+        assert (mnt / "run.sh").exists() and not (mnt / "here.txt").exists()
 
 
 def _console_script(bin_dir) -> None:

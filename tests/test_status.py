@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 
@@ -50,6 +51,8 @@ def test_a_mount_is_listed_while_it_runs_and_not_after(tmp_path, home):
         assert st["drives"][0]["key"] == key and st["drives"][0]["version"] == 1
         text = run_cli(home, "status").out
         assert f"mount   pid {pid}" in text and str(mnt) in text and key in text
+        assert stat.S_IMODE(os.stat(home / "run").st_mode) == 0o700  # the home is private
+        assert {stat.S_IMODE(p.stat().st_mode) for p in (home / "run").iterdir()} == {0o600}
         run_cli(home, "umount", mnt)
         wait_until(lambda: not os.path.exists(f"/proc/{pid}"), what="the mount process to exit")
     assert states(home) == []
