@@ -7,8 +7,8 @@ Theory of operation
 the bytes in DIR.  `HOME/mirrors/<hash of DIR's real path>.json` records the
 drive and version last written completely into DIR; the next run takes
 `Drive.diff_keys` from that version to the target (only the changed
-entries: O(changes)).  The first run, a run for another drive and `--full`
-take every entry of the target (a diff from an empty index) and also list
+entries: O(changes)).  The first run, a run for another drive or into an
+empty DIR, and `--full` take every entry of the target (a diff from an empty index) and also list
 each directory of DIR to remove what the drive does not have.  Either way
 each entry is compared with what DIR holds by `lstat` alone (kind, size,
 mtime in ns, permission bits; a link's target), so a run interrupted
@@ -600,7 +600,8 @@ async def mirror(drive: Drive, directory: str, opts: Options, live: bool,
     try:
         state = load_state(home, root)
         old = None
-        if state is not None and state.key == drive.key_text:
+        empty = not os.listdir(root)  # removed or emptied since: a full pass, not a diff
+        if state is not None and state.key == drive.key_text and not empty:
             try:
                 length, commit = await drive.commit_at(state.version)
                 old = commit if length == state.length else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -50,6 +51,11 @@ def inodes(root) -> dict[str, int]:
     return {str(p.relative_to(root)): p.lstat().st_ino for p in Path(root).rglob("*")}
 
 
+def files_in(root) -> int:
+    """Files and links below `root` (a link to a directory is a link)."""
+    return sum(1 for p in Path(root).rglob("*") if p.is_symlink() or not p.is_dir())
+
+
 def test_a_full_mirror_then_only_what_changed(tmp_path, home):
     src = make_tree(tmp_path / "src", files=150, big=3 * MiB)
     os.utime(src / "run.sh", ns=(T, T))
@@ -58,8 +64,7 @@ def test_a_full_mirror_then_only_what_changed(tmp_path, home):
     r, ev = mirror(home, key, out)
     same_tree(src, out)
     first = version_event(ev)
-    files = sum(1 for p in src.rglob("*") if p.is_symlink() or not p.is_dir())
-    assert first["written"] == files and first["unchanged"] == 0 and first["refused"] == 0
+    assert first["written"] == files_in(src) and first["unchanged"] == 0 and first["refused"] == 0
     assert os.lstat(out / "run.sh").st_mtime_ns == T  # nanoseconds, as the drive has them
     before = inodes(out)
     # a version later: one changed, one added, one deleted, a chmod, a new link, a rename
@@ -82,6 +87,10 @@ def test_a_full_mirror_then_only_what_changed(tmp_path, home):
     r, ev = mirror(home, key, out)
     assert version_event(ev)["written"] == 0
     assert not list(out.rglob(".p2pfs-*"))
+    shutil.rmtree(out)  # DIR removed: the next run writes everything again
+    _r, ev = mirror(home, key, out)
+    assert version_event(ev)["written"] == files_in(src)
+    same_tree(src, out)
     state = home / "mirrors"  # the home is private
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     assert {stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()} == {0o600}
