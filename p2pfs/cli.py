@@ -633,6 +633,8 @@ async def _mirror(args) -> int:
 
     def on_version(st) -> None:
         now.update(state="idle", version=st.version, length=st.length)
+        if "status" in now:
+            now["status"].changed()
         for note in st.notes:
             live.step(f"note: {note}", "note", text=note)
         live.step(f"version {st.version} in {directory}: {st.written} written ({_size(st.bytes)}), "
@@ -657,9 +659,9 @@ async def _mirror(args) -> int:
 
                 refused = 0
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(status.publish, store.home, "mirror", snapshot,
-                                        (lambda: drive.source.peer_info(key)) if drive.source
-                                        else None)
+                    now["status"] = await nursery.start(
+                        status.publish, store.home, "mirror", snapshot,
+                        (lambda: drive.source.peer_info(key)) if drive.source else None)
 
                     async def stop_on_signal():
                         async for _sig in signals:
@@ -853,15 +855,19 @@ def cmd_status(args) -> int:
             line += "  listening on " + ", ".join(st["listen"])
         print(line)
         if "bytes_up" in st:
-            print(f"        {st.get('peers', 0)} peers  up {_size(st['bytes_up'])} "
+            print(f"        {_peers(st.get('peers', 0))}  up {_size(st['bytes_up'])} "
                   f"({_size(st.get('rate_up', 0))}/s)  down {_size(st['bytes_down'])} "
                   f"({_size(st.get('rate_down', 0))}/s)")
         for d in st.get("drives", []):
             total = d.get("bytes_total")
             part = f"  {_size(d.get('bytes_done', 0))} of {_size(total)}" if total else ""
             print(f"        {d.get('key')}  v{d.get('version', 0)}  {d.get('state', '')}{part}"
-                  + (f"  {d['peers']} peers" if "peers" in d else ""))
+                  + (f"  {_peers(d['peers'])}" if "peers" in d else ""))
     return 0
+
+
+def _peers(n: int) -> str:
+    return f"{n} peer{'' if n == 1 else 's'}"
 
 
 def _setup_status(sub):

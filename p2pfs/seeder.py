@@ -112,6 +112,11 @@ class Follower:
         self.total: int | None = None
         self._changed = trio.Event()
         self.drive.subscribe(lambda _head: self._changed.set())
+        self.on_change: Callable[[], None] = lambda: None  # the state moved: tell `status`
+
+    def _state(self, state: str) -> None:
+        self.state = state
+        self.on_change()
 
     def snapshot(self) -> dict:
         return {"key": self.name, "mode": self.target.mode, "state": self.state,
@@ -136,7 +141,7 @@ class Follower:
     async def run(self) -> None:
         drive = self.drive
         if self.target.mode == OWNED:
-            self.state = "serving"
+            self._state("serving")
             what = "serving"
             while True:
                 drive.reload_head()
@@ -167,14 +172,14 @@ class Follower:
             try:
                 previous = await self._complete(previous)
             except BlockUnavailableError as exc:
-                self.state = "waiting"
+                self._state("waiting")
                 self.live.step(f"{self.name}: waiting for peers ({exc})", "waiting",
                                key=self.name, reason=str(exc))
                 with trio.move_on_after(RETRY):
                     await self._changed.wait()
                 continue
             except P2pfsError as exc:  # a bad drive: the others go on; a new version may be good
-                self.state = "failed"
+                self._state("failed")
                 self.live.step(f"{self.name}: cannot be copied: {exc}", "failed", key=self.name,
                                reason=str(exc))
             await self._changed.wait()
@@ -204,7 +209,7 @@ class Follower:
         if mode == EVERY and self.total is not None:
             self.done = min(self.store.held(self.target.key)[1], self.total)
         left = size_text(self.total - self.done) if self.total is not None else "every block"
-        self.state = "fetching"
+        self._state("fetching")
         self.live.restart(self.name)
         self.live.step(f"{self.name}: version {self.version}, length {length}: {left} to fetch "
                        f"({mode})", "version", key=self.name, version=self.version,
@@ -220,7 +225,7 @@ class Follower:
             self.total = download.log_bytes(drive, length)
             self.done = self.total or 0
         self.show()
-        self.state = "complete"
+        self._state("complete")
         held = self.store.held(self.target.key)[1]
         self.live.step(f"{self.name}: complete: version {self.version}, length {length}, "
                        f"{size_text(held)} held", "complete", key=self.name,
@@ -317,9 +322,10 @@ async def seed(store: Store, keys: Sequence[bytes], net: NetOptions,
                             "peers": len(swarm.peer_info(todo[0].key))}
 
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(status_mod.publish, store.home, "seed", snapshot,
-                                        lambda: swarm.peer_info(todo[0].key))
+                    published = await nursery.start(status_mod.publish, store.home, "seed",
+                                                    snapshot, lambda: swarm.peer_info(todo[0].key))
                     for f in followers:
+                        f.on_change = published.changed
                         nursery.start_soon(f.run)
 
                     async def tick() -> None:

@@ -72,6 +72,12 @@ class StatusFile:
         self.started = time.time()
         self._fd: int | None = None
         self._last: tuple[float, int, int] | None = None
+        self._wake = None  # set by `publish`: its loop waits on it
+
+    def changed(self) -> None:
+        """Write the state now rather than at the next tick (from the trio thread)."""
+        if self._wake is not None:
+            self._wake.set()
 
     def open(self) -> "StatusFile":
         make_private_dir(self.dir)
@@ -109,20 +115,24 @@ class StatusFile:
 async def publish(home, kind: str, snapshot: Callable[[], dict],
                   peers: Callable[[], list[dict]] | None = None, *,
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Publish this process's state every INTERVAL seconds until cancelled,
-    then remove it.  `peers()` gives the swarm's `peer_info` list (traffic)."""
+    """Publish this process's state every INTERVAL seconds (and at once after
+    `StatusFile.changed()`; `task_status` gets the StatusFile) until
+    cancelled, then remove it.  `peers()` gives the swarm's `peer_info` list
+    (traffic)."""
     status = StatusFile(home, kind).open()
     traffic = Traffic() if peers is not None else None
     try:
         task_status.started(status)
         while True:
+            status._wake = trio.Event()
             if traffic is not None:
                 traffic.update(peers())
             try:
                 status.write(snapshot(), traffic)
             except OSError:
                 pass  # no descriptor or no space this second: the state is only a report
-            await trio.sleep(INTERVAL)
+            with trio.move_on_after(INTERVAL):
+                await status._wake.wait()
     finally:
         status.close()
 

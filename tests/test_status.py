@@ -102,3 +102,24 @@ def test_a_share_is_listed_with_its_directory(tmp_path, home):
         assert st["drives"][0]["key"] == share.key and st["drives"][0]["version"] == 1
         assert st["listen"] == [share.address] and "bytes_up" in st
     assert states(home) == []
+
+
+def test_a_change_of_state_is_published_at_once(tmp_path, home):
+    """StatusFile.changed() writes the state now, not at the next tick."""
+    import trio
+
+    async def main():
+        box = {"n": 0}
+        async with trio.open_nursery() as nursery:
+            st = await nursery.start(status.publish, home, "test", lambda: dict(box))
+            assert status.read_all(home)[0]["n"] == 0
+            box["n"] = 1
+            st.changed()
+            started = trio.current_time()
+            while status.read_all(home)[0]["n"] != 1:
+                await trio.sleep(0.005)
+            assert trio.current_time() - started < status.INTERVAL / 2
+            nursery.cancel_scope.cancel()
+        assert status.read_all(home) == []
+
+    trio.run(main)
