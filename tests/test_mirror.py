@@ -29,7 +29,7 @@ from p2pfs.publish import _Appender
 from p2pfs.store import DriveRecord, Store
 from test_mount import wait_until
 from test_mount_net import seeding
-from test_seed import Throttle
+from test_seed import Running, Throttle
 from test_share import same_tree, sharing
 
 MiB = 1 << 20
@@ -346,19 +346,18 @@ def test_acceptance_4_mirror_live_killed_mid_transfer_resumes(tmp_path, home, ho
         assert all(s["pid"] != first.pid for s in json.loads(run_cli(home2, "status", "--json").out))
         had = json.loads(run_cli(home2, "info", key, "--json").out)["bytes_held"]
         assert had < total * 9 // 10
-        again = subprocess.Popen(cli_command(home2, "mirror", key, out, "--live", "--peer", addr,
-                                             "--json", *LOCAL), env=cli_env(), cwd=REPO,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        again = Running(home2, "mirror", key, out, "--live", "--peer", addr, "--json", *LOCAL)
         try:
-            while json.loads(again.stdout.readline())["event"] != "version":
-                pass
+            again.wait(lambda ev: [e for e in ev if e["event"] == "version"],
+                       "the restarted mirror to write the version")
             st = wait_until(lambda: [s for s in json.loads(run_cli(home2, "status", "--json").out)
-                                     if s["pid"] == again.pid and s["drives"][0]["state"] == "idle"],
+                                     if s["pid"] == again.proc.pid
+                                     and s["drives"][0]["state"] == "idle"],
                             what="the restarted mirror's state")[0]
             # it fetched what was missing, not what the killed one had fetched
             assert st["bytes_down"] < (total - had) * 1.1 + 256 * 1024, (st["bytes_down"], had, total)
         finally:
-            stop_process(again)
+            again.stop()
     same_tree(src, out)
     assert not list(out.rglob(".p2pfs-*"))
 

@@ -30,18 +30,19 @@ from test_share import same_tree
 MiB = 1 << 20
 
 
-class Seed:
-    """A running `p2pfs seed ... --json` (stdout: JSON lines; stderr: a log)."""
+class Running:
+    """A running `p2pfs ARGS...` whose standard output (JSON lines with
+    --json) goes to a file, read while it runs; stderr: a log."""
 
-    def __init__(self, home: Path, *args, json_lines: bool = True):
+    def __init__(self, home: Path, *argv):
         self.home = home
-        self.out_path = home.parent / f"seed-{time.monotonic_ns()}.out"
+        self.what = argv[0]
+        self.out_path = home.parent / f"{self.what}-{time.monotonic_ns()}.out"
         self.err_path = self.out_path.with_suffix(".err")
         self.out = open(self.out_path, "w+")
         self.err = open(self.err_path, "w+")
-        argv = ["seed", *args, "--listen", "127.0.0.1:0", "--no-lan", "--no-dht"]
-        self.proc = subprocess.Popen(cli_command(home, *argv, *(["--json"] if json_lines else [])),
-                                     env=cli_env(), cwd=REPO, stdout=self.out, stderr=self.err)
+        self.proc = subprocess.Popen(cli_command(home, *argv), env=cli_env(), cwd=REPO,
+                                     stdout=self.out, stderr=self.err)
 
     def events(self) -> list[dict]:
         return [json.loads(line) for line in self.out_path.read_text().splitlines() if line]
@@ -52,9 +53,23 @@ class Seed:
     def wait(self, predicate, what: str, timeout: float = 60):
         def check():
             if self.proc.poll() is not None:
-                raise AssertionError(f"seed exited {self.proc.returncode}: {self.stderr()}")
+                raise AssertionError(f"{self.what} exited {self.proc.returncode}: {self.stderr()}")
             return predicate(self.events())
         return wait_until(check, timeout, what, interval=0.05)
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        code = stop_process(self.proc, sig)
+        self.out.close()
+        self.err.close()
+        return code
+
+
+class Seed(Running):
+    """A running `p2pfs seed ... --json`, listening on loopback."""
+
+    def __init__(self, home: Path, *args, json_lines: bool = True):
+        super().__init__(home, "seed", *args, "--listen", "127.0.0.1:0", "--no-lan", "--no-dht",
+                         *(["--json"] if json_lines else []))
 
     @property
     def address(self) -> str:
@@ -65,12 +80,6 @@ class Seed:
         return self.wait(lambda ev: next((e for e in ev if e["event"] == "complete"
                                           and e["version"] == version), None),
                          f"the seed to complete version {version}", timeout)
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        code = stop_process(self.proc, sig)
-        self.out.close()
-        self.err.close()
-        return code
 
 
 @contextmanager
@@ -171,11 +180,11 @@ def test_seed_without_a_key_follows_the_pinned_drives(tmp_path, home, home2):
 class Throttle:
     """A TCP relay on 127.0.0.1 passing at most `rate` bytes per second each way."""
 
-    def __init__(self, target: str, rate: int):
-        host, _, port = target.rpartition(":")
-        self.target = (host, int(port))
+    def __init__(self, target: str, rate: int, port: int = 0):
+        host, _, target_port = target.rpartition(":")
+        self.target = (host, int(target_port))
         self.rate = rate
-        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock = socket.create_server(("127.0.0.1", port))
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.conns: list[socket.socket] = []
         self.closed = False
@@ -186,6 +195,9 @@ class Throttle:
             try:
                 a, _ = self.sock.accept()
             except OSError:
+                return
+            if self.closed:
+                a.close()
                 return
             try:
                 b = socket.create_connection(self.target)
@@ -216,9 +228,20 @@ class Throttle:
                     pass
 
     def close(self):
+        """Stop listening and end every relayed connection (both ends see EOF:
+        a close alone wakes neither a pump blocked in recv nor the accept, which
+        would then relay one more connection)."""
         self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
         for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             c.close()
 
 
