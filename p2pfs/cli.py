@@ -669,8 +669,14 @@ async def _mirror(args) -> int:
                             return
 
                     nursery.start_soon(stop_on_signal)
+
+                    def waiting(why: str) -> None:
+                        now.update(state="waiting")
+                        now["status"].changed()
+                        live.step(f"waiting for peers ({why})", "waiting", reason=why)
+
                     refused = await mirror_mod.mirror(drive, args.dir, opts, args.live, report,
-                                                      on_version, progress)
+                                                      on_version, progress, waiting)
                     nursery.cancel_scope.cancel()
     finally:
         live.stop()

@@ -59,13 +59,15 @@ import trio
 
 from . import download
 from .drive import Drive
-from .errors import NotFoundError, StoreError, UsageError, VerificationError
+from .errors import (BlockUnavailableError, NotFoundError, StoreError, UsageError,
+                     VerificationError)
 from .index import KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_PATH, Commit, Entry
 from .store import make_private_dir, open_private, write_private_file
 
 READ_CHUNK = 4 << 20   # bytes read from the drive (and written) at a time
 MAX_DIR_FDS = 64       # directory descriptors kept open while writing
 POLL = 0.25            # s between looks at the store for a newer head (--live)
+RETRY = 5.0            # s before a version no peer supplied is tried again (--live)
 TMP_PREFIX = b".p2pfs-"
 TMP_SUFFIX = b".tmp"
 STATE_DIR = "mirrors"
@@ -583,10 +585,13 @@ async def _write_file(drive: Drive, exp: Exporter, parts: tuple, entry: Entry) -
 async def mirror(drive: Drive, directory: str, opts: Options, live: bool,
                  report: Callable[[str, str], None],
                  on_version: Callable[[Stats], None],
-                 progress: Callable[[int, int], None] | None = None) -> int:
+                 progress: Callable[[int, int], None] | None = None,
+                 waiting: Callable[[str], None] | None = None) -> int:
     """Mirror `drive` (opened) into `directory`; with `live`, follow its new
-    versions until cancelled.  Returns the number of refused entries of the
-    last version written."""
+    versions until cancelled (a version whose blocks no peer supplies is
+    tried again every RETRY seconds, `waiting(why)` told).  Returns the
+    number of refused entries of the last version written.  Raises
+    BlockUnavailableError (not live) when blocks cannot be fetched."""
     home = drive.store.home
     root = os.path.realpath(directory)
     try:
@@ -613,7 +618,18 @@ async def mirror(drive: Drive, directory: str, opts: Options, live: bool,
                 changed.set()
             drive.subscribe(heard)
         while True:
-            st = await write_version(drive, exp, old, opts, report, progress)
+            try:
+                st = await write_version(drive, exp, old, opts, report, progress)
+            except BlockUnavailableError as exc:
+                if not live:
+                    raise
+                if waiting is not None:
+                    waiting(str(exc))
+                with trio.move_on_after(RETRY):  # what was fetched is kept: nothing is lost
+                    await changed.wait()
+                changed = trio.Event()
+                await _newest(drive)
+                continue
             save_state(home, State(root, drive.key_text, drive.version, drive.length))
             on_version(st)
             old = drive.commit
@@ -622,7 +638,7 @@ async def mirror(drive: Drive, directory: str, opts: Options, live: bool,
             opts.full = False
             while True:
                 changed = trio.Event()
-                if await drive.refresh():
+                if await _newest(drive):
                     break
                 with trio.move_on_after(POLL):
                     await changed.wait()
@@ -630,3 +646,11 @@ async def mirror(drive: Drive, directory: str, opts: Options, live: bool,
         exp.close()
         os.close(lock)
 
+
+async def _newest(drive: Drive) -> bool:
+    """Move a live view to the newest head; False (and still where it was)
+    when it did not move or its commit cannot be fetched yet."""
+    try:
+        return await drive.refresh()
+    except BlockUnavailableError:
+        return False

@@ -362,6 +362,46 @@ def test_acceptance_4_mirror_live_killed_mid_transfer_resumes(tmp_path, home, ho
     assert not list(out.rglob(".p2pfs-*"))
 
 
+def test_live_mirror_waits_out_a_peer_that_went_away_mid_version(tmp_path, home, home2):
+    """The only peer goes away in the middle of a version's blocks: `mirror
+    --live` says it is waiting (a "waiting" event), keeps what it fetched,
+    and finishes the version when the peer is back at the same address."""
+    src = make_tree(tmp_path / "src", files=10)
+    key = create(home, src)
+    out = tmp_path / "out"
+    with seeding(home, key) as addr:
+        link = Throttle(addr, 2 * MiB)
+        port = int(link.address.rpartition(":")[2])
+        m = Running(home2, "mirror", key, out, "--live", "--json", "--peer", link.address,
+                    "--timeout", "2", *LOCAL)
+        try:
+            def event(kind, **fields):
+                return lambda ev: [e for e in ev if e["event"] == kind
+                                   and all(e.get(k) == v for k, v in fields.items())]
+
+            def held():
+                return json.loads(run_cli(home2, "info", key, "--json").out)["bytes_held"]
+            m.wait(event("version", version=1), "version 1 to be written")
+            before = held()
+            write_random(src / "big.bin", 16 * MiB, seed=7)
+            run_cli(home, "import", "-q", key, src)
+            m.wait(lambda _ev: held() > before + 2 * MiB, "version 2's blocks to be on their way")
+            link.close()  # the only peer goes away in the middle of version 2's blocks
+            why = m.wait(event("waiting"), "the mirror to say it waits")[0]["reason"]
+            assert "did not arrive" in why and link.address in why, why
+            assert not event("version", version=2)(m.events())
+            assert held() < before + 15 * MiB  # mid-version indeed
+            link = Throttle(addr, 64 * MiB, port)  # back, at the same address
+            got = m.wait(event("version", version=2), "version 2 to be written")[0]
+            assert got["written"] == 1 and got["bytes"] == 16 * MiB
+            assert m.proc.poll() is None  # still following
+        finally:
+            link.close()
+            code = m.stop()
+        assert code == 0, m.stderr()
+    same_tree(src, out)
+
+
 def test_mirror_json_and_plain_output(tmp_path, home):
     src = make_tree(tmp_path / "src", files=10)
     key = create(home, src)
