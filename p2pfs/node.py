@@ -20,7 +20,7 @@ import trio
 from . import crypto, index
 from .cache import FLUSH_INTERVAL, Cache
 from .drive import Drive
-from .errors import NotFoundError, UsageError
+from .errors import NotFoundError, StoreError, UsageError
 from .store import Store, default_home
 
 DEFAULT_TIMEOUT = 30.0
@@ -141,13 +141,27 @@ async def caching(store: Store, drive: Drive, cap: int | None) -> AsyncIterator[
     def woken() -> None:
         wake.set()
 
+    warned = False
+
+    def flush() -> None:
+        # The touches are bookkeeping: a store that cannot take them (a full
+        # disk) must not end the read they come from.  Said once.
+        nonlocal warned
+        try:
+            cache.flush()
+        except StoreError as exc:
+            if not warned:
+                warned = True
+                print(f"p2pfs: warning: the cache's bookkeeping was not written ({exc})",
+                      file=sys.stderr, flush=True)
+
     async def flusher() -> None:
         nonlocal wake
         while True:
             with trio.move_on_after(FLUSH_INTERVAL):
                 await wake.wait()
             wake = trio.Event()
-            await trio.to_thread.run_sync(cache.flush)
+            await trio.to_thread.run_sync(flush)
 
     cache.wake = woken
     try:
@@ -162,7 +176,7 @@ async def caching(store: Store, drive: Drive, cap: int | None) -> AsyncIterator[
         raise_single(group)
     finally:
         drive.cache = None
-        cache.flush()
+        flush()
 
 
 @asynccontextmanager

@@ -538,6 +538,7 @@ class Store:
         with self.env.begin(db=self._drives) as txn:
             return [(bytes(k), _record_decoder.decode(v)) for k, v in txn.cursor()]
 
+    @_guard
     def set_pins(self, key: bytes, *, pinned: bool | None = None,
                  paths: Iterable[bytes] | None = None) -> DriveRecord:
         """Change whether a drive is pinned whole and which of its folders are
@@ -727,6 +728,7 @@ class Store:
 
     # --- the cache's bookkeeping (see the module docstring) ------------------
 
+    @_guard
     def touch_blocks(self, key: bytes, blocks: Iterable[int], tick: int) -> None:
         """Record that held `blocks` were read at `tick` (any increasing
         number, the same clock for every process of the home; the caller's
@@ -755,6 +757,7 @@ class Store:
             if count:
                 self._add_counter(txn, self._cached, key, count, nbytes)
 
+    @_guard
     def untrack_blocks(self, key: bytes, blocks: Iterable[int] | None) -> int:
         """Take blocks out of the cache's bookkeeping (they are kept: pinned);
         None: up to EVICT_BATCH of the drive's.  Returns how many were taken
@@ -783,12 +786,14 @@ class Store:
                 self._add_counter(txn, self._cached, key, -count, -nbytes)
         return count
 
+    @_guard
     def cached(self, key: bytes) -> tuple[int, int]:
         """(blocks, bytes) of a drive in the cache's bookkeeping (evictable)."""
         with self.env.begin(db=self._cached) as txn:
             raw = txn.get(key)
         return _HELD.unpack(raw) if raw is not None else (0, 0)
 
+    @_guard
     def cache_usage(self) -> tuple[int, int]:
         """(blocks, bytes) in the cache's bookkeeping, every drive together."""
         blocks = nbytes = 0
@@ -799,6 +804,7 @@ class Store:
                 nbytes += n
         return blocks, nbytes
 
+    @_guard
     def evict(self, nbytes: int, keep=None) -> tuple[int, int]:
         """Delete the least recently read blocks until `nbytes` are freed (at
         most EVICT_BATCH blocks: call again for more).  `keep(key, block)`
@@ -847,6 +853,7 @@ class Store:
         elif raw is not None:
             txn.delete(key, db=db)
 
+    @_guard
     def forget_some(self, key: bytes) -> int:
         """Delete up to EVICT_BATCH of a drive's blocks and tree nodes (with
         their accounting): the first steps of forgetting it.  Returns how many
@@ -877,6 +884,7 @@ class Store:
             self._add_counter(txn, self._cached, key, *cached)
         return gone
 
+    @_guard
     def forget_drive(self, key: bytes) -> None:
         """The last step of forgetting a drive (after `forget_some` returned
         0): its heads, fork evidence, record and counters.  One transaction."""

@@ -229,3 +229,26 @@ def test_cache_size_in_the_configuration_file(tmp_path, home, home2):
     config.write_text('cache_size = "lots"\n')
     r = run_cli(home2, "gc", env={"P2PFS_CONFIG": str(config)}, check=False)
     assert r.returncode == 2 and "cache_size" in r.stderr
+
+
+def test_a_full_disk_does_not_end_a_read_of_held_blocks(tmp_path, home, small_disk):
+    """The cache's bookkeeping of what was read cannot be written (the disk
+    holding the home is full): the read still succeeds, with one warning."""
+    src = tmp_path / "src"
+    src.mkdir()
+    write_random(src / "a.bin", 3 * MiB // 2, seed=4)
+    key = create(home, src, "--block-size", "4096")  # many blocks: many records to write
+    home2 = small_disk / "home2"
+    with seeding(home, key) as addr:
+        run_cli(home2, "pin", key, "--peer", addr, "--no-lan", "--no-dht")
+    run_cli(home2, "unpin", key)  # held whole, a cache drive, nothing read yet
+    with open(small_disk / "filler", "wb") as f:
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                f.write(bytes(1 << 16))
+                f.flush()
+    r = run_cli(home2, "cat", key, "/a.bin", "--no-lan", "--no-dht")
+    assert r.stdout == (src / "a.bin").read_bytes()
+    warnings = r.stderr.splitlines()
+    assert len(warnings) == 1 and "bookkeeping was not written" in warnings[0] \
+        and "is full" in warnings[0], r.stderr

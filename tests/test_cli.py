@@ -485,21 +485,6 @@ def test_damaged_page_is_one_line_for_every_command(home, sample, tmp_path):
         assert "A DAMAGED STORE" in lines[-1]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 6 MiB tmpfs, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small file system")
-    path = tmp_path / "small"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(path)],
-                   check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
 def test_full_disk_during_import_and_create(small_disk, tmp_path):
     """ENOSPC: one line naming the home and its free space; the last version
     is intact and verifies (finding 15)."""
