@@ -10,8 +10,8 @@
    timed from the end of the write until the mount returns the new bytes.
    Median and 95th percentile; goal: median <= 1.5 s with the default
    debounce (1 s).
-3. Holepunch Hyperdrive 13 (`bench/hyperdrive/`, when `node` and its
-   node_modules are there: `npm install` in that directory): `put` of the
+3. Holepunch Hyperdrive 13 (bench/hyperlab.py: when `node` is there, its
+   node_modules are installed with `npm ci` if missing): `put` of the
    same trees into a corestore on disk; ratio p2pfs / Hyperdrive (goal >= 3).
    Only corestore and hyperdrive run: no hyperswarm, nothing leaves the host.
 
@@ -23,7 +23,6 @@ loopback-only namespace (`unshare -n`); the temp dir is removed on exit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -38,11 +37,10 @@ from pathlib import Path
 
 import blake3
 
+from bench import hyperlab
 from bench.bench_mount import (REPO, MiB, Table, env, listening_address, mounted, p2pfs,
                                rerun_in_loopback_namespace)
-
-HYPERDRIVE = REPO / "bench" / "hyperdrive"
-
+from bench.netlab import LabError
 
 def make_small_tree(root: Path, files: int) -> int:
     rnd = random.Random(3)
@@ -117,15 +115,15 @@ def first_import(work: Path, name: str, directory: Path) -> float:
 
 
 def hyperdrive_put(work: Path, name: str, directory: Path) -> float | None:
-    if shutil.which("node") is None or not (HYPERDRIVE / "node_modules").is_dir():
-        return None
-    out = subprocess.run(["node", str(HYPERDRIVE / "put.mjs"), str(directory),
-                          str(work / f"corestore-{name}")], capture_output=True, text=True,
-                         cwd=HYPERDRIVE, timeout=1200)
-    if out.returncode != 0:
-        print(f"  hyperdrive failed: {out.stderr.strip()[-300:]}", flush=True)
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+    """Seconds of Hyperdrive 13's import of `directory`, or None (said why)."""
+    why = hyperlab.missing()
+    if why is None:
+        try:
+            return hyperlab.put(directory, work / f"corestore-{name}")[0]
+        except LabError as exc:
+            why = str(exc)
+    print(f"  (no Hyperdrive row: {why})", flush=True)
+    return None
 
 
 def bench_import(table: Table, work: Path, files: int, size: int) -> None:
@@ -149,8 +147,6 @@ def bench_import(table: Table, work: Path, files: int, size: int) -> None:
         if hyper is not None:
             table.add(f"  vs Hyperdrive 13 put, {label}", f"{took:.1f} s",
                       f"{hyper:.1f} s hyperdrive", hyper / took, ">= 3")
-        else:
-            print(f"  (no Hyperdrive: run 'npm install' in {HYPERDRIVE} for that row)", flush=True)
         shutil.rmtree(work / f"home-{name}", ignore_errors=True)
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -731,6 +732,18 @@ class Lab:
     def python(self, *args: str) -> list[str]:
         return [sys.executable, *args]
 
+    def delay_router(self, members: Sequence[tuple[Netns, Sequence[str]]], rtt: float) -> Service:
+        """Run `delay_router` as a process in a namespace of its own, joining
+        `members` (each with its 10.78.0.X addresses): every packet between
+        two members is delayed rtt/2 each way.  Stop it with the lab."""
+        ns = self.namespace(f"rt{len(self._procs)}")
+        spec = [f"{m.name}:t{self._dev_tag}{i}:{','.join(addrs)}" for i, (m, addrs) in enumerate(members)]
+        argv = self.python("-m", "bench.netlab", "router", "--rtt", repr(rtt),
+                           *[a for one in spec for a in ("--member", one)])
+        log = self.tmp / f"router.{len(self._procs)}.log"
+        proc, _ = self._start_and_wait(ns, argv, "router", log, re.compile(rb"routing with"), 15.0)
+        return Service(proc, ("", 0), log)
+
     def delay_proxy(self, ns: Netns, target: tuple[str, int], rtt: float,
                     listen: tuple[str, int] = ("127.0.0.1", 0), handshake: bool = True) -> Service:
         """Run `delay_proxy` as a process in `ns`; returns the Service (its .addr)."""
@@ -938,6 +951,86 @@ def _capture_main(devices: Sequence[str], out: Path) -> None:
         print(json.dumps({"frames": frames, "drops": drops}), flush=True)
 
 
+
+# --- a user-space IP router adding delay (no netem on these machines) ---------
+
+_TUNSETIFF = 0x400454CA
+_IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
+ROUTER_NET = "10.78.0"  # the delay router's /24: members' addresses are 10.78.0.X
+
+
+async def delay_router(members: Sequence[tuple[str, str, Sequence[str]]], rtt: float,
+                       queue: int = 4096,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Join namespaces through this process: for each (namespace, device,
+    addresses) a TUN device is made here, moved into the namespace and given
+    the addresses (10.78.0.X/24); every IPv4 packet one member sends to
+    another's address is read here and written to the other's device
+    `rtt`/2 seconds later, so every exchange between members -- UDP and TCP
+    alike -- takes `rtt` more per round trip.  Traffic within one namespace
+    does not pass here.  At most `queue` packets wait per device (more are
+    dropped, as a router's full queue would).  Runs until cancelled; the
+    devices vanish with the process."""
+    if rtt < 0:
+        raise ValueError("rtt must be >= 0")
+    one_way = rtt / 2
+    fds: dict[bytes, int] = {}
+    devices: list[int] = []
+    for ns, dev, addresses in members:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", dev.encode(), _IFF_TUN | _IFF_NO_PI))
+        devices.append(fd)
+        _sh("ip", "link", "set", "dev", dev, "netns", ns)
+        for addr in addresses:
+            _sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            fds[socket.inet_aton(addr)] = fd
+        _sh("ip", "-n", ns, "link", "set", dev, "up")
+    outs = {fd: trio.open_memory_channel(queue) for fd in devices}
+
+    async def deliver(fd: int, receive) -> None:
+        async for due, packet in receive:
+            await trio.sleep_until(due)
+            try:
+                os.write(fd, packet)
+            except OSError:
+                pass  # the member's device is down: the packet is lost, as on a wire
+
+    async def read(fd: int) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            while True:
+                try:
+                    packet = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                if len(packet) < 20 or packet[0] >> 4 != 4:
+                    continue  # IPv4 only
+                out = fds.get(packet[16:20])
+                if out is None:
+                    continue
+                try:
+                    outs[out][0].send_nowait((trio.current_time() + one_way, packet))
+                except trio.WouldBlock:
+                    pass  # a full queue drops
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for fd in devices:
+                nursery.start_soon(deliver, fd, outs[fd][1])
+                nursery.start_soon(read, fd)
+            task_status.started()
+    finally:
+        for fd in devices:
+            os.close(fd)
+
+
+async def _router_main(members: list[tuple[str, str, list[str]]], rtt: float) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(delay_router, members, rtt)
+        print(f"routing with {rtt * 1000:g} ms RTT", flush=True)
+        await trio.sleep_forever()
+
+
 def _cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.netlab")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -956,7 +1049,18 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     k = sub.add_parser("capture", help="write every frame received on some devices to a pcap file")
     k.add_argument("--dev", action="append", required=True, help="a device to capture on (repeatable)")
     k.add_argument("--out", type=Path, required=True, help="the pcap file to write")
+    r = sub.add_parser("router", help="join namespaces through TUN devices, adding delay to every packet")
+    r.add_argument("--rtt", type=float, required=True, help="added round-trip time, seconds")
+    r.add_argument("--member", action="append", required=True, metavar="NETNS:DEV:ADDR[,ADDR...]")
     args = parser.parse_args(argv)
+    if args.cmd == "router":
+        members = []
+        for m in args.member:
+            ns, dev, addrs = m.split(":")
+            members.append((ns, dev, addrs.split(",")))
+        with contextlib.suppress(KeyboardInterrupt):
+            trio.run(_router_main, members, args.rtt)
+        return 0
     if args.cmd == "capture":
         _capture_main(args.dev, args.out)
     elif args.cmd == "proxy":

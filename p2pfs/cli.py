@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import os
 import stat as stat_mod
 import sys
@@ -28,7 +29,7 @@ from .cache import usage as cache_usage
 from .errors import (BlockUnavailableError, NotFoundError, P2pfsError, StoreDamagedError,
                      UsageError, VerificationError)
 from .ignore import Rules
-from .index import KIND_DIR, KIND_SYMLINK, Entry
+from .index import KIND_DIR, KIND_SYMLINK, Entry, normalize_path, shown
 from .node import DEFAULT_TIMEOUT, DHT_PORT, NetOptions, local_drive, open_drive, open_store, parse_drive_ref
 from .progress import Bar, size_text as _size
 from .store import check_structure
@@ -45,6 +46,28 @@ def _out(data: bytes) -> None:
 
 def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def _warning(text: str) -> None:
+    _err(f"p2pfs: warning: {text}")
+
+
+def _note_newer(drive) -> None:
+    """Say so when a newer signed version is known than the one shown."""
+    note = drive.newer_note()
+    if note is not None:
+        _err(f"p2pfs: note: {note}")
+
+
+def _report_drive_content() -> None:
+    """Problems of a drive's content (entries left out of a listing) go to
+    stderr as warnings, once each (the mount's go to its log the same way)."""
+    logger = logging.getLogger("p2pfs.drive")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("p2pfs: warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def _mode_string(entry: Entry) -> str:
@@ -146,8 +169,8 @@ def cmd_create(args) -> int:
     progress = Bar(args.quiet, "create")
     try:
         result = publish.create_drive(store, args.dir, message=args.message,
-                                      block_size=args.block_size, warn=_err, progress=progress,
-                                      rules=Rules.load(args.dir, args.exclude))
+                                      block_size=args.block_size, warn=_warning,
+                                      progress=progress, rules=Rules.load(args.dir, args.exclude))
     finally:
         progress.stop()
     key = crypto.encode_key(result.key)
@@ -166,7 +189,8 @@ def cmd_import(args) -> int:
     progress = Bar(args.quiet, "import")
     try:
         result = publish.import_directory(drive, args.dir, message=args.message,
-                                          checksum=args.checksum, warn=_err, progress=progress,
+                                          checksum=args.checksum, warn=_warning,
+                                          progress=progress,
                                           rules=Rules.load(args.dir, args.exclude))
     finally:
         progress.stop()
@@ -191,7 +215,7 @@ async def _ls(args) -> int:
     listed: list[dict] = []
     async with open_drive(store, args.key, hint=(os.fsencode(args.path), 0),
                           **read_options(args)) as drive:
-        from .index import normalize_path
+        _note_newer(drive)
         path = normalize_path(args.path)
         entry = await drive.lookup(path)
         if entry.kind != KIND_DIR:
@@ -201,9 +225,17 @@ async def _ls(args) -> int:
                 _out(_entry_line(os.fsencode(args.path), entry, args.long))
         pending = [path] if entry.kind == KIND_DIR else []
         first = True
+        status = 0
         while pending:
             d = pending.pop(0)
-            children = await drive.listdir(d)
+            try:
+                children = await drive.listdir(d)
+            except (VerificationError, BlockUnavailableError) as exc:
+                if first:
+                    raise
+                _err(f"p2pfs: cannot list {shown(d)}: {exc}")  # like ls -R: go on, exit 1
+                status = 1
+                continue
             if args.recursive and not args.json:
                 if not first:
                     _out(b"\n")
@@ -223,7 +255,7 @@ async def _ls(args) -> int:
         if args.json:
             print(json.dumps({"key": drive.key_text, "version": drive.version,
                               "entries": listed}, indent=2))
-    return 0
+    return status
 
 
 def cmd_ls(args) -> int:
@@ -235,7 +267,9 @@ async def _cat(args) -> int:
     # the first bytes come with the index path, in the first round trip
     async with open_drive(store, args.key, hint=(os.fsencode(args.path), CAT_FIRST),
                           **read_options(args)) as drive:
-        entry = await drive.lookup(args.path)
+        _note_newer(drive)
+        path = normalize_path(args.path)
+        entry = await drive.lookup(path)
         if entry.kind == KIND_DIR:
             raise UsageError(f"{args.path}: is a directory")
         if entry.kind == KIND_SYMLINK:
@@ -244,7 +278,7 @@ async def _cat(args) -> int:
         out = sys.stdout.buffer
         offset = 0
         while offset < entry.size:
-            data = await drive.read(entry, offset, CAT_CHUNK)
+            data = await drive.read(entry, offset, CAT_CHUNK, path)
             if not data:
                 break
             out.write(data)
@@ -260,6 +294,7 @@ def cmd_cat(args) -> int:
 async def _log(args) -> int:
     store = _store(args)
     async with open_drive(store, args.key, **read_options(args)) as drive:
+        _note_newer(drive)
         if args.json:
             print(json.dumps([{"version": c.version, "length": length, "time_ns": c.time_ns,
                                "time": dt.datetime.fromtimestamp(c.time_ns / 1e9).astimezone()
@@ -282,7 +317,7 @@ def cmd_log(args) -> int:
 
 
 RECOVERY = ("to recover: stop every p2pfs process using {home}, move {home}/store aside "
-            "(keep {home}/keys and {home}/node.key), then fetch the drives again with "
+            "(keep {home}/keys), then fetch the drives again with "
             "--peer; see A DAMAGED STORE in p2pfs(1)")
 
 
@@ -309,6 +344,7 @@ def _verify_drive(store, key: bytes, version: int | None) -> bool:
         length = drive.length
         ref = f"{ref}@{version}"
     problems = drive_mod.verify_drive(drive, report=_report, length=length)
+    _note_newer(drive)
     if problems:
         _report(f"drive {ref}: {len(problems)} problem(s) found")
         return False
@@ -404,6 +440,7 @@ def _info(store, key: bytes, version: int | None = None, strict: bool = True) ->
     drive = local_drive(store, key)
     blocks, nbytes = store.held(key)
     info = {"key": drive.key_text, "version": 0, "length": drive.head.length,
+            "newest_length": drive.head.length,
             "blocks_held": blocks, "bytes_held": nbytes, "writable": drive.writable,
             "block_size": None, "files": None, "bytes": None,
             "discovery_key": crypto.discovery_key(key).hex(),
@@ -413,6 +450,9 @@ def _info(store, key: bytes, version: int | None = None, strict: bool = True) ->
         drive.open_local(version)
         info.update(version=drive.version, length=drive.length, block_size=drive.block_size,
                     files=drive.commit.files, bytes=drive.commit.bytes)
+        note = drive.newer_note()
+        if note is not None:
+            info["note"] = note
     except BlockUnavailableError:
         if version is not None:
             raise
@@ -1145,6 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = mount_helper_argv(argv) or argv
         args = parser.parse_args(argv)
         args.argv = argv  # mount --daemon re-runs it
+        _report_drive_content()
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2

@@ -53,6 +53,22 @@ class StoreError(P2pfsError):
     """The local store cannot be opened or written (disk full, permissions)."""
 
 
+class DiskFullError(StoreError):
+    """The disk holding the store is full: says how much is free and, when the
+    writer knows it, about how much more the command needs."""
+
+    def __init__(self, home, free: int | None, needed: int | None = None):
+        self.home, self.free, self.needed = home, free, needed
+        have = "no space left" if not free else f"{free / (1 << 20):.1f} MiB free"
+        more = "" if needed is None else f", this needs about {max(needed, 1 << 20) / (1 << 20):,.0f} MiB more"
+        super().__init__(f"the disk holding the store in {home} is full ({have}{more}): free some "
+                         "space, or give --home a bigger disk, and run the command again")
+
+    def needing(self, nbytes: int) -> "DiskFullError":
+        """The same error, with what the command still had to write."""
+        return DiskFullError(self.home, self.free, nbytes)
+
+
 class StoreDamagedError(StoreError):
     """The local store's file is damaged (an LMDB page, a truncated file)."""
 

@@ -2,16 +2,19 @@
 
 Theory of operation
 -------------------
-Inodes.  An inode number is derived from (kind, path) by hashing, so the same
-path keeps its number across versions and across remounts without a table
-that grows with every path ever seen.  The process keeps `ino -> path` only
-for inodes the kernel knows, i.e. whose lookup count is positive: `lookup`
-and every `readdir` entry the kernel accepted add one, `forget` subtracts,
-and at zero the inode is dropped.  The root is `pyfuse3.ROOT_INODE` and is
-never dropped.  A hash collision with a live inode of another path is
-resolved by probing (rehash with a counter), so numbers are unique among
-live inodes.  Including the kind means a path that turns from a file into a
-directory gets a new inode, which the kernel requires.
+Inodes.  An inode number is derived by hashing what it stands for (`_tag`):
+the kind and the path, and for a regular file also its content identity
+(size and extents).  So a path keeps its number across versions and across
+remounts without a table that grows with every path ever seen, as long as
+it stays what it was; a path that turns from a file into a directory gets a
+new inode (the kernel requires it), and so does a file whose content a new
+version changes (see Reads), while a change of mode or mtime keeps it.  The
+process keeps `ino -> path` only for inodes the kernel knows, i.e. whose
+lookup count is positive: `lookup` and every `readdir` entry the kernel
+accepted add one, `forget` subtracts, and at zero the inode is dropped.
+The root is `pyfuse3.ROOT_INODE` and is never dropped.  A hash collision
+with a live inode of another tag is resolved by probing (rehash with a
+counter), so numbers are unique among live inodes.
 
 Entries.  For every live inode we keep the `Entry` last reported to the
 kernel (`_entries`).  `getattr` answers from it; it is kept current by the
@@ -33,13 +36,15 @@ processes sharing the store, every `poll_interval` seconds; it calls
 `drive.refresh()`.  If the version moved, it looks up every live path in the
 new version (grouped by directory: one `listdir` for a directory with many
 live children, single lookups otherwise), then in one synchronous step
-replaces the changed entries and the entries of open files, bumps
-`_generation`, and finally, in a worker thread (the kernel may block a
-notification until a request in flight completes, and that request needs
-this thread), tells the kernel: `invalidate_inode` for changed inodes (data
-and attributes, so the page cache is dropped) and `invalidate_entry` for
-paths that vanished or changed kind.  Unchanged files keep their page cache
-(an unchanged `Entry` names the same immutable log blocks).
+replaces the entries whose metadata changed, bumps `_generation`, and
+finally, in a worker thread (the kernel may block a notification until a
+request in flight completes, and that request needs this thread), tells
+the kernel: `invalidate_inode` for changed inodes (attributes only for a
+file, whose content is the same; data too for directories and links) and
+`invalidate_entry` (as a deletion) for paths that vanished or whose inode
+is now another one (a new kind or new content).  Such an old inode is
+*detached*: it keeps its last entry and its page cache (its blocks never
+change) for the handles open on it, and is not looked up again.
 
 A handler that awaited the drive across a switch could otherwise store an
 entry of the old version; handlers compare `_generation` before and after
@@ -47,31 +52,47 @@ and retry, so `_entries` only ever receives entries of the current version.
 
 Reads.  An open file reads through `drive.read(entry, offset, size)`, which
 maps the range onto blocks, fetches missing ones from the block source and
-verifies everything.  The handle follows the version like a file edited in
-place: after a switch it reads the new entry (a path deleted in the new
-version keeps its last entry, like an unlinked open file).  Sequential reads
+verifies everything.  An open handle is a snapshot: it reads the entry of
+the version current when it was opened, like a file replaced by rename on a
+local disk, so a reader never gets bytes that no single version held.  The
+kernel's page cache is per inode and shared by every handle, which is why
+new content means a new inode: new opens (and `stat`) see the new version
+through the new inode, handles open on the old one keep reading the old
+bytes, cached or not.  Sequential reads
 grow a per-handle read-ahead window (doubling, capped) that prefetches the
 next blocks in the background when the drive fetches from peers; a read
 that is not at the previous end resets the window, so random readers fetch
 only what they touch.
 
+What a drive may say.  Every entry comes checked and sanitized by the
+drive (no setuid, setgid or sticky bits; only `user.` extended attributes).
+The mount serves those attributes, answers its own `user.p2pfs.*` by name
+without listing them (so `cp -a` out of the mount copies none), and answers
+`system.*`, `security.*` and `trusted.*` with EOPNOTSUPP: no ACLs,
+capabilities or labels from a stranger.
+
 Errors.  Handlers raise only `FUSEError`: missing path -> ENOENT, a block no
-peer supplied in time or that failed verification -> EIO, any attempt to
-write -> EROFS.  A read that timed out is remembered for a second on its
-handle: the kernel retries a failed read-ahead page by page, and each retry
-would otherwise wait the whole timeout again.
+peer supplied in time, that failed verification, or a bad drive -> EIO, any
+attempt to write -> EROFS.  Every handler is wrapped once (`_guarded`): any
+other exception becomes EIO and one log line, never the end of the mount.
+A read that timed out is remembered for a second on its handle: the kernel
+retries a failed read-ahead page by page, and each retry would otherwise
+wait the whole timeout again.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
+import inspect
 import logging
 import os
 import stat
 from collections import defaultdict
 from collections.abc import Callable
 
+import msgspec
 import pyfuse3
 import trio
 
@@ -84,6 +105,7 @@ from p2pfs.errors import (
     VerificationError,
 )
 from p2pfs.index import KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_PATH, Entry
+from p2pfs.snapshots import PREFIX as HISTORY, Snapshots, is_history
 
 __all__ = ["DriveFS", "XATTR_KEY", "XATTR_VERSION", "XATTR_BLOCKS_HELD"]
 
@@ -96,7 +118,8 @@ XATTR_BLOCKS_HELD = b"user.p2pfs.blocks_held"
 ROOT = pyfuse3.ROOT_INODE
 _INO_MASK = (1 << 63) - 1
 _TYPE = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK}
-_UNSUPPORTED_XATTRS = (b"system.", b"security.", b"trusted.")
+_USER_XATTRS = b"user."
+_OWN_XATTRS = b"user.p2pfs."
 _MANY_LIVE = 8  # live children of one directory above which a switch lists it whole
 
 _STATFS_MAX = (1 << 63) - 1  # a drive's totals are the author's word: keep them in range
@@ -115,16 +138,32 @@ def _split(path: bytes) -> tuple[bytes, bytes]:
     return (head or b"/"), name
 
 
+def _tag(path: bytes, entry: Entry) -> bytes:
+    """What an inode number stands for: kind and path; for a file also its
+    content (size and extents), so that new content is a new inode."""
+    tag = bytes([entry.kind]) + path
+    if entry.kind == KIND_FILE:
+        content = msgspec.msgpack.encode((entry.size, entry.extents))
+        tag += b"\x00" + hashlib.blake2b(content, digest_size=16).digest()
+    return tag
+
+
+def _dir_tag(path: bytes) -> bytes:
+    return bytes([KIND_DIR]) + path
+
+
 class _File:
-    """An open file: its inode, the entry it reads, and read-ahead state."""
+    """An open file: its inode, the entry it reads (through `drive`: the live
+    view, or an old version's), and read-ahead state."""
 
-    __slots__ = ("ino", "path", "entry", "expected", "window", "ahead_until", "ahead_target",
-                 "ahead_running", "cancel", "closed", "failed")
+    __slots__ = ("ino", "path", "entry", "drive", "expected", "window", "ahead_until",
+                 "ahead_target", "ahead_running", "cancel", "closed", "failed")
 
-    def __init__(self, ino: int, path: bytes, entry: Entry):
+    def __init__(self, ino: int, path: bytes, entry: Entry, drive):
         self.ino = ino
         self.path = path
         self.entry = entry
+        self.drive = drive
         self.expected = 0  # offset a sequential reader asks for next
         self.window = 0  # read-ahead window in blocks; 0 = not sequential
         self.ahead_until = 0  # bytes [.., ahead_until) are fetched or being fetched
@@ -168,17 +207,20 @@ class DriveFS(pyfuse3.Operations):
         self._files: dict[int, _File] = {}
         self._dirs: dict[int, tuple[bytes, int, list[tuple[bytes, int, Entry]]]] = {}
         self._recheck: set[int] = set()  # inodes given entries of an older version
+        self._detached: set[int] = set()  # inodes no longer at their path (kept for open handles)
         self._next_fh = 1
         self._generation = 0
+        self.version = drive.version  # the version shown: set once the kernel's caches agree
+        self.snapshots = Snapshots(drive)  # the hidden /.p2pfs/versions/N/
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
 
     # ---------------------------------------------------------------- inodes
 
-    def _ino_for(self, path: bytes, kind: int) -> int:
+    def _ino_for(self, path: bytes, entry: Entry) -> int:
         if path == b"/":
             return ROOT
-        tag = bytes([kind]) + path
+        tag = _tag(path, entry)
         ino = self._inos.get(tag)
         if ino is not None:
             return ino
@@ -195,7 +237,8 @@ class DriveFS(pyfuse3.Operations):
         """Record a live inode (the caller then adds to its lookup count)."""
         if ino != ROOT:
             self._paths[ino] = path
-            self._inos[bytes([entry.kind]) + path] = ino
+            self._inos[_tag(path, entry)] = ino
+            self._detached.discard(ino)
         self._entries[ino] = entry
 
     def _drop(self, ino: int) -> None:
@@ -204,8 +247,9 @@ class DriveFS(pyfuse3.Operations):
         path = self._paths.pop(ino, None)
         entry = self._entries.pop(ino, None)
         self._nlookup.pop(ino, None)
+        self._detached.discard(ino)
         if path is not None and entry is not None:
-            tag = bytes([entry.kind]) + path
+            tag = _tag(path, entry)
             if self._inos.get(tag) == ino:
                 del self._inos[tag]
 
@@ -284,11 +328,19 @@ class DriveFS(pyfuse3.Operations):
                 return answer
 
     async def _lookup(self, path: bytes) -> Entry:
-        """The current version's entry for `path`; FUSEError on failure."""
+        """The current version's entry for `path` (or, under /.p2pfs, the
+        history's); FUSEError on failure."""
+        if is_history(path):
+            return await self._current(self.snapshots.lookup, path)
         return await self._current(self.drive.lookup, path)
 
     async def _listdir(self, path: bytes) -> list[tuple[bytes, Entry]]:
-        return await self._current(self.drive.listdir, path)
+        if is_history(path):
+            return await self._current(self.snapshots.listdir, path)
+        items = await self._current(self.drive.listdir, path)
+        if path == b"/":  # the history is entered by name, never listed
+            items = [(name, e) for name, e in items if name != HISTORY[1:]]
+        return items
 
     # -------------------------------------------------------------- handlers
 
@@ -303,7 +355,7 @@ class DriveFS(pyfuse3.Operations):
         else:
             path = _join(parent, name)
         entry = await self._lookup(path)
-        ino = self._ino_for(path, entry.kind)
+        ino = self._ino_for(path, entry)
         self._remember(ino, path, entry)
         self._nlookup[ino] += 1
         if entry.kind == KIND_DIR:
@@ -356,10 +408,10 @@ class DriveFS(pyfuse3.Operations):
         listing: list[tuple[bytes, int, Entry]] = []
         if entry is not None:
             listing.append((b".", inode, entry))
-            parent_ino = ROOT if path == b"/" else self._inos.get(bytes([KIND_DIR]) + _split(path)[0], ROOT)
+            parent_ino = ROOT if path == b"/" else self._inos.get(_dir_tag(_split(path)[0]), ROOT)
             listing.append((b"..", parent_ino, self._entries.get(parent_ino, entry)))
         for name, e in items:
-            listing.append((name, self._ino_for(_join(path, name), e.kind), e))
+            listing.append((name, self._ino_for(_join(path, name), e), e))
         fh = self._new_fh()
         self._dirs[fh] = (path, self._generation, listing)
         return fh
@@ -400,8 +452,15 @@ class DriveFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if entry.kind != KIND_FILE:
             raise pyfuse3.FUSEError(errno.EINVAL)
+        path = self._paths[inode]
+        drive = self.drive
+        if is_history(path):
+            try:
+                drive = await self.snapshots.drive_for(path)
+            except P2pfsError as exc:
+                raise _fuse_error(exc, path) from None
         fh = self._new_fh()
-        self._files[fh] = _File(inode, self._paths[inode], entry)
+        self._files[fh] = _File(inode, path, entry, drive)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh, off, size):
@@ -419,7 +478,7 @@ class DriveFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         self._note_read(f, off, size)
         try:
-            return await self.drive.read(entry, off, size)
+            return await f.drive.read(entry, off, size, f.path)
         except P2pfsError as exc:
             if isinstance(exc, BlockUnavailableError):
                 f.failed = (off, off + size, trio.current_time() + FAILED_READ_MEMORY)
@@ -463,34 +522,33 @@ class DriveFS(pyfuse3.Operations):
         entry = self._entries.get(inode)
         if entry is None and inode != ROOT:
             raise pyfuse3.FUSEError(errno.ESTALE)
+        if not name.startswith(_USER_XATTRS):
+            # No ACLs, capabilities or security labels here (the drive's are
+            # never served).  Saying so (rather than "no such attribute") lets
+            # `ls -l` stop asking for every file: two round trips per entry.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         if name == XATTR_KEY:
             return encode_key(self.drive.key).encode()
         if name == XATTR_VERSION:
-            return str(self.drive.version).encode()
+            return str(self.version).encode()
         if name == XATTR_BLOCKS_HELD and entry is not None and entry.kind == KIND_FILE:
             try:
                 return str(self.drive.blocks_held(entry)).encode()
             except P2pfsError as exc:
                 raise _fuse_error(exc, self._paths.get(inode, b"?")) from None
-        for key, value in (entry.xattrs if entry is not None else ()):
-            if key == name:
-                return value
-        if name.startswith(_UNSUPPORTED_XATTRS):
-            # No ACLs or security labels here.  Saying so (rather than "no
-            # such attribute") lets `ls -l` stop asking for every file: two
-            # round trips per entry otherwise.
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if not name.startswith(_OWN_XATTRS):  # a drive's user.p2pfs.* is never served
+            for key, value in (entry.xattrs if entry is not None else ()):
+                if key == name:
+                    return value
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(self, inode, ctx=None):
+        """The drive's `user.` attributes only: p2pfs's own are answered by
+        name but not listed, so that `cp -a` out of the mount copies none."""
         entry = self._entries.get(inode)
         if entry is None and inode != ROOT:
             raise pyfuse3.FUSEError(errno.ESTALE)
-        names = [XATTR_KEY, XATTR_VERSION]
-        if entry is not None and entry.kind == KIND_FILE:
-            names.append(XATTR_BLOCKS_HELD)
-        names.extend(k for k, _ in (entry.xattrs if entry is not None else ()))
-        return names
+        return [k for k, _ in (entry.xattrs if entry is not None else ())]
 
     # Every way of changing the tree is refused: the drive is read-only here.
     async def _readonly(self, *args, **kwargs):
@@ -546,7 +604,7 @@ class DriveFS(pyfuse3.Operations):
                     start = f.ahead_until
                     stop = min(f.ahead_target, start + READAHEAD_MAX * bs)
                     f.ahead_until = stop
-                    await self.drive.prefetch(f.entry, start, stop - start)
+                    await f.drive.prefetch(f.entry, start, stop - start)
         except P2pfsError as exc:
             # The reader's own read will hit the same block and report EIO.
             log.debug("read-ahead of %r stopped: %s", f.path, exc)
@@ -617,33 +675,39 @@ class DriveFS(pyfuse3.Operations):
             current = None
         if generation != self._generation:
             return moved  # another switch started meanwhile; it rechecks all
-        changed: list[int] = []
+        changed: list[tuple[int, bool]] = []  # (inode, attributes only)
         gone: list[tuple[int, bytes, int]] = []
         for ino in check:
-            if ino not in self._entries:
-                continue  # forgotten meanwhile
+            if ino not in self._entries or ino in self._detached:
+                continue  # forgotten meanwhile, or no longer at its path
             old = self._entries[ino]
             path = self._paths.get(ino, b"/")
             new = None if current is None else current.get(ino)
-            if new is None or new.kind != old.kind:
-                if ino != ROOT:
-                    parent, name = _split(path)
-                    parent_ino = ROOT if parent == b"/" else self._inos.get(bytes([KIND_DIR]) + parent, 0)
-                    gone.append((parent_ino, name, ino))
-                changed.append(ino)
+            if ino == ROOT:
+                if new != old:
+                    if new is not None:
+                        self._entries[ino] = new
+                    changed.append((ino, False))
+            elif new is None or _tag(path, new) != _tag(path, old):
+                # Vanished, or another inode now (new kind or new content):
+                # this one keeps its entry and cache for the handles open on it.
+                parent, name = _split(path)
+                parent_ino = ROOT if parent == b"/" else self._inos.get(_dir_tag(parent), 0)
+                gone.append((parent_ino, name, ino))
+                self._detached.add(ino)
+                if new is None or new.kind != old.kind:
+                    changed.append((ino, False))
             elif new != old:
                 self._entries[ino] = new
-                changed.append(ino)
-        for f in self._files.values():
-            new = None if current is None else current.get(f.ino)
-            if new is not None and new.kind == KIND_FILE:
-                f.entry = new
+                changed.append((ino, old.kind == KIND_FILE))
         if moved:  # the kernel must ask every directory's link count again
-            listed = set(changed)
-            changed.extend(ino for ino, e in self._entries.items()
+            listed = {i for i, _ in changed}
+            changed.extend((ino, True) for ino, e in self._entries.items()
                            if e.kind == KIND_DIR and ino not in listed)
         if changed or gone:
             await trio.to_thread.run_sync(_invalidate, changed, gone, abandon_on_cancel=True)
+        if generation == self._generation:
+            self.version = self.drive.version
         return moved
 
     async def _current_entries(self, inos: set[int]) -> dict[int, Entry]:
@@ -653,6 +717,9 @@ class DriveFS(pyfuse3.Operations):
         for ino in inos:
             path = self._paths.get(ino)
             if path is None:
+                continue
+            if is_history(path):  # old versions never change (versions/ only grows)
+                result[ino] = self._entries[ino]
                 continue
             if path == b"/":
                 result[ino] = await self.drive.lookup(b"/")
@@ -674,9 +741,7 @@ class DriveFS(pyfuse3.Operations):
                         result[ino] = await self.drive.lookup(_join(parent, name))
                     except NotFoundError:
                         pass
-        # An inode keeps its number only while its kind is unchanged.
-        return {ino: e for ino, e in result.items() if ino == ROOT or self._entries.get(ino) is None
-                or self._entries[ino].kind == e.kind}
+        return result
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -684,7 +749,38 @@ class DriveFS(pyfuse3.Operations):
         return fh
 
 
-def _invalidate(changed: list[int], gone: list[tuple[int, bytes, int]]) -> None:
+def _guarded(name: str, handler):
+    """`handler` answering EIO, with one log line, for any exception but
+    FUSEError: a bug or a drive nobody foresaw must not end the mount
+    (pyfuse3 ends its main loop on any other exception).  `forget` gets no
+    reply at all, so there it is only logged."""
+
+    @functools.wraps(handler)
+    async def guarded(self, *args, **kwargs):
+        try:
+            return await handler(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            frame = exc.__traceback__
+            while frame.tb_next is not None:
+                frame = frame.tb_next
+            where = f"{os.path.basename(frame.tb_frame.f_code.co_filename)}:{frame.tb_lineno}"
+            log.error("%s failed (%s: %s, at %s); answered EIO", name, type(exc).__name__,
+                      exc, where)
+            if name == "forget":
+                return None
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return guarded
+
+
+for _name, _handler in list(vars(pyfuse3.Operations).items()):
+    if inspect.iscoroutinefunction(_handler):
+        setattr(DriveFS, _name, _guarded(_name, getattr(DriveFS, _name)))
+del _name, _handler
+
+
+def _invalidate(changed: list[tuple[int, bool]], gone: list[tuple[int, bytes, int]]) -> None:
     """Tell the kernel (from a worker thread: these calls may block)."""
     for parent_ino, name, ino in gone:
         if not parent_ino:
@@ -694,9 +790,9 @@ def _invalidate(changed: list[int], gone: list[tuple[int, bytes, int]]) -> None:
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                 log.warning("invalidate_entry(%d, %r): %s", parent_ino, name, exc)
-    for ino in changed:
+    for ino, attr_only in changed:
         try:
-            pyfuse3.invalidate_inode(ino)
+            pyfuse3.invalidate_inode(ino, attr_only)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 log.warning("invalidate_inode(%d): %s", ino, exc)

@@ -54,7 +54,8 @@ from p2pfs.errors import NotFoundError, UsageError, VerificationError
 __all__ = [
     "KIND_FILE", "KIND_DIR", "KIND_SYMLINK", "MAX_BLOCK_SIZE", "MAX_PATH", "MAX_NAME",
     "Header", "Commit", "Leaf", "Internal", "Entry", "encode_block", "decode_block",
-    "normalize_path", "split_path", "path_key", "key_path", "children_range",
+    "normalize_path", "split_path", "path_key", "key_path", "children_range", "valid_name",
+    "valid_key", "shown",
     "subtree_ranges", "BlockReader", "NodeCache", "Index", "IndexWriter", "build", "diff",
     "diff_keys",
 ]
@@ -69,38 +70,55 @@ MAX_NAME = 255  # bytes of one path component (Linux NAME_MAX)
 MAX_KEY = MAX_PATH + 1
 MAX_DEPTH = 64  # a B-tree of 64 KiB nodes is 3-4 levels deep; anything this deep is hostile
 
-_U = Annotated[int, msgspec.Meta(ge=0)]
-_Block = Annotated[int, msgspec.Meta(ge=0)]
+# Every number is bounded where it is decoded, so that nothing a drive's
+# author signs can overflow a stat field (off_t, time_t ns, block counts):
+# sizes, counts and block indices are 0..2^63-1, times signed 64-bit ns.
+U63_MAX = (1 << 63) - 1
+I64_MIN = -(1 << 63)
+MAX_XATTRS = 256  # with names <= 255 bytes the NUL-separated list fits Linux's 64 KiB
+MAX_XATTR_NAME = 255  # Linux XATTR_NAME_MAX
+MAX_XATTR_VALUE = 1 << 16  # Linux XATTR_SIZE_MAX
+
+_U = Annotated[int, msgspec.Meta(ge=0, le=U63_MAX)]
+_Block = Annotated[int, msgspec.Meta(ge=0, le=U63_MAX)]
+_Count = Annotated[int, msgspec.Meta(ge=1, le=U63_MAX)]
+_Ns = Annotated[int, msgspec.Meta(ge=I64_MIN, le=U63_MAX)]
 _Key = Annotated[bytes, msgspec.Meta(max_length=MAX_KEY)]
+_Xattr = tuple[Annotated[bytes, msgspec.Meta(max_length=MAX_XATTR_NAME)],
+               Annotated[bytes, msgspec.Meta(max_length=MAX_XATTR_VALUE)]]
 
 
 class Entry(msgspec.Struct, frozen=True, array_like=True):
-    """One path's metadata.  extents: ((first_block, block_count), ...) in file order."""
+    """One path's metadata.  extents: ((first_block, block_count), ...) in file order.
+
+    Decoding bounds every field; whether the fields make sense together
+    (extents against size and the log, names, the xattr namespace) is the
+    reader's check, `drive.Drive` (`check_entry`)."""
 
     kind: Annotated[int, msgspec.Meta(ge=0, le=2)]
     mode: Annotated[int, msgspec.Meta(ge=0, le=0o7777)]
-    mtime_ns: int
+    mtime_ns: _Ns
     size: _U = 0
-    extents: tuple[tuple[_Block, Annotated[int, msgspec.Meta(ge=1)]], ...] = ()
+    extents: tuple[tuple[_Block, _Count], ...] = ()
     target: Annotated[bytes, msgspec.Meta(max_length=MAX_PATH)] = b""
-    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    xattrs: Annotated[tuple[_Xattr, ...], msgspec.Meta(max_length=MAX_XATTRS)] = ()
 
 
 class Header(msgspec.Struct, frozen=True, array_like=True, tag=1):
     """Block 0 of every drive."""
 
-    format: Annotated[int, msgspec.Meta(ge=1)] = 1
+    format: Annotated[int, msgspec.Meta(ge=1, le=U63_MAX)] = 1
     block_size: Annotated[int, msgspec.Meta(ge=512, le=MAX_BLOCK_SIZE)] = 65536
-    created_ns: int = 0
+    created_ns: _Ns = 0
 
 
 class Commit(msgspec.Struct, frozen=True, array_like=True, tag=2):
     """The last block of every version: where its index root is, and totals."""
 
-    version: Annotated[int, msgspec.Meta(ge=1)]
+    version: Annotated[int, msgspec.Meta(ge=1, le=U63_MAX)]
     root: _Block
-    prev: Annotated[int, msgspec.Meta(ge=-1)]
-    time_ns: int
+    prev: Annotated[int, msgspec.Meta(ge=-1, le=U63_MAX)]
+    time_ns: _Ns
     message: str = ""
     files: _U = 0
     bytes: _U = 0
@@ -182,6 +200,35 @@ def normalize_path(path: bytes | str) -> bytes:
     return out
 
 
+def valid_name(name: bytes) -> bool:
+    """Whether a directory entry may have this name: 1 to MAX_NAME bytes, not
+    "." or "..", no "/" and no NUL (what a Linux directory can hold)."""
+    return (0 < len(name) <= MAX_NAME and name != b"." and name != b".."
+            and b"/" not in name and b"\x00" not in name)
+
+
+def valid_key(key: bytes) -> bool:
+    """Whether an index key is the key of a normalised path (b"" is the root's)."""
+    if not key:
+        return True
+    parent, _, name = key.partition(b"\x00")
+    if not valid_name(name) or len(parent) + 1 + len(name) > MAX_PATH:
+        return False
+    try:
+        return normalize_path(parent) == parent
+    except UsageError:
+        return False
+
+
+def shown(path: bytes) -> str:
+    """A path or name as one line of a message: bytes that are not UTF-8 and
+    control characters (a name may hold a newline) are escaped."""
+    text = path.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def split_path(path: bytes) -> tuple[bytes, bytes]:
     """(parent, name) of a normalised path; (b"", b"") for the root."""
     if path == b"/":
@@ -230,58 +277,72 @@ class BlockReader(Protocol):
 class NodeCache:
     """Bounded LRU of decoded nodes keyed by block index (blocks never change).
 
-    One cache belongs to one drive: block indices of different drives collide.
+    Bounded by count and by the encoded bytes of the nodes it holds (a
+    drive's nodes may each be as big as its block size).  One cache belongs
+    to one drive: block indices of different drives collide.
     """
 
-    def __init__(self, max_nodes: int = 256):
+    def __init__(self, max_nodes: int = 256, max_bytes: int = 64 << 20):
         self.max_nodes = max_nodes
-        self._nodes: OrderedDict[int, Leaf | Internal] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._nodes: OrderedDict[int, tuple[Leaf | Internal, int]] = OrderedDict()
+        self._bytes = 0
 
     def get(self, index: int) -> Leaf | Internal | None:
-        node = self._nodes.get(index)
-        if node is not None:
-            self._nodes.move_to_end(index)
-        return node
-
-    def put(self, index: int, node: Leaf | Internal) -> None:
-        self._nodes[index] = node
+        hit = self._nodes.get(index)
+        if hit is None:
+            return None
         self._nodes.move_to_end(index)
-        while len(self._nodes) > self.max_nodes:
-            self._nodes.popitem(last=False)
+        return hit[0]
+
+    def put(self, index: int, node: Leaf | Internal, size: int = 0) -> None:
+        """Keep `node` (`size`: the bytes it was decoded from)."""
+        old = self._nodes.pop(index, None)
+        if old is not None:
+            self._bytes -= old[1]
+        self._nodes[index] = (node, size)
+        self._bytes += size
+        while len(self._nodes) > self.max_nodes or (self._bytes > self.max_bytes
+                                                    and len(self._nodes) > 1):
+            self._bytes -= self._nodes.popitem(last=False)[1][1]
 
     def __len__(self) -> int:
         return len(self._nodes)
 
     def clear(self) -> None:
         self._nodes.clear()
+        self._bytes = 0
 
 
-def _load(reader: BlockReader, cache: NodeCache | None, index: int) -> Leaf | Internal:
+def _load(reader: BlockReader, cache: NodeCache | None, index: int,
+          max_size: int = MAX_BLOCK_SIZE) -> Leaf | Internal:
     if cache is not None:
         node = cache.get(index)
         if node is not None:
             return node
     data = reader.read_block(index)  # may raise MissingBlock: let it propagate
-    node = decode_block(data)
+    node = decode_block(data, max_size)
     if isinstance(node, Internal):
         if node.children and max(node.children) >= index:
             raise VerificationError(f"index block {index} points at a later block")
     elif not isinstance(node, Leaf):
         raise VerificationError(f"block {index} is a {type(node).__name__}, not an index node")
     if cache is not None:
-        cache.put(index, node)
+        cache.put(index, node, len(data))
     return node
 
 
 class _Tree:
     """Search and range scans over nodes that are either stored (int refs) or in memory."""
 
-    def __init__(self, reader: BlockReader, cache: NodeCache | None):
+    def __init__(self, reader: BlockReader, cache: NodeCache | None,
+                 max_node: int = MAX_BLOCK_SIZE):
         self._reader = reader
         self._cache = cache
+        self._max_node = max_node
 
     def _node(self, ref):
-        return _load(self._reader, self._cache, ref) if isinstance(ref, int) else ref
+        return _load(self._reader, self._cache, ref, self._max_node) if isinstance(ref, int) else ref
 
     def _child(self, node, i: int, lo: bytes, hi: bytes | None):
         """Child i of `node` (whose keys lie in [lo, hi)), with the child's own bounds.
@@ -349,11 +410,13 @@ class Index(_Tree):
     """One version of a drive's index, read-only.
 
     Every method may raise MissingBlock (from the reader) or VerificationError
-    (a block that is not a valid index node).
+    (a block that is not a valid index node, or one larger than `max_node`:
+    the drive's block size bounds its nodes).
     """
 
-    def __init__(self, reader: BlockReader, root: int, cache: NodeCache | None = None):
-        super().__init__(reader, cache)
+    def __init__(self, reader: BlockReader, root: int, cache: NodeCache | None = None,
+                 max_node: int = MAX_BLOCK_SIZE):
+        super().__init__(reader, cache, max_node)
         self.root = root
 
     def lookup(self, path: bytes) -> Entry | None:
@@ -370,6 +433,31 @@ class Index(_Tree):
         """(path, entry) of every entry, in key order (a directory's children together)."""
         for key, entry in self._scan(self.root, b"", None):
             yield key_path(key), entry
+
+    def scan(self) -> Iterator[tuple[bytes, Entry]]:
+        """(key, entry) of every entry, in key order: the raw keys, for readers
+        that check them (`valid_key`) before taking them for paths."""
+        return self._scan(self.root, b"", None)
+
+    def scan_unseen(self, seen: set[int]) -> Iterator[tuple[bytes, Entry]]:
+        """(key, entry) of the leaves below the root whose subtrees are not in
+        `seen` (block indices of nodes scanned before, say in another version,
+        which shares every subtree it did not change); adds what it scans.
+        Every node edge on the way is checked as in a full scan."""
+        if self.root not in seen:
+            yield from self._unseen(self.root, self._node(self.root), b"", None, seen, 0)
+
+    def _unseen(self, ref, node, lo, hi, seen, depth) -> Iterator[tuple[bytes, Entry]]:
+        if depth > MAX_DEPTH:
+            raise VerificationError("index deeper than any valid drive")
+        seen.add(ref)
+        if isinstance(node, Leaf):
+            yield from zip(node.keys, node.entries)
+            return
+        for i, child_ref in enumerate(node.children):
+            child, clo, chi = self._child(node, i, lo, hi)
+            if child_ref not in seen:
+                yield from self._unseen(child_ref, child, clo, chi, seen, depth + 1)
 
     def path_blocks(self, path: bytes) -> list[int]:
         """Block indices of the nodes root -> leaf that lookup(path) reads."""
@@ -788,13 +876,14 @@ class _DiffSide:
                                keys[i] if i < len(keys) else hi, height - 1))
 
 
-def diff(reader: BlockReader, old_root: int, new_root: int,
-         cache: NodeCache | None = None) -> Iterator[tuple[bytes, Entry | None, Entry | None]]:
+def diff(reader: BlockReader, old_root: int, new_root: int, cache: NodeCache | None = None,
+         raw: bool = False) -> Iterator[tuple[bytes, Entry | None, Entry | None]]:
     """(path, old entry or None, new entry or None) for every path whose entry
     differs between two versions of one drive's index, in key order
-    (`diff_keys`, with each key taken for a path)."""
+    (`diff_keys`, with each key taken for a path; with `raw`, the raw key
+    instead, for readers that check keys)."""
     for key, old, new in diff_keys(reader, old_root, new_root, cache):
-        yield key_path(key), old, new
+        yield (key if raw else key_path(key)), old, new
 
 
 def diff_keys(reader: BlockReader, old_root: int | None, new_root: int,

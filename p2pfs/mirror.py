@@ -454,6 +454,14 @@ async def write_version(drive: Drive, exp: Exporter, old: Commit | None, opts: O
             continue
         if any(parts[:i] in refused_dirs for i in range(len(parts))):
             continue  # below a refused directory: reported there
+        if entry is not None:
+            try:  # the drive's checks (extents against the log, ...) and what a reader may see
+                entry = drive.check_entry(path_of(parts), entry)
+            except VerificationError as exc:
+                if entry.kind == KIND_DIR:
+                    refused_dirs.add(parts)
+                refuse(shown(path_of(parts)), str(exc))
+                continue
         if parts:
             finish.setdefault(parts[:-1], None)
         if entry is None:

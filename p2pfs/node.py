@@ -86,12 +86,12 @@ async def open_network(store: Store, net: NetOptions, *, serve_all: bool = False
     listening on `net.listen` if set (`on_listening(addresses)` is called
     then).  Yields the Swarm."""
     from .net.swarm import open_swarm
-    from .net.transport import load_node_key, parse_address
+    from .net.transport import new_node_key, parse_address
     for address in net.peers:
         parse_address(address)  # UsageError before anything starts
     if net.listen is not None:
         parse_address(net.listen)
-    node_key = load_node_key(store.home)
+    node_key = new_node_key()
     async with open_swarm(store, node_key, timeout=net.timeout, serve_all=serve_all) as swarm:
         for address in net.peers:
             swarm.add_peer(address)
@@ -124,9 +124,25 @@ def discovery_sources(node_key: bytes, net: NetOptions, home: Path | None = None
         # fresh identity and any port, and leaves the state alone.
         long_lived = net.listen is not None
         sources.append(DhtSource(DhtNode(
-            bind=("0.0.0.0", DHT_PORT if long_lived else 0), bootstrap=bootstrap,
+            bind=(_dht_host(net.listen), DHT_PORT if long_lived else 0), bootstrap=bootstrap,
             state_path=(home / STATE_FILE) if long_lived and home is not None else None)))
     return sources
+
+
+def _dht_host(listen: str | None) -> str:
+    """The address the DHT node binds: the host of --listen when it names one
+    IPv4 address (a multi-homed host announces from the address it serves
+    on: DHT nodes take the UDP source address as the peer's), else all."""
+    if listen is None:
+        return "0.0.0.0"
+    import ipaddress
+
+    from .net.transport import parse_address
+    host = parse_address(listen)[0]
+    try:
+        return host if ipaddress.IPv4Address(host) else "0.0.0.0"
+    except ValueError:
+        return "0.0.0.0"  # a name or an IPv6 address: the DHT is IPv4, on every address
 
 
 @asynccontextmanager
@@ -228,10 +244,11 @@ async def _open_drive(store: Store, key: bytes | str, version: int | None,
         await swarm.wait_for_peers(drive, net.timeout)
         if drive.head is None:
             raise unavailable(drive.key_text, swarm, net.timeout, trio.current_time() - started)
-        # the header, the newest commit and the index root in one round trip
-        # (in a small drive the root is the whole index: no more trips to look up)
+        # the first flight asked for the header, the newest commit and the index
+        # path of what the caller reads first (and its first bytes): wait for
+        # that answer; open then finds what it needs, from the newest signed
+        # version a peer announced holding
         await swarm.fetch_path(drive, path)
-        await swarm.fetch(drive, [0, drive.head.length - 1])
         await drive.open(version)
         yield drive
 

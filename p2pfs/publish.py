@@ -47,11 +47,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
 from . import crypto, flat, index, tree
-from .drive import DEFAULT_BLOCK_SIZE, MAX_CREATE_BLOCK_SIZE, Drive
-from .errors import NotFoundError, P2pfsError, StoreError, UsageError
+from .drive import DEFAULT_BLOCK_SIZE, MAX_CREATE_BLOCK_SIZE, MIN_BLOCK_SIZE, MODE_BITS, Drive, \
+    valid_block_size
+from .errors import DiskFullError, NotFoundError, P2pfsError, StoreError, UsageError
 from .ignore import Rules
 from .index import Commit, Entry, Header, KIND_DIR, KIND_FILE, KIND_SYMLINK
 from .store import WRITE_BATCH_BYTES, DriveRecord, Store
+
+PROGRESS_BYTES = 8 << 20  # a progress report at least every this many bytes of a file
 from .types import Head, Node
 
 READ_ATTEMPTS = 3  # a file that changes while read this often stops `import`
@@ -137,8 +140,12 @@ def _local(root: bytes, path: bytes) -> bytes:
 
 
 def _item(path: bytes, local: bytes, st: os.stat_result) -> _Item | None:
-    """The item for an lstat result; None for sockets, fifos and devices."""
-    mode = stat_mod.S_IMODE(st.st_mode)
+    """The item for an lstat result; None for sockets, fifos and devices.
+
+    Only permission bits are kept: readers never see setuid, setgid or
+    sticky bits (drive.sanitized), so storing them would only make every
+    import think such a file changed."""
+    mode = stat_mod.S_IMODE(st.st_mode) & MODE_BITS
     if stat_mod.S_ISDIR(st.st_mode):
         return _Item(path, KIND_DIR, mode, st.st_mtime_ns, 0, local)
     if stat_mod.S_ISREG(st.st_mode):
@@ -240,7 +247,14 @@ class _Appender:
 
     `mark`/`rollback` drop what was appended since the mark (a file that
     changed while it was read); blocks already flushed past the final
-    length are garbage like any interrupted write's."""
+    length are garbage like any interrupted write's.
+
+    A full batch is written by a worker thread while the caller reads and
+    hashes the next one (LMDB and BLAKE3 release the GIL, so both cores
+    work); at most one batch is in flight, batches land in order, and
+    `sign_and_commit` waits for the last.  Whoever makes an appender calls
+    `close()` when done with it, on every path: it waits for the batch in
+    flight, so nothing is written after the writer lock is released."""
 
     def __init__(self, store: Store, key: bytes, length: int, peaks: list[Node],
                  progress: Progress | None, stop: threading.Event | None = None):
@@ -254,6 +268,9 @@ class _Appender:
         self.stop = stop
         self.content_blocks = 0
         self.reused = 0
+        self.expected = 0  # bytes the callers said they will append (file contents)
+        self.flushed = 0  # bytes written so far
+        self._writing: tuple[threading.Thread, dict, int] | None = None  # the batch in flight
 
     @property
     def length(self) -> int:
@@ -282,21 +299,59 @@ class _Appender:
         self.content_blocks = content
 
     def flush(self) -> None:
-        if self.batch:
-            self.store.put_block_items(self.key, self.batch)
-            self.batch = []
-            self.batch_bytes = 0
+        """Start writing the batch (in a worker thread), once the one before is written."""
+        if not self.batch:
+            return
+        self._wait()
+        batch, nbytes = self.batch, self.batch_bytes
+        self.batch, self.batch_bytes = [], 0
+        outcome: dict = {}
+
+        def write() -> None:
+            try:
+                self.store.put_block_items(self.key, batch)
+            except BaseException as exc:  # raised by _wait, in the caller's thread
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=write, name="p2pfs-append", daemon=True)
+        worker.start()
+        self._writing = (worker, outcome, nbytes)
+
+    def _wait(self) -> None:
+        """Wait for the batch in flight; raise what writing it raised."""
+        if self._writing is None:
+            return
+        worker, outcome, nbytes = self._writing
+        worker.join()
+        self._writing = None
+        exc = outcome.get("error")
+        if isinstance(exc, DiskFullError):  # say how much more the version needed
+            raise exc.needing(max(self.expected - self.flushed, nbytes)) from None
+        if exc is not None:
+            raise exc
+        self.flushed += nbytes
+
+    def close(self) -> None:
+        """Wait for the batch in flight (its error, if any, is moot now)."""
+        try:
+            self._wait()
+        except Exception:
+            pass
 
     def sign_and_commit(self, seed: bytes, record: DriveRecord | None) -> Head:
         if self.stop is not None and self.stop.is_set():
             raise Abandoned("stopped before the version in progress was signed")
+        self._wait()  # every earlier batch is in the store before the head that covers it
         length = self.builder.length
         root = self.builder.root()
         head = Head(length, root, crypto.sign_head(seed, self.key, length, root))
         # and the DHT's copy of it (BEP 44, under the blinded key), so that
         # any node holding this head can put it in the DHT unchanged
         dht_signature = crypto.sign_dht_head(seed, length, root, head.signature)
-        self.store.commit_version(self.key, head, self.nodes, record, self.batch, dht_signature)
+        try:
+            self.store.commit_version(self.key, head, self.nodes, record, self.batch, dht_signature)
+        except DiskFullError as exc:  # say how much more the version needed
+            raise exc.needing(max(self.expected - self.flushed, self.batch_bytes)) from None
         self.batch = []
         return head
 
@@ -342,9 +397,9 @@ def create_drive(store: Store, directory: str | os.PathLike, *, message: str = "
     `rules` default to the directory's .p2pfsignore.  The key file is written
     first; the drive exists only once its signed head is committed, so an
     interrupted create leaves no drive."""
-    if not 4096 <= block_size <= MAX_CREATE_BLOCK_SIZE or block_size & (block_size - 1):
-        raise UsageError(
-            f"block size must be a power of two between 4096 and {MAX_CREATE_BLOCK_SIZE}")
+    if not valid_block_size(block_size):
+        raise UsageError(f"block size must be a power of two between {MIN_BLOCK_SIZE} "
+                         f"and {MAX_CREATE_BLOCK_SIZE}")
     if rules is None:
         rules = Rules.load(directory)
     items = scan_directory(directory, warn, rules)
@@ -373,6 +428,15 @@ def _create(store: Store, key: bytes, seed: bytes, items: list[_Item], message: 
             block_size: int, progress: Progress | None, stop) -> WriteResult:
     now = time.time_ns()
     app = _Appender(store, key, 0, [], progress, stop)
+    try:
+        return _create_with(app, key, seed, items, message, block_size, now)
+    finally:
+        app.close()
+
+
+def _create_with(app: _Appender, key: bytes, seed: bytes, items: list[_Item], message: str,
+                 block_size: int, now: int) -> WriteResult:
+    app.expected = sum(it.size for it in items if it.kind == KIND_FILE)
     app.append(index.encode_block(Header(1, block_size, now)))
     entries: list[tuple[bytes, Entry]] = []
     files = nbytes = 0
@@ -435,7 +499,7 @@ def _read_file(app: _Appender, item: _Item, ref: Entry | None, drive: Drive | No
             for j, data in enumerate(_read_blocks(fd, bs)):
                 size += len(data)
                 unreported += len(data)
-                if unreported >= WRITE_BATCH_BYTES and app.progress is not None:
+                if unreported >= PROGRESS_BYTES and app.progress is not None:
                     app.progress.advance(unreported)
                     unreported = 0
                 if j < len(ref_nodes) and ref_nodes[j] is not None:
@@ -459,7 +523,7 @@ def _read_file(app: _Appender, item: _Item, ref: Entry | None, drive: Drive | No
             app.reused += reused
             if app.progress is not None:
                 app.progress.advance(unreported, 1)
-            return Entry(KIND_FILE, stat_mod.S_IMODE(before.st_mode), before.st_mtime_ns, size,
+            return Entry(KIND_FILE, stat_mod.S_IMODE(before.st_mode) & MODE_BITS, before.st_mtime_ns, size,
                          _extents(blocks))
         app.rollback(mark)
     if strict:
@@ -526,11 +590,22 @@ class Publisher:
         if drive.head is None or latest.length > drive.head.length:
             drive.check_signature(latest)
             drive.head = latest
-        drive.open_local()  # the newest version, verified
-        store.discard_blocks_from(key, drive.head.length)  # an interrupted write's garbage
-        length = drive.head.length
+        drive.open_local()  # the newest version this home can read, verified
+        # Blocks past it are an interrupted write's garbage, or pieces of a
+        # newer signed version this home cannot read (its commit is not here).
+        length = drive.length
+        store.discard_blocks_from(key, length)
+        pad_to = _past_unreadable(drive, self.warn)
         peaks = [drive.trusted_node(p) for p in flat.full_roots(length)]
         app = _Appender(store, key, length, peaks, self.progress, self.stop)
+        try:
+            return self._publish_with(app, changes, message, always, seed, length, pad_to)
+        finally:
+            app.close()
+
+    def _publish_with(self, app: _Appender, changes: Changes, message, always: bool, seed: bytes,
+                      length: int, pad_to: int) -> WriteResult:
+        drive, key = self.drive, self.drive.key
         job = _Job(self, app, index.IndexWriter(drive.reader, drive.commit.root, drive.node_cache))
         job.run(changes)
         commit = drive.commit
@@ -541,6 +616,8 @@ class Publisher:
         idx_blocks, root = job.writer.finish(app.length, drive.block_size)
         for b in idx_blocks:
             app.append(b)
+        while app.length < pad_to:
+            app.append(b"")  # empty blocks no entry names: the commit lands past pad_to
         version = drive.version + 1
         if callable(message):
             message = message(_summary(job.added, job.changed, job.deleted, job.moved))
@@ -730,9 +807,10 @@ class _Job:
         for path in sorted(old, key=index.path_key):
             if path not in seen and path != b"/" and path not in self.busy:
                 self.delete(path)
+        todo = [it for it in items if it.kind == KIND_FILE
+                and (self.pub.checksum or not _unchanged(old.get(it.path), it))]
+        self.app.expected += sum(it.size for it in todo)
         if self.pub.progress is not None:
-            todo = [it for it in items if it.kind == KIND_FILE
-                    and (self.pub.checksum or not _unchanged(old.get(it.path), it))]
             self.pub.progress.start(sum(it.size for it in todo), len(todo))
         linked: dict[tuple[int, int], Entry] = {}
         for item in items:
@@ -782,6 +860,26 @@ class _Job:
     def _warn(self, text: str) -> None:
         if self.pub.warn is not None:
             self.pub.warn(text)
+
+
+def _past_unreadable(drive: Drive, warn) -> int:
+    """The length the new version's commit must reach (0: none) so that it is
+    longer than a newer signed head this home cannot read.
+
+    Heads only move forward: a reader that adopted that head would ignore a
+    shorter new version and take one of the same length for a fork.  So the
+    new version, built on the newest readable one, pads its log past it;
+    readers that hold pieces of the other version will report the fork."""
+    newest = drive.head.length
+    if newest <= drive.length:
+        return 0
+    if warn is not None:
+        warn(f"drive {drive.key_text}: a newer signed version (length {newest}) is known but "
+             f"its blocks are not in this home; the new version is built on version "
+             f"{drive.version} and its log is padded past length {newest}, so that every "
+             "reader moves to it (if you did not sign that version elsewhere, the drive's "
+             "secret key is stolen: make a new drive)")
+    return newest
 
 
 def _unchanged(prev: Entry | None, item: _Item) -> bool:

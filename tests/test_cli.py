@@ -486,8 +486,9 @@ def test_damaged_page_is_one_line_for_every_command(home, sample, tmp_path):
 
 
 def test_full_disk_during_import_and_create(small_disk, tmp_path):
-    """ENOSPC: one line naming the home and its free space; the last version
-    is intact and verifies (finding 15)."""
+    """ENOSPC: one line naming the home, its free space and about how much
+    more the import needed; the last version is intact and verifies
+    (finding 15)."""
     home = small_disk / "home"
     v1 = tmp_path / "v1"
     v1.mkdir()
@@ -499,6 +500,8 @@ def test_full_disk_during_import_and_create(small_disk, tmp_path):
     r = run_cli(home, "import", "-q", key, v2, check=False)
     line = _one_clear_line(r)
     assert r.returncode == 1 and str(home) in line and "is full" in line and "free" in line, line
+    needed = re.search(r"this needs about ([\d,]+) MiB more", line)
+    assert needed and 1 <= int(needed.group(1).replace(",", "")) <= 13, line  # of the 12 MiB file
     assert json.loads(run_cli(home, "info", key, "--json").stdout)["version"] == 1
     run_cli(home, "verify", key)
     assert run_cli(home, "cat", key, "/a").stdout == (v1 / "a").read_bytes()

@@ -153,3 +153,17 @@ async def test_heads_move_forward_only_and_seeders_reput_the_owners_item():
         assert await fresh.get_head(key) == old      # the DHT now only has the old head...
         assert await reader.get_head(key) == new     # ...and a reader that saw 9 never goes back
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("listen, host", [("127.0.0.7:0", "127.0.0.7"), ("0.0.0.0:7650", "0.0.0.0"),
+                                          ("localhost:0", "0.0.0.0"), (None, "0.0.0.0")])
+async def test_the_dht_node_runs_on_the_address_a_seeder_listens_on(listen, host):
+    """DHT nodes take the UDP source address as an announcing peer's: a seeder
+    listening on one of several addresses must send from that one, or readers
+    dial an address it does not serve on."""
+    from p2pfs.node import NetOptions, discovery_sources
+    (source,) = discovery_sources(os.urandom(32), NetOptions(dht=True, bootstrap=(), listen=listen))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.node.run)
+        assert source.node.address[0] == host
+        nursery.cancel_scope.cancel()

@@ -129,7 +129,8 @@ def test_a_reader_finds_a_seeder_on_the_lan_within_two_seconds(tmp_path):
 
 async def test_a_reader_learns_the_newest_head_from_the_dht_alone(tmp_path):
     """BEP 44: the owner's swarm puts its head (with the owner's DHT signature,
-    under the blinded key); a reader with no peer at all learns it from the DHT."""
+    under the blinded key); a reader with no peer at all learns it from the DHT,
+    and goes on waiting for a peer that holds its blocks."""
     import trio
 
     from p2pfs.drive import Drive
@@ -163,7 +164,47 @@ async def test_a_reader_learns_the_newest_head_from_the_dht_alone(tmp_path):
                             await reader.connections.wait_changed()
                     assert drive.head == owner_store.latest_head(key)
                     assert reader_store.dht_signature(key, drive.head.length)
+                    # a head from the DHT is no version this home can read: a
+                    # reader waits for a peer holding it (its whole timeout),
+                    # not the grace of a home that holds the drive
+                    waited = trio.current_time()
+                    await reader.wait_for_peers(drive, 3.0)
+                    assert trio.current_time() - waited >= 2.9
         finally:
             owner_store.close()
             reader_store.close()
         nursery.cancel_scope.cancel()
+
+
+def test_two_processes_of_one_home_are_two_nodes(tmp_path):
+    """A mount and an `info` of the same home both connect to one seeder: each
+    process is a node of its own, so the seeder's dedupe keeps both."""
+    import trio
+
+    from helpers import REPO
+    src = _tree(tmp_path / "src")
+    owner = tmp_path / "owner"
+    key_text = create(owner, src)
+    env = cli_env()
+    seed = subprocess.Popen(cli_command(owner, "seed", key_text, "--listen", "127.0.0.1:0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    try:
+        address = seed.stdout.readline().decode().split()[-1]
+        reader = tmp_path / "reader"
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        r = subprocess.run(cli_command(reader, "mount", key_text, mnt, "--daemon", "--peer", address,
+                                       "--no-lan", "--no-dht"), env=env, cwd=REPO, capture_output=True)
+        assert r.returncode == 0, r.stderr.decode()
+        try:
+            assert (mnt / "docs" / "hello.txt").read_text() == "hello from the seeder\n"
+            r = subprocess.run(cli_command(reader, "info", key_text, "--json", "--peer", address,
+                                           "--no-lan", "--no-dht"), env=env, cwd=REPO, capture_output=True)
+            assert r.returncode == 0, r.stderr.decode()
+            assert [p["address"] for p in json.loads(r.stdout)["peers"]] == [address]
+            assert (mnt / "big.bin").read_bytes() == (src / "big.bin").read_bytes()  # still connected
+        finally:
+            subprocess.run(cli_command(reader, "umount", mnt), env=env, cwd=REPO, capture_output=True)
+    finally:
+        seed.terminate()
+        seed.wait(timeout=20)

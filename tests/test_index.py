@@ -47,14 +47,14 @@ DIR = Entry(KIND_DIR, 0o755, 7)
 
 names = st.sampled_from([b"a", b"b", b"a!", b"a0", b"a.b", b"zz", "é".encode(), b"\xff\xfe", b"a\x01"])
 paths = st.lists(names, min_size=1, max_size=3).map(lambda parts: b"/" + b"/".join(parts))
-u64 = st.integers(0, 2**64 - 1)
+u63 = st.integers(0, 2**63 - 1)  # decoding bounds every size, count and index to this
 small = st.integers(0, 2**40)
 entries = st.builds(
     Entry,
     kind=st.sampled_from([KIND_FILE, KIND_DIR, KIND_SYMLINK]),
     mode=st.integers(0, 0o7777),
     mtime_ns=st.integers(-(2**63), 2**63 - 1),
-    size=u64,
+    size=u63,
     extents=st.lists(st.tuples(small, st.integers(1, 2**32)), max_size=3).map(tuple),
     target=st.binary(max_size=40),
     xattrs=st.lists(st.tuples(st.binary(max_size=8), st.binary(max_size=20)), max_size=2).map(
@@ -65,7 +65,7 @@ structs = st.one_of(
     st.builds(Header, format=st.integers(1, 5), block_size=st.integers(512, ix.MAX_BLOCK_SIZE),
               created_ns=st.integers(-(2**63), 2**63 - 1)),
     st.builds(Commit, version=st.integers(1, 2**40), root=small, prev=st.integers(-1, 2**40),
-              time_ns=st.integers(0, 2**63 - 1), message=st.text(max_size=50), files=small, bytes=u64),
+              time_ns=st.integers(0, 2**63 - 1), message=st.text(max_size=50), files=small, bytes=u63),
     keys_sorted.flatmap(lambda ks: st.lists(entries, min_size=len(ks), max_size=len(ks)).map(
         lambda es: Leaf(ks, es))),
     keys_sorted.flatmap(lambda ks: st.lists(small, min_size=len(ks) + 1, max_size=len(ks) + 1).map(
@@ -148,6 +148,57 @@ def test_decode_rejects_structurally_bad_nodes():
     for data in bad:
         with pytest.raises(VerificationError):
             decode_block(data)
+
+
+@pytest.mark.parametrize("entry", [
+    Entry(KIND_FILE, 0o644, 0, 2**63),                        # size: st_size is a signed off_t
+    Entry(KIND_FILE, 0o644, 2**63, 0),                        # mtime: signed 64-bit ns
+    Entry(KIND_FILE, 0o644, 0, 0, ((2**63, 1),)),             # a block index
+    Entry(KIND_FILE, 0o644, 0, 0, ((1, 2**63),)),             # a block count
+    Entry(KIND_FILE, 0o644, 0, 0, ((1, 0),)),                 # an empty extent
+    Entry(KIND_FILE, 0o644, 0, 0, xattrs=((b"user." + b"x" * 251, b""),)),  # name > 255
+    Entry(KIND_FILE, 0o644, 0, 0, xattrs=((b"user.x", b"v" * (65536 + 1)),)),  # value > 64 KiB
+    Entry(KIND_FILE, 0o644, 0, 0, xattrs=tuple((b"user.%03d" % i, b"") for i in range(257))),
+], ids=["size", "mtime", "block", "count", "empty-extent", "xattr-name", "xattr-value", "xattrs"])
+def test_decode_bounds_every_number_and_length(entry):
+    """Finding 3: nothing a drive signs may overflow stat or the xattr calls."""
+    with pytest.raises(VerificationError):
+        decode_block(encode_block(Leaf([b"/\x00x"], [entry])))
+
+
+@pytest.mark.parametrize("commit", [Commit(2**63, 1, -1, 0), Commit(1, 1, -1, 0, files=2**63),
+                                    Commit(1, 1, -1, 2**63), Commit(1, 2**63, -1, 0)],
+                         ids=["version", "files", "time", "root"])
+def test_decode_bounds_every_number_of_a_commit(commit):
+    with pytest.raises(VerificationError):
+        decode_block(encode_block(commit))
+
+
+def test_scan_unseen_skips_shared_subtrees_of_another_version():
+    log, root, model = big_drive(4, 30, 512)
+    writer = IndexWriter(log, root)
+    writer.put(b"/d0001/new", f(5))
+    blocks, root2 = writer.finish(len(log.blocks), 512)
+    log.append(blocks)
+    seen: set[int] = set()
+    first = list(Index(log, root).scan_unseen(seen))
+    assert [k for k, _ in first] == [k for k, _ in Index(log, root).scan()]
+    second = list(Index(log, root2).scan_unseen(seen))
+    assert (path_key(b"/d0001/new"), f(5)) in second
+    assert 0 < len(second) < len(first)  # only the leaves the change rewrote
+    assert list(Index(log, root2).scan_unseen(seen)) == []
+
+
+def test_valid_names_and_keys():
+    for name in (b"", b".", b"..", b"a/b", b"a\x00b", b"x" * 256):
+        assert not ix.valid_name(name)
+        assert not ix.valid_key(b"/\x00" + name)
+    for name in (b"a", b"...", b".a", b"x" * 255, "é".encode(), b"\xff", b"a\nb"):
+        assert ix.valid_name(name) and ix.valid_key(b"/\x00" + name)
+    assert ix.valid_key(b"") and ix.valid_key(b"/a/b\x00c")
+    for parent in (b"", b"a", b"/a/", b"//a", b"/a/./b", b"/a/../b"):
+        assert not ix.valid_key(parent + b"\x00c"), parent
+    assert ix.shown(b"a\nb\xff") == "a\\nb\\xff"
 
 
 def test_decode_enforces_a_size_bound():

@@ -33,7 +33,8 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "publish": PURE | {"store", "drive", "ignore"},
     "watch": PURE | {"store", "drive", "ignore", "publish"},
     "net": PURE | {"store", "drive", "publish", "net"},
-    "fs": PURE | {"drive", "publish", "fs"},
+    "fs": PURE | {"drive", "publish", "snapshots", "fs"},
+    "snapshots": PURE | {"drive"},
     "node": None,  # wiring: everything
     "mount": None,  # wiring for `p2pfs mount` (the FUSE session's process)
     "share": None,  # wiring for `p2pfs share` (watcher, publisher and swarm in one process)
@@ -44,7 +45,7 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "config": {"errors"},
     "cli": None,
 }
-NO_TRIO = PURE | {"store", "drive", "history", "ignore", "publish", "cache"}
+NO_TRIO = PURE | {"store", "drive", "history", "ignore", "publish", "cache", "snapshots"}
 SANS_IO_DIRS = {("net", "discovery", "dht"): {"node.py"}}  # folder -> its only trio drivers
 
 

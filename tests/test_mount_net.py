@@ -26,10 +26,10 @@ BS = 65536
 
 
 @contextmanager
-def seeding(home, key: str, listen: str = "127.0.0.1:0"):
-    """`p2pfs seed KEY --listen ...` until the block ends; yields 'HOST:PORT'."""
+def seeding(home, key: str, listen: str = "127.0.0.1:0", *extra: str):
+    """`p2pfs seed KEY --listen ... EXTRA...` until the block ends; yields 'HOST:PORT'."""
     log = open(home / f"seed-{time.monotonic_ns()}.log", "w+")
-    proc = subprocess.Popen(cli_command(home, "seed", key, "--listen", listen), env=cli_env(),
+    proc = subprocess.Popen(cli_command(home, "seed", key, "--listen", listen, *extra), env=cli_env(),
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         def address():

@@ -85,7 +85,7 @@ def seeders():
 def copy_home(src: Path, dst: Path) -> Path:
     """Another node holding the same drives (its own node key)."""
     shutil.copytree(src, dst)
-    (dst / "node.key").unlink(missing_ok=True)
+    (dst / "node.key").unlink(missing_ok=True)  # homes of older versions had one
     return dst
 
 

@@ -107,26 +107,14 @@ async def test_two_waiters_on_a_full_output_both_wake():
         nursery.cancel_scope.cancel()
 
 
-def test_node_key_is_made_once_mode_0600_and_checked(tmp_path):
-    import os
-    import stat
-
+def test_every_process_is_a_node_of_its_own_and_addresses_parse():
     import pytest
 
-    from p2pfs.errors import KeyFileError, UsageError
+    from p2pfs.errors import UsageError
     from p2pfs.net import transport
 
-    key = transport.load_node_key(tmp_path)
-    path = tmp_path / transport.NODE_KEY_FILE
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert transport.load_node_key(tmp_path) == key and len(key) == 32
-    os.chmod(path, 0o644)
-    with pytest.raises(KeyFileError, match="chmod 600"):
-        transport.load_node_key(tmp_path)
-    os.chmod(path, 0o600)
-    path.write_text("not hex\n")
-    with pytest.raises(KeyFileError, match="malformed"):
-        transport.load_node_key(tmp_path)
+    a, b = transport.new_node_key(), transport.new_node_key()
+    assert a != b and len(a) == len(b) == 32
     assert transport.parse_address("127.0.0.1:7") == ("127.0.0.1", 7)
     assert transport.parse_address("[::1]:8") == ("::1", 8)
     for bad in ("nonsense", "host:", ":5", "h:70000"):

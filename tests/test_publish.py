@@ -109,9 +109,7 @@ def listing(store, key) -> dict:
     for path, e in drive.walk_local():
         data = b""
         if e.kind == KIND_FILE:
-            data = drive._local(lambda e=e: drive._get_verified(
-                [b for s, n in e.extents for b in range(s, s + n)]))
-            data = data if isinstance(data, bytes) else None
+            data = drive.read_local(e, 0, e.size, path)
         out[path] = (e.kind, e.mode, e.mtime_ns, e.size, e.target, data)
     return out
 

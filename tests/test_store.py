@@ -223,7 +223,6 @@ def test_forget_drops_every_record_of_one_drive(store, monkeypatch):
 # --- issue 7, finding 14: the home is private ------------------------------------------
 
 def test_a_new_home_is_private(tmp_path):
-    from p2pfs.net.transport import load_node_key
     from p2pfs.store import make_private_dir, open_private
 
     home = tmp_path / "not" / "yet" / "home"
@@ -234,7 +233,6 @@ def test_a_new_home_is_private(tmp_path):
             with s.writer_lock(K1):
                 pass
             s.save_secret("abc", b"\x07" * 32)
-        load_node_key(home)
     finally:
         os.umask(saved)
     fd = open_private(home / "later.log", os.O_WRONLY)  # what later code writes into a home
@@ -242,7 +240,7 @@ def test_a_new_home_is_private(tmp_path):
     make_private_dir(home / "later")
     modes = tree_modes(home)
     assert set(modes) == {".", "store", "store/data.mdb", "store/lock.mdb", "keys", "keys/abc.key",
-                          "locks", f"locks/{K1.hex()}.lock", "node.key", "later.log", "later"}
+                          "locks", f"locks/{K1.hex()}.lock", "later.log", "later"}
     for path, mode in modes.items():
         want = 0o700 if (home / path).is_dir() else 0o600
         assert mode == want, (path, oct(mode))

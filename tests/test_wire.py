@@ -605,3 +605,34 @@ def test_a_connection_fed_through_get_buffer():
         while (ev := a.conn.next_event()) is not None:
             a.events.append(ev)
     assert [e.message for e in a.events] == [m.Head(lb, 3, ROOT, SIG), m.Have(lb, [(0, 3)])]
+
+
+# --- what a connection that is asked nothing may cost --------------------------
+
+def test_a_large_frame_only_while_a_reply_is_due():
+    from p2pfs.wire.connection import UNASKED_FRAME
+    big = b"z" * (UNASKED_FRAME + 1000)
+    # asked for: a 1-block run of a large block arrives whole
+    a, b, lb = _channel_with_request(lambda ch: m.Request(ch, 1, 0, 1, 1, []))
+    assert a.conn.expects_data
+    a.conn.receive_data(b.conn.send(m.Data(lb, 1, 0, [big], [LEAF], [])))
+    ev = a.conn.next_event()
+    assert isinstance(ev, Received) and bytes(ev.message.blocks[0]) == big
+    assert not a.conn.expects_data
+    # unasked: the same frame is refused from its length prefix, before it is buffered
+    a2, b2 = connected(known_b=[KEY_A])
+    deliver(a2, b2, a2.conn.open_channel(KEY_A))
+    lb2 = b2.conn.local_channel(KEY_A)
+    wire = _encrypt(b2, m.Data(lb2, 1, 0, [big], [LEAF], []))
+    a2.conn.receive_data(wire[:4])
+    with pytest.raises(ProtocolError, match="frame"):
+        a2.conn.next_event()
+    # while everything that is not a reply fits: the largest Have, unasked
+    a3, b3 = connected(known_b=[KEY_A])
+    deliver(a3, b3, a3.conn.open_channel(KEY_A))
+    lb3 = b3.conn.local_channel(KEY_A)
+    top = 1 << 63
+    have = m.Have(lb3, [(top - 2 * i - 2, top - 2 * i - 1) for i in range(m.MAX_HAVE_RANGES)])
+    a3.events.clear()
+    deliver(b3, a3, b3.conn.send(have))
+    assert [e.message for e in a3.events] == [have]

@@ -1,5 +1,6 @@
 // Import a directory into a new Hyperdrive 13 on a local corestore and print
-// {"seconds": ..., "files": ..., "bytes": ...}: the baseline of bench_share.py.
+// {"seconds": ..., "files": ..., "bytes": ..., "key": hex}: the baseline of bench_share.py
+// (and the drive bench_net.py serves with serve.mjs).
 // Only corestore and hyperdrive are loaded: no hyperswarm, no DHT, no sockets.
 import Corestore from 'corestore'
 import Hyperdrive from 'hyperdrive'
@@ -42,7 +43,8 @@ for (const [full, rel] of walk(dir, '')) {
   if (pending.size >= IN_FLIGHT) await Promise.race(pending)
 }
 await Promise.all(pending)
+const key = drive.key.toString('hex')
 await drive.close()
 await store.close()
 const seconds = (performance.now() - started) / 1000
-console.log(JSON.stringify({ seconds, files, bytes }))
+console.log(JSON.stringify({ seconds, files, bytes, key }))

@@ -36,11 +36,10 @@ says).
 seconds after their handshake, and peers whose socket has taken no bytes
 for `WRITE_STALL` seconds while we had output for them (a peer that does
 not read).  The bytes queued for all peers together are bounded by
-`MAX_OUTPUT`: while it is exceeded, the server of a peer that is behind
-(more than `OUTPUT_FAIR` bytes of its own queued, its socket not taking
-them) waits in `output_room` (peers that read what we send go on being
-served), and the janitor closes the peers blocked longest, for a second
-or more, until half the budget is free.  Every `TRIM_EVERY` seconds, with
+`MAX_OUTPUT`: while it is exceeded, the server of a peer with more than
+`OUTPUT_FAIR` bytes of its own queued waits in `output_room` (every peer
+goes on with a little), and the janitor closes the peers blocked longest,
+for a second or more, until half the budget is free.  Every `TRIM_EVERY` seconds, with
 little output queued, free memory goes back to the system (`heap.trim`).
 """
 
@@ -160,11 +159,10 @@ class Connections:
             self._output_room.set()  # waiters look again
 
     async def output_room(self, peer: Peer) -> None:
-        """Wait while the output budget is spent and `peer` itself is behind:
-        more than `OUTPUT_FAIR` bytes of its own queued and its socket not
-        taking them.  Peers that read what we send go on being served."""
-        while self.output > MAX_OUTPUT and peer.queued_output > OUTPUT_FAIR and peer.slow \
-                and not peer.closed:
+        """Wait while the output budget is spent and `peer` has more than its
+        fair `OUTPUT_FAIR` bytes queued: every peer goes on with a little,
+        while the janitor closes those that read nothing."""
+        while self.output > MAX_OUTPUT and peer.queued_output > OUTPUT_FAIR and not peer.closed:
             if self._output_room.is_set():
                 self._output_room = trio.Event()
             await self._output_room.wait()

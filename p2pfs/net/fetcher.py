@@ -8,8 +8,9 @@ free pipeline slot (`PIPELINE` requests per peer), least-loaded first,
 skipping peers that already failed that want.  A long sequential fetch
 also queues the blocks after it (read-ahead), so the pipelines do not
 drain between reads.  Each Request asks for the proof nodes we do not
-hold (a per-drive cache of verified nodes, `NodeCaches`) against our
-head's length; the reply is verified against the signed head of exactly
+hold (a per-drive cache of verified nodes, `NodeCaches`) against
+`Drive.proof_length(block)` (the length of the head the drive's view was
+opened from: its newest, unless no peer can serve that); the reply is verified against the signed head of exactly
 that length, so adopting a newer head meanwhile cannot make an honest reply
 look bad.  Verified blocks are written by a worker thread, many per
 transaction; their waiters wake once they are stored.
@@ -180,6 +181,7 @@ class Fetcher:
         self._fetches: dict[bytes, _Fetches] = {}
         self._batch: dict[bytes, tuple[list, list]] = {}   # verified, not yet stored
         self._batch_bytes = 0
+        self._writing: dict[bytes, tuple[list, list]] = {}  # the batch the writer is storing
         self._writing_bytes = 0
         self._batch_event = trio.Event()
         self._room_event = trio.Event()
@@ -272,10 +274,12 @@ class Fetcher:
                 await self._batch_event.wait()
                 continue
             batch, self._batch = self._batch, {}
+            self._writing = batch
             self._writing_bytes, self._batch_bytes = self._batch_bytes, 0
             try:
                 await trio.to_thread.run_sync(self._write, batch)
             finally:
+                self._writing = {}
                 self._writing_bytes = 0
                 self._room_event.set()
             for key, (items, _nodes) in batch.items():
@@ -285,6 +289,15 @@ class Fetcher:
                 for block, _data in items:
                     self._done(key, block)
             self.schedule()
+
+    def _being_stored(self, key: bytes) -> set[int]:
+        """Blocks of a drive verified and waiting for (or in) the writer."""
+        out = set()
+        for batch in (self._batch, self._writing):
+            items = batch.get(key)
+            if items is not None:
+                out.update(b for b, _d in items[0])
+        return out
 
     def _write(self, batch: dict) -> None:
         for key, (items, nodes) in batch.items():
@@ -412,15 +425,18 @@ class Fetcher:
                     deferred.append(block)
                     continue
                 peer = min(cands, key=lambda p: len(p.inflight))
+                # a run is proven against one signed length: the version the
+                # view was opened from, if the block lies in it (Drive.proof_length)
+                plen = drive.proof_length(block)
                 end = block + 1
-                while end - block < max_run and end < length and end in f.queued:
+                while end - block < max_run and end < plen and end in f.queued:
                     nxt = f.wants.get(end)
                     if nxt is None or nxt.done.is_set() or peer in nxt.tried or not peer.has(key, end):
                         break
                     f.take(end)
                     end += 1
-                nodes = tree.range_proof_request(block, end, length, lambda n: trusted(n) is not None)
-                peer.request_run(key, block, end - block, length, nodes)
+                nodes = tree.range_proof_request(block, end, plen, lambda n: trusted(n) is not None)
+                peer.request_run(key, block, end - block, plen, nodes)
             for block in reversed(deferred):
                 f.push(block, front=True)
 
@@ -437,13 +453,15 @@ class Fetcher:
         """Return once every listed block is stored (verified); else BlockUnavailableError."""
         f = self._fetches.setdefault(drive.key, _Fetches())
         wants = []
+        coming = self._being_stored(drive.key)
         for b in dict.fromkeys(blocks):
             if drive.has_block(b):
                 continue
             want = f.wants.get(b)
             if want is None:
                 want = f.wants[b] = _Want(b)
-                f.push(b)
+                if b not in coming:  # verified already: the writer will wake it
+                    f.push(b)
             want.waiters += 1
             wants.append(want)
         self._readahead(drive, f, blocks)
@@ -497,13 +515,14 @@ class Fetcher:
 
     async def fetch_path(self, drive: Drive, path: bytes) -> None:
         """Best effort: every index block on `path` from one peer, one round trip."""
-        if drive.head is None:
+        head = drive.target or drive.head  # the version being opened or shown
+        if head is None:
             return
         peers = [p for p in self._peers() if p.can_request(drive.key) and not p.stalled
-                 and p.has(drive.key, drive.head.length - 1)]
+                 and p.has(drive.key, head.length - 1)]
         if not peers:
             return
         peer = min(peers, key=lambda p: len(p.inflight))
-        inf = peer.request_path(drive.key, path, drive.head.length)
+        inf = peer.request_path(drive.key, path, head.length)
         with trio.move_on_after(min(self.timeout, STALL_TIMEOUT)):
             await inf.done.wait()

@@ -24,9 +24,10 @@ requests.
 Costs a peer can cause are bounded here:
 
 * input: at most one frame (`MAX_FRAME`) plus one read buffered;
-* output: above `HIGH_WATER` bytes queued (`BLOCKED_WATER` once the socket has
-  taken nothing for `SLOW_SEND`), neither the reader nor the server goes on until the writer
-  has drained it; the host's `output_room` bounds the bytes queued by all
+* output: above `HIGH_WATER` bytes queued (`START_WATER` until the peer has
+  read `READER_PROVEN` bytes, `BLOCKED_WATER` once its socket has taken
+  nothing for `SLOW_SEND`), neither the reader nor the server goes on until
+  the writer has drained it; the host's `output_room` bounds the bytes queued by all
   peers together;
 * requests: at most `wire.connection.MAX_REQUESTS` outstanding, served in
   order;
@@ -58,11 +59,15 @@ from ..wire.connection import (
 )
 
 RECV_SIZE = 1 << 20
-HIGH_WATER = 128 << 10     # output queued per peer before its server waits (the kernel holds more)
+IDLE_RECV_SIZE = 16 << 10
+HIGH_WATER = 2 << 20       # output queued per peer before its server waits: two 1 MiB replies ...
+START_WATER = 256 << 10    # ... once it has read READER_PROVEN bytes; until then this
+READER_PROVEN = 16 << 20   # (more than kernel buffers hold: a peer that never reads never gets there)
 BLOCKED_WATER = 64 << 10   # ... once its socket has taken nothing for SLOW_SEND
-SLOW_SEND = 0.5
+SLOW_SEND = 0.05
 SEND_PIECE = 128 << 10
-DECRYPT_IN_THREAD = 64 << 10  # a read this big is decrypted in a worker thread
+DECRYPT_IN_THREAD = 256 << 10  # a read this big is decrypted in a worker thread ...
+INLINE_CIPHERS = {"aes256gcm"}  # ... unless the cipher is faster than a thread hop (12 GB/s)
 HANDSHAKE_TIMEOUT = 10.0
 MAX_HAVE_RANGES_KEPT = 1 << 16
 ANNOUNCE_RATE = 20.0   # Head + Have messages per second a peer may send, sustained ...
@@ -241,7 +246,8 @@ class Peer:
     def _behind(self) -> bool:
         """Too much queued: above HIGH_WATER, or above BLOCKED_WATER while the
         socket takes nothing (a peer that does not read costs little)."""
-        return self._out_bytes > HIGH_WATER or (self._out_bytes > BLOCKED_WATER and self.slow)
+        high = HIGH_WATER if self.bytes_sent >= READER_PROVEN else START_WATER
+        return self._out_bytes > high or (self._out_bytes > BLOCKED_WATER and self.slow)
 
     @property
     def slow(self) -> bool:
@@ -439,7 +445,7 @@ class Peer:
             self.paused = False
             n = await self._receive()
             self.bytes_received += n
-            if n >= DECRYPT_IN_THREAD and conn.can_decrypt_ahead:
+            if n >= DECRYPT_IN_THREAD and self.cipher not in INLINE_CIPHERS and conn.can_decrypt_ahead:
                 # the cipher drops the GIL: our other tasks run meanwhile
                 await trio.to_thread.run_sync(conn.decrypt_ahead)
             while True:
@@ -477,7 +483,8 @@ class Peer:
             data = await self.stream.receive_some(RECV_SIZE)
             self.conn.receive_data(data)
             return len(data)
-        view = self.conn.get_buffer(RECV_SIZE)
+        # a large read only when a reply is due: an idle connection keeps a small buffer
+        view = self.conn.get_buffer(RECV_SIZE if self.conn.expects_data else IDLE_RECV_SIZE)
         try:
             n = await sock.recv_into(view)  # OSError (a reset) ends the peer as a lost connection
         finally:

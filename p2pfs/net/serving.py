@@ -63,6 +63,10 @@ class Server:
             if isinstance(msg, m.Request):
                 return [self._answer_run(channel, key, msg)]
             if msg.length == 0:
+                # our newest version we can serve: the newest head, or (a relay
+                # that heard of a newer one without its blocks) the newest held whole
+                if not self.store.has_block(key, head.length - 1):
+                    head = drive.complete_head() or head
                 return [m.Head(channel, head.length, head.root, head.signature,
                                self.store.dht_signature(key, head.length)),
                         self._answer_path(drive, channel, msg, head.length)]

@@ -222,19 +222,22 @@ class Swarm:
         drive = self._drive(key)
         if drive is None:
             return
-        ch = peer.conn.local_channel(key)
-        if drive.head is not None:
-            peer.write(peer.conn.send(self._head_message(ch, drive)))
-        self._send_have(peer, drive)
+        self._send_heads(peer, drive)
         self.connections.changed()
 
-    def _head_message(self, channel: int, drive: Drive) -> m.Head:
-        h = drive.head
+    def _head_message(self, channel: int, drive: Drive, h: Head) -> m.Head:
+        """A Head, with the owner's DHT signature of it when we hold one."""
         return m.Head(channel, h.length, h.root, h.signature, self.store.dht_signature(drive.key, h.length))
 
-    def _send_have(self, peer: Peer, drive: Drive) -> None:
+    def _send_heads(self, peer: Peer, drive: Drive) -> None:
+        """The newest Head, the Head of the newest version held completely when
+        that is another (what a relay can prove when the newest is not held),
+        then the Have."""
         ch = peer.conn.local_channel(drive.key)
         ranges = drive.held_ranges()
+        full = drive.complete_head(ranges)
+        for h in dict.fromkeys(h for h in (drive.head, full) if h is not None):
+            peer.write(peer.conn.send(self._head_message(ch, drive, h)))
         for i in range(0, max(len(ranges), 1), m.MAX_HAVE_RANGES):
             peer.write(peer.conn.send(m.Have(ch, ranges[i:i + m.MAX_HAVE_RANGES])))
 
@@ -379,9 +382,7 @@ class Swarm:
             return
         for peer in self.peers:
             if not peer.closed and peer.conn.can_send and peer.conn.is_open(drive.key):
-                ch = peer.conn.local_channel(drive.key)
-                peer.write(peer.conn.send(self._head_message(ch, drive)))
-                self._send_have(peer, drive)
+                self._send_heads(peer, drive)
         self.fetcher.schedule()
         self.connections.changed()
 
@@ -396,12 +397,20 @@ class Swarm:
         """Best effort: every index block on `path` from one peer, one round trip
         (none if a first-flight request for that path is answered or in flight)."""
         self.add_drive(drive)
-        hinted = [inf for inf in self._hinted.get(drive.key, ()) if inf.path == path]
+        hinted = self._hinted.get(drive.key, [])
+        if any(inf.done.is_set() for inf in hinted):
+            return  # a first-flight answer holds the header, the commit and the index root
+        hinted = [inf for inf in hinted if inf.path == path]
         if hinted:
             with trio.move_on_after(min(self.timeout, STALL_TIMEOUT)):
                 await hinted[0].done.wait()  # answered (or refused: NoData) by its peer
             return
         await self.fetcher.fetch_path(drive, path)
+
+    def announced(self, drive: Drive, block: int) -> bool:
+        """Whether a connected peer announced holding `block` (Drive.open
+        passes over signed versions whose commit nobody can send)."""
+        return any(p.has(drive.key, block) for p in self.peers)
 
     # --- waiting and reporting -----------------------------------------------------------
 
@@ -421,10 +430,13 @@ class Swarm:
         """Until every static peer has announced the drive, refused it or failed
         (a peer whose connection ended is redialled, so it is still waited
         for; an unreachable one is not) and, with discovery and no static
-        peer, until a peer announced the drive (or, if its head is held
-        already, `grace` seconds passed) — at most `timeout` seconds."""
+        peer, until a peer announced the drive (or, if this home could read a
+        version of it already, `grace` seconds passed) — at most `timeout`
+        seconds.  A head heard from the DHT meanwhile is not a readable
+        version: its blocks are at the peers still to be found."""
         self.add_drive(drive)
         started = trio.current_time()
+        readable_here = drive.head is not None and drive.store.has_block(drive.key, drive.head.length - 1)
         with trio.move_on_after(timeout):
             while True:
                 status = self.status
@@ -438,9 +450,9 @@ class Swarm:
                     if any(drive.key in p.announced for p in self.peers):
                         return
                     waited = trio.current_time() - started
-                    if drive.head is not None and waited >= grace:
+                    if readable_here and waited >= grace:
                         return
-                    with trio.move_on_after(max(0.0, grace - waited) if drive.head is not None
+                    with trio.move_on_after(max(0.0, grace - waited) if readable_here
                                             else float("inf")):
                         await self.connections.wait_changed()
                     continue

@@ -1,42 +1,31 @@
 """TCP transport: node keys, peer addresses, and dialling/listening with trio.
 
-A node's static X25519 key (its identity in Noise handshakes) lives in
-``HOME/node.key`` (64 hex digits, mode 0600), created on first use.
+A node's static X25519 key (its identity in Noise handshakes) is made
+fresh by every process (`new_node_key`).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import trio
 
 from .. import crypto
-from ..errors import KeyFileError, UsageError
-from ..store import make_private_dir, read_key_file, write_key_file
+from ..errors import UsageError
 
-NODE_KEY_FILE = "node.key"
 DEFAULT_PORT = 7640
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 EPHEMERAL_LISTEN = "0.0.0.0:0"  # a reader that also serves: any free port
 CONNECT_TIMEOUT = 5.0
 
 
-def load_node_key(home: str | os.PathLike) -> bytes:
-    """This node's X25519 private key, created (mode 0600) if missing.
+def new_node_key() -> bytes:
+    """A fresh X25519 private key: this process's identity in Noise handshakes.
 
-    Raises KeyFileError if the file is readable by others or malformed."""
-    path = Path(home) / NODE_KEY_FILE
-    key = read_key_file(path, "node key", crypto.DH_BYTES)
-    if key is not None:
-        return key
+    Every process has its own (nothing is kept in the home): two processes
+    of one home (a mount and an `info`, a seeder and a share) are two
+    nodes to their peers, and connections are deduplicated per process."""
     private, _ = crypto.x25519_keypair()
-    try:
-        make_private_dir(home)
-        write_key_file(path, private, keep_existing=True)  # first writer wins a race
-    except OSError as exc:
-        raise KeyFileError(f"cannot write the node key {path}: {exc.strerror}") from None
-    return load_node_key(home)
+    return private
 
 
 def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:

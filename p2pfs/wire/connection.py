@@ -75,6 +75,8 @@ V1_PROLOGUE = b"p2pfs/noise/v1"   # only to recognise a version-1 responder
 MAX_HANDSHAKE_FRAME = 4096
 MAX_REQUESTS = 256        # outstanding requests per direction per connection
 MAX_CHANNELS = 4096       # channels the peer may have open on one connection
+UNASKED_FRAME = 128 << 10  # the largest frame while no request of ours is out (every
+                           # message but a reply is smaller: a full Have is about 78 KiB)
 
 
 def capability(handshake_hash: bytes, initiator: bool, drive_key: bytes) -> bytes:
@@ -323,6 +325,18 @@ class Connection:
             return
         self._frames.feed(data)
 
+    def _limit_frames(self) -> None:
+        """A peer may send frames of up to `max_frame` only while it owes us a
+        reply: otherwise `UNASKED_FRAME`, so a connection that is asked
+        nothing makes us buffer little."""
+        if self._state == _OPEN:
+            self._frames.max_size = self._max_frame if self._pending else min(self._max_frame, UNASKED_FRAME)
+
+    @property
+    def expects_data(self) -> bool:
+        """Whether a reply of ours is outstanding (large frames may come)."""
+        return bool(self._pending)
+
     def get_buffer(self, sizehint: int) -> memoryview:
         """Instead of `receive_data`: a view to read up to `sizehint` bytes into
         (``sock.recv_into``), or exactly the rest of a large frame in progress;
@@ -331,6 +345,7 @@ class Connection:
         byte into the frame buffer."""
         if self._state == _CLOSED:
             raise RuntimeError("data received after end of stream")
+        self._limit_frames()
         return self._frames.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -362,6 +377,7 @@ class Connection:
         """The next event, or None if more bytes are needed.  Raises ProtocolError."""
         if self._state == _ERROR:
             raise self._error
+        self._limit_frames()
         try:
             while not self._events:
                 if self._state == _CLOSED:
@@ -442,8 +458,8 @@ class Connection:
         self._encryptor = crypto.TransportEncryptor(cipher, crypto.transport_key(send, cipher))
         self._decryptor = crypto.TransportDecryptor(cipher, crypto.transport_key(recv, cipher))
         self.version, self.cipher = agreement.version, cipher
-        self._frames.max_size = self._max_frame
         self._state = _OPEN
+        self._limit_frames()
         self._events.append(HandshakeComplete(self.remote_static, agreement.version, cipher))
 
     # --- messages -------------------------------------------------------------
