@@ -302,6 +302,28 @@ def bench_remote(table: Table, work: Path, size: int, runs: int) -> None:
         log.close()
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `timeout` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def in_workdir(name: str, body) -> None:
+    """`body(table, work)` in a fresh temp dir (removed after), then the table."""
+    table = Table()
+    work = Path(tempfile.mkdtemp(prefix=f"p2pfs-bench-{name}-", dir=os.environ.get("TMPDIR", "/tmp")))
+    try:
+        body(table, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    table.show()
+
+
 def rerun_in_loopback_namespace(module: str, argv: list[str] | None) -> bool:
     """Run `python -m module argv` again inside a loopback-only network
     namespace (no packet can leave) unless already there; True if it did."""

@@ -1,6 +1,7 @@
 """Holepunch Hyperdrive 13 as a baseline: the node scripts in bench/hyperdrive/
 (put.mjs imports a directory, serve.mjs serves it over plain TCP, fetch.mjs
-reads one file cold), driven from Python.
+reads one file cold, download.mjs copies a whole drive: both through remote.mjs),
+driven from Python.
 
 Only corestore and hyperdrive are loaded (the versions pinned in
 package-lock.json): no hyperswarm, no hyperdht, so nothing contacts a public

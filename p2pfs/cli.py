@@ -25,8 +25,9 @@ from typing import Callable
 import trio
 
 from . import __version__, config, crypto, drive as drive_mod, publish
-from .errors import (BlockUnavailableError, P2pfsError, StoreDamagedError, UsageError,
-                     VerificationError)
+from .cache import usage as cache_usage
+from .errors import (BlockUnavailableError, NotFoundError, P2pfsError, StoreDamagedError,
+                     UsageError, VerificationError)
 from .ignore import Rules
 from .index import KIND_DIR, KIND_SYMLINK, Entry, normalize_path, shown
 from .node import DEFAULT_TIMEOUT, DHT_PORT, NetOptions, local_drive, open_drive, open_store, parse_drive_ref
@@ -108,6 +109,21 @@ def add_read_options(parser: argparse.ArgumentParser) -> None:
     add_net_options(parser)
     parser.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
                         help=f"give up when no block arrives for this long (default {DEFAULT_TIMEOUT:g})")
+    add_cache_option(parser)
+
+
+def add_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-size", metavar="SIZE", default=None,
+                        help="cap the cache of drives this home neither owns nor pins "
+                             "(e.g. 100M, 10G; default: the configuration's cache_size, else none)")
+
+
+def cache_size(args: argparse.Namespace) -> int | None:
+    """The cache cap of a command: --cache-size, else the configuration file's."""
+    value = getattr(args, "cache_size", None)
+    if value is not None:
+        return config.parse_size(value)
+    return config.load().cache_size
 
 
 def add_exclude_option(parser: argparse.ArgumentParser) -> None:
@@ -134,7 +150,7 @@ def net_options(args: argparse.Namespace, listen: str | None = None) -> NetOptio
 
 def read_options(args: argparse.Namespace) -> dict:
     """open_drive keywords from the read options."""
-    return {"net": net_options(args)}
+    return {"net": net_options(args), "cache_size": cache_size(args)}
 
 
 _open_stores: list = []
@@ -185,17 +201,30 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _entry_json(path: bytes, name: bytes, entry: Entry) -> dict:
+    from .history import KIND_NAMES
+    out = {"path": os.fsdecode(path), "name": os.fsdecode(name),
+           "kind": KIND_NAMES.get(entry.kind, str(entry.kind)), "mode": f"{entry.mode:04o}",
+           "size": entry.size, "mtime_ns": entry.mtime_ns}
+    if entry.kind == KIND_SYMLINK:
+        out["target"] = os.fsdecode(entry.target)
+    return out
+
+
 async def _ls(args) -> int:
     store = _store(args)
+    listed: list[dict] = []
     async with open_drive(store, args.key, hint=(os.fsencode(args.path), 0),
                           **read_options(args)) as drive:
         _note_newer(drive)
-        path = args.path
+        path = normalize_path(args.path)
         entry = await drive.lookup(path)
         if entry.kind != KIND_DIR:
-            _out(_entry_line(os.fsencode(path), entry, args.long))
-            return 0
-        pending = [normalize_path(path)]
+            if args.json:
+                listed.append(_entry_json(path, path.rpartition(b"/")[2] or b"/", entry))
+            else:
+                _out(_entry_line(os.fsencode(args.path), entry, args.long))
+        pending = [path] if entry.kind == KIND_DIR else []
         first = True
         status = 0
         while pending:
@@ -208,18 +237,25 @@ async def _ls(args) -> int:
                 _err(f"p2pfs: cannot list {shown(d)}: {exc}")  # like ls -R: go on, exit 1
                 status = 1
                 continue
-            if args.recursive:
+            if args.recursive and not args.json:
                 if not first:
                     _out(b"\n")
                 _out(d + b":\n")
             first = False
             subdirs = []
             for name, e in children:
-                _out(_entry_line(name, e, args.long))
+                child = d.rstrip(b"/") + b"/" + name
+                if args.json:
+                    listed.append(_entry_json(child, name, e))
+                else:
+                    _out(_entry_line(name, e, args.long))
                 if e.kind == KIND_DIR:
-                    subdirs.append((d.rstrip(b"/") + b"/" + name))
+                    subdirs.append(child)
             if args.recursive:
                 pending[:0] = subdirs
+        if args.json:
+            print(json.dumps({"key": drive.key_text, "version": drive.version,
+                              "entries": listed}, indent=2))
     return status
 
 
@@ -410,6 +446,7 @@ def _info(store, key: bytes, version: int | None = None, strict: bool = True) ->
             "block_size": None, "files": None, "bytes": None,
             "discovery_key": crypto.discovery_key(key).hex(),
             "forks": len(store.forks(key))}
+    info.update(cache_usage(store, key))
     try:
         drive.open_local(version)
         info.update(version=drive.version, length=drive.length, block_size=drive.block_size,
@@ -470,16 +507,31 @@ def cmd_info(args) -> int:
 
 def cmd_drives(args) -> int:
     store = _store(args)
+    listed = []
     for key, record in store.list_drives():
         try:
             info = _info(store, key, strict=False)
         except StoreDamagedError:
             raise  # the store, not one drive: one line for the whole command
         except P2pfsError as exc:
-            print(f"{crypto.encode_key(key)}  damaged: {exc}")
+            info = {"key": crypto.encode_key(key), "damaged": str(exc)}
+        listed.append(info)
+        if args.json:
+            continue
+        if "version" not in info:
+            print(f"{info['key']}  damaged: {info['damaged']}")
             continue
         print(f"{info['key']}  v{info['version']:<4} {_size(info['bytes_held']):>10}  "
-              f"{'rw' if info['writable'] else 'ro'}" + ("  damaged" if "damaged" in info else ""))
+              f"{'rw' if info['writable'] else 'ro'}  {info['state']}"
+              + (f" {_size(info['bytes_cached'])} evictable" if info["bytes_cached"] else "")
+              + ("  damaged" if "damaged" in info else ""))
+    if args.json:
+        print(json.dumps(listed, indent=2))
+    else:
+        from .cache import cache_held
+        cap = cache_size(args)
+        print(f"cache: {_size(cache_held(store))} held by drives neither owned nor pinned"
+              + (f" (cap {_size(cap)})" if cap is not None else " (no cap)"), file=sys.stderr)
     return 0
 
 
@@ -514,6 +566,7 @@ def _setup_ls(sub):
     p.add_argument("-R", dest="recursive", action="store_true", help="recursive")
     p.add_argument("key", metavar="KEY[@VERSION]")
     p.add_argument("path", metavar="PATH", nargs="?", default="/")
+    p.add_argument("--json", action="store_true", help="JSON output")
     add_read_options(p)
     p.set_defaults(func=cmd_ls)
 
@@ -554,6 +607,7 @@ def _setup_verify(sub):
 
 def _setup_drives(sub):
     p = sub.add_parser("drives", help="drives in this home")
+    p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(func=cmd_drives)
 
 
@@ -569,29 +623,304 @@ def cmd_seed(args) -> int:
     from . import seeder
     from .net import transport
 
-    store = _store(args)
     keys = [parse_drive_ref(k)[0] for k in args.keys]
     listen = args.listen or config.load().listen or transport.DEFAULT_LISTEN
     transport.parse_address(listen)
     net = net_options(args, listen=listen)
-
-    def listening(addresses: list[str]) -> None:
-        for a in addresses:
-            print(f"listening on {a}", flush=True)
-
-    trio.run(seeder.seed, store, keys, net, listening)
-    _err("p2pfs: seed: stopped")
-    return 0
+    opts = seeder.Options(latest=args.latest, json=args.json, verbose=args.verbose)
+    return seeder.seed_command(home=args.home, keys=keys, net=net, opts=opts,
+                               daemon=args.daemon, argv=args.argv)
 
 
 def _setup_seed(sub):
     from .net.transport import DEFAULT_LISTEN
-    p = sub.add_parser("seed", help="serve drives of this home to peers (foreground)")
-    p.add_argument("keys", metavar="KEY", nargs="+")
+    p = sub.add_parser("seed", help="download, verify, follow and serve drives (foreground)")
+    p.add_argument("keys", metavar="KEY", nargs="*",
+                   help="drives to seed (default: every drive of this home owned or pinned)")
     p.add_argument("--listen", metavar="HOST:PORT", default=None,
                    help=f"address to accept peers on (default {DEFAULT_LISTEN}; port 0: any free port)")
+    p.add_argument("--latest", action="store_true",
+                   help="fetch only what the newest version references, not every version")
+    p.add_argument("--json", action="store_true", help="JSON lines on standard output")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log the peers that connect and what they are sent")
+    p.add_argument("--daemon", action="store_true",
+                   help="run in the background; return once every drive is served")
     add_net_options(p)
+    p.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
+                   help="seconds before a fetch no peer answers is tried again later "
+                        f"(default {DEFAULT_TIMEOUT:g})")
     p.set_defaults(func=cmd_seed)
+
+
+# --- mirror -----------------------------------------------------------------------------
+
+async def _mirror(args) -> int:
+    import signal
+
+    from . import mirror as mirror_mod, status
+    from .progress import Live
+    store = _store(args)
+    key, version = parse_drive_ref(args.key)
+    if args.live and version is not None:
+        raise UsageError("--live follows new versions: give the key without @VERSION")
+    live = Live("mirror", json_lines=args.json, quiet=args.quiet)
+    opts = mirror_mod.Options(prune=not args.no_prune, full=args.full, safe_links=args.safe_links)
+    directory = os.path.realpath(args.dir)
+    now: dict = {"state": "starting"}
+
+    def report(path: str, why: str) -> None:
+        live.step(f"refused {path}: {why}", "refused", path=path, reason=why)
+
+    def on_version(st) -> None:
+        now.update(state="idle", version=st.version, length=st.length)
+        if "status" in now:
+            now["status"].changed()
+        for note in st.notes:
+            live.step(f"note: {note}", "note", text=note)
+        live.step(f"version {st.version} in {directory}: {st.written} written ({_size(st.bytes)}), "
+                  f"{st.dirs} directories made, {st.deleted} deleted, {st.unchanged} unchanged"
+                  + (f", {st.refused} refused" if st.refused else ""), "version",
+                  key=crypto.encode_key(key), directory=directory, **st.as_json())
+
+    def progress(done: int, total: int) -> None:
+        now.update(state="writing", bytes_done=done, bytes_total=total)
+        live.update(f"{crypto.encode_key(key)[:12]}…", done=done, total=total, key=crypto.encode_key(key))
+
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with open_drive(store, key, version, **read_options(args)) as drive:
+                def snapshot() -> dict:
+                    return {"argv": ["mirror", args.key, directory], "directory": directory,
+                            "drives": [{"key": drive.key_text, "version": now.get("version", 0),
+                                        "length": now.get("length", 0), "state": now["state"],
+                                        "bytes_done": now.get("bytes_done", 0),
+                                        "bytes_total": now.get("bytes_total")}],
+                            "peers": len(drive.source.peer_info(key)) if drive.source else 0}
+
+                refused = 0
+                async with trio.open_nursery() as nursery:
+                    now["status"] = await nursery.start(
+                        status.publish, store.home, "mirror", snapshot,
+                        (lambda: drive.source.peer_info(key)) if drive.source else None)
+
+                    async def stop_on_signal():
+                        async for _sig in signals:
+                            nursery.cancel_scope.cancel()
+                            return
+
+                    nursery.start_soon(stop_on_signal)
+
+                    def waiting(why: str) -> None:
+                        now.update(state="waiting")
+                        now["status"].changed()
+                        live.step(f"waiting for peers ({why})", "waiting", reason=why)
+
+                    refused = await mirror_mod.mirror(drive, args.dir, opts, args.live, report,
+                                                      on_version, progress, waiting)
+                    nursery.cancel_scope.cancel()
+    finally:
+        live.stop()
+    if refused:
+        _err(f"p2pfs: mirror: {refused} entries of the drive were refused (named above)")
+        return 1
+    return 0
+
+
+def cmd_mirror(args) -> int:
+    return trio.run(_mirror, args)
+
+
+def _setup_mirror(sub):
+    p = sub.add_parser("mirror", help="export a drive to a plain directory (incremental; "
+                                      "--live: follow new versions)")
+    p.add_argument("key", metavar="KEY[@VERSION]")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--live", action="store_true", help="keep following new versions")
+    p.add_argument("--no-prune", action="store_true",
+                   help="keep what the drive removed (and files DIR has that the drive lacks)")
+    p.add_argument("--full", action="store_true",
+                   help="compare every entry with DIR, not only what changed since the last run")
+    p.add_argument("--safe-links", action="store_true",
+                   help="refuse symbolic links that are absolute or point out of DIR")
+    p.add_argument("--json", action="store_true", help="JSON lines on standard output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    add_read_options(p)
+    p.set_defaults(func=cmd_mirror)
+
+
+# --- the cache: pin, unpin, gc, forget ------------------------------------------------
+
+async def _pin(args) -> int:
+    from . import download
+    from .index import normalize_path
+    store = _store(args)
+    key, version = parse_drive_ref(args.key)
+    if version is not None:
+        raise UsageError("pin keeps a drive's newest version: give the key without @VERSION")
+    path = normalize_path(args.path) if args.path is not None else None
+    async with open_drive(store, key, **read_options(args)) as drive:
+        usage = cache_usage(store, key)
+        if usage["state"] == "owned":
+            print(f"drive {drive.key_text} is owned by this home: it is always kept")
+            return 0
+        if path is None:
+            store.set_pins(key, pinned=True)
+        else:
+            await drive.lookup(path)  # NotFoundError names it
+            record = store.get_drive(key)
+            store.set_pins(key, paths=[*record.paths, path])
+        want = await download.version_blocks(drive, [path or b"/"])
+        missing = [b for b in sorted(want) if not drive.has_block(b)]
+        if missing and drive.source is None:
+            raise BlockUnavailableError(f"pinned, but {len(missing)} blocks of it are not held "
+                                        "and no peer is known: give --peer HOST:PORT to fetch them")
+        await download.fetch_blocks(drive, missing)
+        where = f"{os.fsdecode(path)} of drive" if path is not None else "drive"
+        print(f"pinned {where} {drive.key_text}@{drive.version}: {len(want)} content blocks "
+              f"({_size(sum(want.values()))}) held and kept")
+    return 0
+
+
+def cmd_pin(args) -> int:
+    return trio.run(_pin, args)
+
+
+def cmd_unpin(args) -> int:
+    from .index import normalize_path
+    store = _store(args)
+    key, _ = parse_drive_ref(args.key)
+    drive = local_drive(store, key)
+    record = store.get_drive(key)
+    if args.path is None:
+        if not record.pinned and not record.paths:
+            raise UsageError(f"drive {drive.key_text} is not pinned")
+        store.set_pins(key, pinned=False, paths=())
+        what = f"drive {drive.key_text}"
+    else:
+        path = normalize_path(args.path)
+        if path not in record.paths:
+            pinned = ", ".join(os.fsdecode(p) for p in record.paths) or "none"
+            raise UsageError(f"{os.fsdecode(path)} is not pinned in drive {drive.key_text} "
+                             f"(pinned folders: {pinned})")
+        store.set_pins(key, paths=[p for p in record.paths if p != path])
+        what = f"{os.fsdecode(path)} of drive {drive.key_text}"
+    if cache_usage(store, key)["state"] == "owned":
+        print(f"{what} is owned by this home: it is always kept")
+    else:
+        print(f"unpinned {what}: what it holds may now be evicted from the cache")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from .cache import cache_held, evict
+    store = _store(args)
+    cap = cache_size(args)
+    before = cache_held(store)
+    blocks, freed = evict(store, cap if cap is not None else 0)
+    after = cache_held(store)
+    limit = f"cap {_size(cap)}" if cap is not None else "no cap: every cached block"
+    print(f"gc: evicted {blocks} blocks ({_size(freed)}); the cache held {_size(before)}, "
+          f"now {_size(after)} ({limit})")
+    return 0
+
+
+def cmd_forget(args) -> int:
+    store = _store(args)
+    key, version = parse_drive_ref(args.key)
+    if version is not None:
+        raise UsageError("forget drops a whole drive: give the key without @VERSION")
+    text = crypto.encode_key(key)
+    if store.get_drive(key) is None and store.latest_head(key) is None:
+        raise NotFoundError(f"unknown drive {text}: nothing to forget")
+    if store.key_path(text).exists():
+        raise UsageError(f"drive {text} is owned by this home: forgetting it would destroy "
+                         f"its only copy; move {store.key_path(text)} away first if you mean it")
+    _blocks, nbytes = store.held(key)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"forget drive {text} and its {_size(nbytes)}? "
+                             "Give --yes (standard input is not a terminal to ask on)")
+        answer = input(f"forget drive {text} and the {_size(nbytes)} held of it? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            _err("p2pfs: forget: nothing done")
+            return 1
+    while store.forget_some(key):
+        pass
+    store.forget_drive(key)
+    print(f"forgot drive {text} ({_size(nbytes)} freed)")
+    return 0
+
+
+def _setup_pin(sub):
+    p = sub.add_parser("pin", help="keep a drive (or one folder of it) downloaded, never evicted")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("path", metavar="PATH", nargs="?", default=None)
+    add_read_options(p)
+    p.set_defaults(func=cmd_pin)
+
+
+def _setup_unpin(sub):
+    p = sub.add_parser("unpin", help="let a pinned drive (or folder) be evicted again")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("path", metavar="PATH", nargs="?", default=None)
+    p.set_defaults(func=cmd_unpin)
+
+
+def _setup_gc(sub):
+    p = sub.add_parser("gc", help="evict cached blocks down to the cache cap (none: all of them)")
+    add_cache_option(p)
+    p.set_defaults(func=cmd_gc)
+
+
+def _setup_forget(sub):
+    p = sub.add_parser("forget", help="drop a drive and every block of it from this home")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_forget)
+
+
+# --- status ----------------------------------------------------------------------------
+
+def cmd_status(args) -> int:
+    from . import status
+    store = _store(args)
+    states = status.read_all(store.home)
+    if args.json:
+        print(json.dumps(states, indent=2))
+        return 0
+    if not states:
+        print("no p2pfs process is using this home")
+        return 0
+    for st in states:
+        where = st.get("mountpoint") or st.get("directory") or ""
+        since = dt.datetime.fromtimestamp(st.get("started", 0)).astimezone()
+        line = f"{st.get('kind', '?'):<7} pid {st.get('pid')}  since {since:%Y-%m-%d %H:%M:%S}"
+        if where:
+            line += f"  {where}"
+        if st.get("listen"):
+            line += "  listening on " + ", ".join(st["listen"])
+        print(line)
+        if "bytes_up" in st:
+            print(f"        {_peers(st.get('peers', 0))}  up {_size(st['bytes_up'])} "
+                  f"({_size(st.get('rate_up', 0))}/s)  down {_size(st['bytes_down'])} "
+                  f"({_size(st.get('rate_down', 0))}/s)")
+        for d in st.get("drives", []):
+            total = d.get("bytes_total")
+            part = f"  {_size(d.get('bytes_done', 0))} of {_size(total)}" if total else ""
+            print(f"        {d.get('key')}  v{d.get('version', 0)}  {d.get('state', '')}{part}"
+                  + (f"  {_peers(d['peers'])}" if "peers" in d else ""))
+    return 0
+
+
+def _peers(n: int) -> str:
+    return f"{n} peer{'' if n == 1 else 's'}"
+
+
+def _setup_status(sub):
+    p = sub.add_parser("status", help="the p2pfs processes using this home and what they do")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(func=cmd_status)
 
 
 def cmd_share(args) -> int:
@@ -664,6 +993,26 @@ def _setup_dht(sub):
 def cmd_mount(args) -> int:
     from . import mount  # pyfuse3 is loaded only by the commands that mount
     from .net import transport
+    o = mount.parse_mount_options(args.options)
+    if o.home is not None and args.home is None:
+        args.home = o.home
+    args.allow_other = args.allow_other or o.allow_other
+    args.allow_non_empty = args.allow_non_empty or o.allow_non_empty
+    args.peer = list(args.peer) + o.peers
+    args.listen = args.listen or o.listen
+    if args.timeout is None and o.timeout is not None:
+        try:
+            args.timeout = float(o.timeout)
+        except ValueError:
+            raise UsageError(f"timeout={o.timeout}: give a number of seconds") from None
+    if args.cache_size is None:
+        args.cache_size = o.cache_size
+    if o.lan is not None and args.lan is None:
+        args.lan = o.lan
+    if o.dht is not None and args.dht is None:
+        args.dht = o.dht
+    if o.bootstrap is not None and args.bootstrap is None:
+        args.bootstrap = o.bootstrap
     net = net_options(args)
     if net.discovery or args.listen:
         # a mount found through discovery is announced there too: it serves
@@ -679,7 +1028,8 @@ def cmd_mount(args) -> int:
     return mount.mount_command(home=args.home, ref=args.key, mountpoint=args.mountpoint,
                                daemon=args.daemon, allow_other=args.allow_other,
                                allow_non_empty=args.allow_non_empty,
-                               argv=args.argv, net=net, writable=writable)
+                               argv=args.argv, net=net, writable=writable,
+                               cache_size=cache_size(args), kernel=o.kernel)
 
 
 def cmd_umount(args) -> int:
@@ -709,6 +1059,10 @@ def _setup_mount(sub):
                    help=f"with --rw: commit this long after the last change (default "
                         f"{DEFAULT_COMMIT_INTERVAL:g}; at most {MAX_COMMIT_INTERVAL:g} s, or "
                         "this long if more, after the first); fsync commits at once")
+    p.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append", default=[],
+                   help="mount options as mount(8) and /etc/fstab give them: allow_other, "
+                        "timeout=S, cache_size=SIZE, peer=HOST:PORT, listen=HOST:PORT, "
+                        "bootstrap=HOST:PORT, no_lan, no_dht, home=DIR, noexec, noatime, ...")
     add_read_options(p)
     p.set_defaults(func=cmd_mount)
 
@@ -719,12 +1073,47 @@ def _setup_umount(sub):
     p.set_defaults(func=cmd_umount)
 
 
+def cmd_units(args) -> int:
+    from pathlib import Path
+    source = Path(__file__).resolve().parent / "systemd"
+    units = sorted(source.glob("*.service"))
+    if not args.install:
+        print(source)
+        for u in units:
+            print(f"  {u.name}")
+        return 0
+    target = Path(args.dir) if args.dir else \
+        Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "systemd" / "user"
+    target.mkdir(parents=True, exist_ok=True)
+    script = Path(sys.executable).parent / "p2pfs"  # the console script of this installation
+    program = str(script) if os.access(script, os.X_OK) else f"{sys.executable} -m p2pfs"
+    for u in units:
+        text = u.read_text().replace("/usr/bin/env p2pfs", program)
+        (target / u.name).write_text(text)
+        print(f"installed {target / u.name}")
+    _err("p2pfs: units: run 'systemctl --user daemon-reload', then e.g. "
+         "'systemctl --user enable --now p2pfs-seed@KEY.service'")
+    return 0
+
+
+def _setup_units(sub):
+    p = sub.add_parser("units", help="the systemd user units shipped with p2pfs (--install: "
+                                     "into ~/.config/systemd/user)")
+    p.add_argument("--install", action="store_true", help="copy them, running this p2pfs")
+    p.add_argument("--dir", metavar="DIR", default=None,
+                   help="install into DIR (default $XDG_CONFIG_HOME/systemd/user)")
+    p.set_defaults(func=cmd_units)
+
+
 COMMANDS: list[tuple[str, Callable]] = [
     ("create", _setup_create), ("import", _setup_import), ("ls", _setup_ls),
     ("cat", _setup_cat), ("log", _setup_log), ("diff", _setup_diff), ("verify", _setup_verify),
     ("drives", _setup_drives), ("info", _setup_info), ("seed", _setup_seed),
-    ("share", _setup_share),
+    ("share", _setup_share), ("mirror", _setup_mirror), ("pin", _setup_pin),
+    ("unpin", _setup_unpin), ("gc", _setup_gc), ("forget", _setup_forget),
+    ("status", _setup_status),
     ("mount", _setup_mount), ("umount", _setup_umount), ("dht", _setup_dht),
+    ("units", _setup_units),
 ]
 
 
@@ -772,11 +1161,46 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     return exc
 
 
+def mount_helper_argv(argv: list[str]) -> list[str] | None:
+    """mount(8)'s way of running a FUSE file system (through mount.fuse3, for
+    `mount -t fuse.p2pfs KEY DIR -o OPTS` and fstab lines of type fuse.p2pfs):
+    `p2pfs SOURCE MOUNTPOINT [-o OPTS]... [-f] [-n] [-s] [-v]`, as the `mount`
+    command line that does it: in the background (mount(8) waits for its
+    helper to return) unless -f.  None if `argv` is not that form."""
+    names = {name for name, _setup in COMMANDS}
+    if len(argv) < 2 or argv[0].startswith("-") or argv[0] in names:
+        return None
+    try:
+        parse_drive_ref(argv[0])
+    except UsageError:
+        return None
+    out = ["mount", argv[0], argv[1]]
+    foreground = False
+    rest = argv[2:]
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        if a == "-o" and i + 1 < len(rest):
+            out += ["-o", rest[i + 1]]
+            i += 1
+        elif a.startswith("-o") and len(a) > 2:
+            out += ["-o", a[2:]]
+        elif a == "-f":
+            foreground = True
+        elif a not in ("-n", "-s", "-v"):
+            raise UsageError(f"{a!r}: as a mount helper p2pfs takes SOURCE MOUNTPOINT "
+                             "[-o OPTIONS] [-f]")
+        i += 1
+    return out if foreground else out + ["--daemon"]
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
+        argv = list(argv) if argv is not None else sys.argv[1:]
+        argv = mount_helper_argv(argv) or argv
         args = parser.parse_args(argv)
-        args.argv = list(argv) if argv is not None else sys.argv[1:]  # mount --daemon re-runs it
+        args.argv = argv  # mount --daemon re-runs it
         _report_drive_content()
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)

@@ -13,11 +13,13 @@ file.  The keys (see man p2pfs(1), FILES):
     bootstrap = ["HOST:PORT", ...]   # DHT bootstrap nodes (--bootstrap); [] = none
     listen = "HOST:PORT"             # where mount, seed and share accept peers
     timeout = 30                     # seconds (--timeout)
+    cache_size = "10G"               # cap of the cache (--cache-size): bytes, or k/M/G/T
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +37,20 @@ class Config:
     bootstrap: list[str] | None = None   # None: the built-in public routers
     listen: str | None = None
     timeout: float | None = None
+    cache_size: int | None = None        # bytes; None: no cap
     path: Path | None = None             # the file read, if any
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str, what: str = "--cache-size") -> int:
+    """'100M', '2G', '512k', '1.5GiB', '1000000' -> bytes (binary units).  UsageError."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise UsageError(f"{what}: {text!r} is not a size (give e.g. 100M, 2G or a number of bytes)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def config_path() -> Path | None:
@@ -80,11 +95,16 @@ def load(path: Path | None = None) -> Config:
             if not isinstance(value, str):
                 raise UsageError(f"{where}: expected \"HOST:PORT\"")
             cfg.listen = value
+        elif key == "cache_size":
+            if isinstance(value, bool) or not isinstance(value, (int, str)) or \
+                    (isinstance(value, int) and value < 0):
+                raise UsageError(f"{where}: expected a size such as \"10G\" or a number of bytes")
+            cfg.cache_size = parse_size(str(value), where)
         elif key == "timeout":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise UsageError(f"{where}: expected a number of seconds above 0")
             cfg.timeout = float(value)
         else:
             raise UsageError(f"{where}: unknown key (known: peers, lan, dht, bootstrap, "
-                             "listen, timeout)")
+                             "listen, timeout, cache_size)")
     return cfg

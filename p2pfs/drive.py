@@ -203,6 +203,7 @@ class Drive:
         self._index: index.Index | None = None
         self.node_cache = index.NodeCache(1024)
         self.reader = _Reader(self)
+        self.cache = None  # a cache.Cache: told which content blocks are read (eviction order)
 
     def __repr__(self) -> str:
         return f"<Drive {self.key_text} v{self.version} length {self.length}>"
@@ -677,6 +678,15 @@ class Drive:
                         after and sanitized(after)))
         return out
 
+    async def diff_keys(self, old: Commit | None, new: Commit,
+                        ) -> list[tuple[bytes, Entry | None, Entry | None]]:
+        """`index.diff_keys`: (raw index key, old entry, new entry) of every key
+        that differs (old None: every key of `new`).  Keys and entries are
+        unchecked: a caller takes a key apart itself and gives each entry it
+        uses to `check_entry` (`p2pfs.mirror` does, reporting what it refuses)."""
+        return await self._sync(lambda: list(index.diff_keys(
+            self.reader, None if old is None else old.root, new.root, self.node_cache)))
+
     def versions(self, held_only: bool = False, length: int | None = None) -> list[tuple[int, Commit]]:
         """(length, Commit) of every version up to the one the view was opened
         from (or the one of `length`), newest first (BlockUnavailableError for
@@ -942,6 +952,8 @@ class Drive:
             if isinstance(out, list) and out == missing:
                 raise BlockUnavailableError(f"block {missing[0]} of drive {self.key_text} "
                                             "could not be fetched")
+        if self.cache is not None:
+            self.cache.touched(self, blocks)
         return out
 
     def blocks_held(self, entry: Entry) -> int:
@@ -970,6 +982,8 @@ class Drive:
         missing = [b for b in blocks if not self.store.has_block(self.key, b)]
         if missing:
             await self._fetch(missing)
+            if self.cache is not None:
+                self.cache.touched(self, missing)  # about to be read: not the first to go
 
     def _trust_leaves(self, blocks: list[int]) -> None:
         """Trust the leaf nodes of `blocks` in bulk: for each aligned group of

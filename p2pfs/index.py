@@ -57,6 +57,7 @@ __all__ = [
     "normalize_path", "split_path", "path_key", "key_path", "children_range", "valid_name",
     "valid_key", "shown",
     "subtree_ranges", "BlockReader", "NodeCache", "Index", "IndexWriter", "build", "diff",
+    "diff_keys",
 ]
 
 KIND_FILE = 0
@@ -858,9 +859,9 @@ class _DiffSide:
 
     __slots__ = ("tree", "stack")
 
-    def __init__(self, tree: _Tree, root: int):
+    def __init__(self, tree: _Tree, root: int | None):
         self.tree = tree
-        self.stack = [("sub", root, b"", None, _height(tree, root))]
+        self.stack = [] if root is None else [("sub", root, b"", None, _height(tree, root))]
 
     def expand(self) -> None:
         _, ref, lo, hi, height = self.stack.pop()
@@ -878,8 +879,19 @@ class _DiffSide:
 def diff(reader: BlockReader, old_root: int, new_root: int, cache: NodeCache | None = None,
          raw: bool = False) -> Iterator[tuple[bytes, Entry | None, Entry | None]]:
     """(path, old entry or None, new entry or None) for every path whose entry
-    differs between two versions of one drive's index, in key order (with
-    `raw`, the raw key instead of the path, for readers that check keys).
+    differs between two versions of one drive's index, in key order
+    (`diff_keys`, with each key taken for a path; with `raw`, the raw key
+    instead, for readers that check keys)."""
+    for key, old, new in diff_keys(reader, old_root, new_root, cache):
+        yield (key if raw else key_path(key)), old, new
+
+
+def diff_keys(reader: BlockReader, old_root: int | None, new_root: int,
+              cache: NodeCache | None = None) -> Iterator[tuple[bytes, Entry | None, Entry | None]]:
+    """(key, old entry or None, new entry or None) for every index key whose
+    entry differs between two versions of one drive's index, in key order;
+    `old_root` None: an empty index (every key of the new one).  The keys
+    are as stored: a reader that takes them for paths checks them first.
 
     Subtrees both versions share (the same block index: blocks never change)
     are skipped without being read, so the cost follows the number of changed
@@ -889,7 +901,6 @@ def diff(reader: BlockReader, old_root: int, new_root: int, cache: NodeCache | N
     raise MissingBlock (fetch and call again) and VerificationError.
     """
     tree = _Tree(reader, cache)
-    out = (lambda key: key) if raw else key_path
     if old_root == new_root:
         return
     a, b = _DiffSide(tree, old_root), _DiffSide(tree, new_root)
@@ -901,7 +912,7 @@ def diff(reader: BlockReader, old_root: int, new_root: int, cache: NodeCache | N
                 a.expand()
             else:
                 sa.pop()
-                yield out(top[1]), top[2], None
+                yield top[1], top[2], None
             continue
         if not sa:
             top = sb[-1]
@@ -909,7 +920,7 @@ def diff(reader: BlockReader, old_root: int, new_root: int, cache: NodeCache | N
                 b.expand()
             else:
                 sb.pop()
-                yield out(top[1]), None, top[2]
+                yield top[1], None, top[2]
             continue
         x, y = sa[-1], sb[-1]
         if x[0] == "sub" and y[0] == "sub":
@@ -923,23 +934,23 @@ def diff(reader: BlockReader, old_root: int, new_root: int, cache: NodeCache | N
         elif x[0] == "sub":  # y is an item: below x's range it is not in the old version
             if y[1] < x[2]:
                 sb.pop()
-                yield out(y[1]), None, y[2]
+                yield y[1], None, y[2]
             else:
                 a.expand()
         elif y[0] == "sub":
             if x[1] < y[2]:
                 sa.pop()
-                yield out(x[1]), x[2], None
+                yield x[1], x[2], None
             else:
                 b.expand()
         elif x[1] == y[1]:
             sa.pop()
             sb.pop()
             if x[2] != y[2]:
-                yield out(x[1]), x[2], y[2]
+                yield x[1], x[2], y[2]
         elif x[1] < y[1]:
             sa.pop()
-            yield out(x[1]), x[2], None
+            yield x[1], x[2], None
         else:
             sb.pop()
-            yield out(y[1]), None, y[2]
+            yield y[1], None, y[2]

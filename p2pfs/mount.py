@@ -43,12 +43,12 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
 
-from p2pfs import daemon as daemon_mod, node
+from p2pfs import daemon as daemon_mod, node, status
 from p2pfs.crypto import encode_key
 from p2pfs.drive import Drive
 from p2pfs.errors import P2pfsError, ReadOnlyError, UsageError
@@ -60,7 +60,7 @@ from p2pfs.workspace import Workspace
 
 __all__ = [
     "mount_command", "umount_command", "prepare_mountpoint", "clear_stale",
-    "find_mount", "unmount", "READ_AHEAD_KB",
+    "find_mount", "unmount", "READ_AHEAD_KB", "parse_mount_options", "MountOptions",
 ]
 
 
@@ -201,15 +201,77 @@ def umount_command(mountpoint: str) -> int:
     return 0
 
 
+# ------------------------------------------------------------- -o options
+
+# Options of `-o`, as mount(8), mount.fuse3 and /etc/fstab pass them.
+KERNEL_FLAGS = {"noexec", "noatime", "nodiratime", "relatime", "strictatime", "lazytime",
+                "sync", "dirsync"}   # passed on to the kernel
+IGNORED = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "atime", "diratime", "async",
+           "auto", "noauto", "user", "nouser", "users", "owner", "group", "defaults",
+           "_netdev", "nofail", "silent", "loud"}  # said by mount(8) and fstab; p2pfs is ro,nodev,nosuid
+VALUED = ("timeout", "cache_size", "peer", "listen", "bootstrap", "home")
+FLAGS = ("allow_other", "nonempty", "no_lan", "no_dht")
+
+
+@dataclass
+class MountOptions:
+    """What `-o opt[,opt...]` said (None: not said)."""
+
+    allow_other: bool = False
+    allow_non_empty: bool = False  # nonempty (FUSE 2's name): --allow-non-empty
+    timeout: str | None = None
+    cache_size: str | None = None
+    peers: list[str] = field(default_factory=list)
+    bootstrap: list[str] | None = None
+    listen: str | None = None
+    home: str | None = None
+    lan: bool | None = None
+    dht: bool | None = None
+    kernel: list[str] = field(default_factory=list)
+
+
+def parse_mount_options(texts: Sequence[str]) -> MountOptions:
+    """`-o` texts (comma-separated) -> MountOptions.  UsageError for an unknown option."""
+    out = MountOptions()
+    for text in texts:
+        for opt in filter(None, (o.strip() for o in text.split(","))):
+            name, eq, value = opt.partition("=")
+            if opt in IGNORED or name.startswith("x-") or name == "comment":
+                continue
+            if opt in KERNEL_FLAGS:
+                out.kernel.append(opt)
+            elif opt == "allow_other":
+                out.allow_other = True
+            elif opt == "nonempty":
+                out.allow_non_empty = True
+            elif opt in ("no_lan", "no_dht"):
+                setattr(out, opt[3:], False)
+            elif name in VALUED and eq and value:
+                if name == "peer":
+                    out.peers.append(value)
+                elif name == "bootstrap":
+                    out.bootstrap = (out.bootstrap or []) + [value]
+                else:
+                    setattr(out, name, value)
+            else:
+                raise UsageError(f"unknown mount option {opt!r} (p2pfs takes "
+                                 f"{', '.join(FLAGS)}, {', '.join(v + '=' for v in VALUED)}, "
+                                 f"the kernel's {', '.join(sorted(KERNEL_FLAGS))}, and ignores "
+                                 "ro, rw, dev, suid, exec, auto, user, _netdev, nofail, x-*)")
+    return out
+
+
 # ------------------------------------------------------------------ mounting
 
-def mount_options(key: bytes, allow_other: bool, writable: bool = False) -> set[str]:
+def mount_options(key: bytes, allow_other: bool, writable: bool = False,
+                  kernel: Sequence[str] = ()) -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     opts |= {f"fsname=p2pfs://{encode_key(key)}", "subtype=p2pfs", "auto_unmount"}
     if not writable:
         opts.add("ro")
     if allow_other:
         opts.add("allow_other")
+    opts.update(kernel)
     return opts
 
 
@@ -261,7 +323,8 @@ class Writable:
 async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                 allow_non_empty: bool = False, net: node.NetOptions | None = None,
                 ready: Callable[[DriveFS], None] | None = None,
-                writable: Writable | None = None) -> None:
+                writable: Writable | None = None, cache_size: int | None = None,
+                kernel: Sequence[str] = ()) -> None:
     """Mount `ref` (KEY or KEY@N) at `mountpoint` and serve until unmounted or signalled.
 
     SIGINT/SIGTERM before the mount is up abandon the opening; after, they
@@ -272,14 +335,17 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
     mounted = False
     session = trio.CancelScope()
 
-    async def run_session(ops: DriveFS, key: bytes) -> None:
+    async def run_session(ops: DriveFS, key: bytes,
+                          peers: Callable[[], list[dict]] | None = None) -> None:
         nonlocal mounted, mountpoint
         mountpoint = prepare_mountpoint(mountpoint, allow_non_empty)
-        _fuse_init(ops, mountpoint, mount_options(key, allow_other, writable is not None))
+        _fuse_init(ops, mountpoint, mount_options(key, allow_other, writable is not None, kernel))
         mounted = True
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(ops.run)
+                await nursery.start(status.publish, store.home, "mount",
+                                    lambda: _state(ops, mountpoint, writable is not None), peers)
 
                 async def announce():
                     await trio.to_thread.run_sync(_answering, mountpoint)
@@ -317,11 +383,13 @@ async def serve(store, ref: str, mountpoint: str, *, allow_other: bool = False,
                     finally:
                         await ops.close()
             else:
-                async with node.open_drive(store, ref, net=net) as drive:
+                async with node.open_drive(store, ref, net=net, cache_size=cache_size) as drive:
                     # Read-ahead pays only when blocks come from peers; P2PFS_READAHEAD=0
                     # turns it off (for measuring it).
                     prefetch = drive.source is not None and os.environ.get("P2PFS_READAHEAD") != "0"
-                    await run_session(DriveFS(drive, live=drive.live, prefetch=prefetch), drive.key)
+                    await run_session(DriveFS(drive, live=drive.live, prefetch=prefetch), drive.key,
+                                      (lambda: drive.source.peer_info(drive.key))
+                                      if drive.source is not None else None)
             outer.cancel_scope.cancel()
 
 
@@ -374,6 +442,18 @@ async def _writable_fs(store, ref: str, net: node.NetOptions, opts: Writable):
             staging.close(remove=clean)
 
 
+def _state(ops: DriveFS, mountpoint: str, writable: bool = False) -> dict:
+    """What `p2pfs status` shows of this mount."""
+    drive = ops.drive
+    source = drive.source
+    return {"mountpoint": mountpoint,
+            "drives": [{"key": encode_key(drive.key), "version": drive.version,
+                        "length": drive.length,
+                        "state": "writable" if writable else "live" if ops.live else "fixed",
+                        "bytes_held": drive.store.held(drive.key)[1]}],
+            "peers": len(source.peer_info(drive.key)) if source is not None else 0}
+
+
 def _ready_message(ops: DriveFS, mountpoint: str) -> str:
     drive = ops.drive
     how = "writable" if isinstance(ops, WritableFS) else "live" if ops.live else "fixed"
@@ -384,7 +464,8 @@ def _ready_message(ops: DriveFS, mountpoint: str) -> str:
 def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
                   allow_other: bool = False, allow_non_empty: bool = False,
                   net: node.NetOptions | None = None,
-                  argv: Sequence[str] | None = None, writable: Writable | None = None) -> int:
+                  argv: Sequence[str] | None = None, writable: Writable | None = None,
+                  cache_size: int | None = None, kernel: Sequence[str] = ()) -> int:
     """`p2pfs mount`: foreground by default; `daemon` re-runs `argv` detached."""
     ready_fd = daemon_mod.ready_fd()
     if daemon and ready_fd is None:
@@ -404,7 +485,7 @@ def mount_command(*, home, ref: str, mountpoint: str, daemon: bool = False,
     try:
         trio.run(lambda: serve(store, ref, mountpoint, allow_other=allow_other,
                                allow_non_empty=allow_non_empty, net=net, ready=ready,
-                               writable=writable))
+                               writable=writable, cache_size=cache_size, kernel=kernel))
     finally:
         store.close()
     return 0

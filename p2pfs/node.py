@@ -18,8 +18,9 @@ from typing import AsyncIterator, Sequence
 import trio
 
 from . import crypto, index
+from .cache import FLUSH_INTERVAL, Cache
 from .drive import Drive
-from .errors import NotFoundError, UsageError
+from .errors import NotFoundError, StoreError, UsageError
 from .store import Store, default_home
 
 DEFAULT_TIMEOUT = 30.0
@@ -145,9 +146,59 @@ def _dht_host(listen: str | None) -> str:
 
 
 @asynccontextmanager
+async def caching(store: Store, drive: Drive, cap: int | None) -> AsyncIterator[Cache]:
+    """Tell the cache what `drive` reads for as long as the block runs: the
+    touches are written (and the cap `cap` kept, None: no cap) from a worker
+    thread every FLUSH_INTERVAL seconds, or sooner after many reads."""
+    cache = Cache(store, cap)
+    drive.cache = cache
+    wake = trio.Event()
+
+    def woken() -> None:
+        wake.set()
+
+    warned = False
+
+    def flush() -> None:
+        # The touches are bookkeeping: a store that cannot take them (a full
+        # disk) must not end the read they come from.  Said once.
+        nonlocal warned
+        try:
+            cache.flush()
+        except StoreError as exc:
+            if not warned:
+                warned = True
+                print(f"p2pfs: warning: the cache's bookkeeping was not written ({exc})",
+                      file=sys.stderr, flush=True)
+
+    async def flusher() -> None:
+        nonlocal wake
+        while True:
+            with trio.move_on_after(FLUSH_INTERVAL):
+                await wake.wait()
+            wake = trio.Event()
+            await trio.to_thread.run_sync(flush)
+
+    cache.wake = woken
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flusher)
+            try:
+                yield cache
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        from .net.peer import raise_single  # the caller's error, as it went in
+        raise_single(group)
+    finally:
+        drive.cache = None
+        flush()
+
+
+@asynccontextmanager
 async def open_drive(store: Store, key: bytes | str, version: int | None = None,
                      peers: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT,
-                     net: NetOptions | None = None,
+                     net: NetOptions | None = None, cache_size: int | None = None,
                      hint: tuple[bytes, int] | None = None) -> AsyncIterator[Drive]:
     """Yield a Drive opened at `version` (None: newest, live).
 
@@ -156,8 +207,18 @@ async def open_drive(store: Store, key: bytes | str, version: int | None = None,
     `peers` only, waiting up to `timeout`).  A drive this home owns is read
     locally unless static peers are given.  `hint` = (path, bytes): what the
     caller will read first, asked of every peer in the first flight (see
-    `Swarm.hint`).  Raises UsageError for a bad key, NotFoundError for an
-    unknown drive or version."""
+    `Swarm.hint`).  What is read is reported to the cache, whose cap is
+    `cache_size` bytes (None: no cap; see `p2pfs.cache`).  Raises UsageError
+    for a bad key, NotFoundError for an unknown drive or version."""
+    async with _open_drive(store, key, version, peers, timeout, net, hint) as drive:
+        async with caching(store, drive, cache_size):
+            yield drive
+
+
+@asynccontextmanager
+async def _open_drive(store: Store, key: bytes | str, version: int | None,
+                      peers: Sequence[str], timeout: float, net: NetOptions | None,
+                      hint: tuple[bytes, int] | None) -> AsyncIterator[Drive]:
     if isinstance(key, str):
         key, text_version = parse_drive_ref(key)
         version = version if version is not None else text_version

@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 
 import trio
 
-from . import crypto, daemon as daemon_mod
+from . import crypto, daemon as daemon_mod, status
 from .drive import Drive
 from .net.transport import parse_address
 from .errors import NotFoundError, StoreError
@@ -150,11 +150,14 @@ async def share(store: Store, directory: str, opts: Options,
                         return
 
                 nursery.start_soon(stop_on_signal)
+                now: dict = {}  # what `p2pfs status` shows, filled in as the share starts
+                await nursery.start(status.publish, store.home, "share",
+                                    lambda: _state(root, now), lambda: _peers(now))
                 watcher.watch_tree()  # before the first scan: nothing is missed
                 await nursery.start(watcher.run)
                 try:
                     await _share(store, root, record, excludes, rules, watcher, stop, opts,
-                                 ready, log)
+                                 ready, log, now)
                 except Abandoned:
                     pass
                 nursery.cancel_scope.cancel()
@@ -162,9 +165,23 @@ async def share(store: Store, directory: str, opts: Options,
         watcher.close()
 
 
+def _state(root: str, now: dict) -> dict:
+    drive = now.get("drive")
+    drives = [] if drive is None else [{"key": drive.key_text, "state": "sharing",
+                                        "length": drive.head.length if drive.head else 0,
+                                        "version": now.get("version", 0)}]
+    return {"directory": root, "listen": now.get("addresses", []), "drives": drives,
+            "peers": len(_peers(now))}
+
+
+def _peers(now: dict) -> list[dict]:
+    swarm, drive = now.get("swarm"), now.get("drive")
+    return swarm.peer_info(drive.key) if swarm is not None and drive is not None else []
+
+
 async def _share(store: Store, root: str, record: ShareRecord | None, excludes: list[str],
                  rules: Rules, watcher: Watcher, stop: threading.Event, opts: Options,
-                 ready, log) -> None:
+                 ready, log, now: dict) -> None:
     progress = Bar(not opts.progress, "share")
     prefix = opts.message_prefix
     if record is None:
@@ -203,6 +220,7 @@ async def _share(store: Store, root: str, record: ShareRecord | None, excludes: 
         net = replace(opts.net or NetOptions(), listen=opts.listen)
         async with open_network(store, net, on_listening=addresses.extend) as swarm:
             serving = swarm.add_drive(Drive(store, key))
+            now.update(swarm=swarm, drive=serving, addresses=addresses, version=result.version)
             ready(record.key, addresses)
             while True:
                 changes = await watcher.next_batch()
@@ -212,6 +230,7 @@ async def _share(store: Store, root: str, record: ShareRecord | None, excludes: 
                 watcher.requeue(result.retry)
                 if result.published:
                     serving.reload_head()  # peers hear of it now, not at the next store poll
+                    now["version"] = result.version
                     log(version_line(result))
 
 

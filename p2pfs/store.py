@@ -34,6 +34,9 @@ big-endian so that one drive's records are one sorted range):
     forks    key || length || root -> signature                 fork evidence
     drives   key                 -> DriveRecord (msgpack)
     held     key                 -> u64le blocks || u64le bytes accounting
+    lastread key || block        -> u64be tick || u32le size    cache bookkeeping
+    lru      tick || key || block -> b""                        ... ordered by tick
+    cached   key                 -> u64le blocks || u64le bytes  evictable, counted
 
 Every public method is one transaction.  Several processes may share the
 environment (LMDB's lock file); write transactions are kept short by
@@ -55,6 +58,16 @@ durable.
 
 The `held` counters are updated in the same transaction as the blocks they
 count, so `blocks_held`/`bytes_held` are exact and cost one read.
+
+*The cache.*  Content blocks of drives this home neither owns nor pins are
+a cache (the policy is `p2pfs.cache`'s).  A block enters the bookkeeping
+when a reader reports it read (`touch_blocks`, batched by the caller): its
+last-read tick goes to `lastread` and `(tick, key, block)` to `lru`, so the
+least recently read block is the first key of `lru`.  Blocks never touched
+(index blocks, tree nodes, heads) are not in it and are never evicted.
+`evict` deletes blocks from the front of `lru`, in one transaction,
+updating `held` and `cached`; `cached` counts what is in the bookkeeping,
+so the size of the cache costs one scan of a small sub-database.
 """
 
 from __future__ import annotations
@@ -94,6 +107,9 @@ _SIGNED = HASH_BYTES + SIGNATURE_BYTES  # a heads value: root, signature [, DHT 
 _U64 = struct.Struct(">Q")
 _NODE = struct.Struct("<Q")
 _HELD = struct.Struct("<QQ")
+_LAST = struct.Struct(">QI")  # lastread value: tick, block size
+_TICK = struct.Struct(">Q")
+EVICT_BATCH = 4096  # blocks evicted (or forgotten) per transaction at most
 
 
 class DriveRecord(msgspec.Struct, array_like=True, frozen=True):
@@ -101,7 +117,13 @@ class DriveRecord(msgspec.Struct, array_like=True, frozen=True):
 
     created_ns: int = 0
     owned: bool = False  # created on this node (a secret key file is expected)
-    pinned: bool = True  # never evicted (owned or seeded)
+    pinned: bool = True  # never evicted (owned, seeded or pinned)
+    paths: tuple[bytes, ...] = ()  # pinned folders of a drive that is not pinned whole
+
+    @property
+    def kept(self) -> bool:
+        """Whether none of this drive's blocks may be evicted."""
+        return self.owned or self.pinned
 
 
 _record_encoder = msgspec.msgpack.Encoder()
@@ -135,8 +157,8 @@ PRIVATE_FILE_MODE = 0o600
 # these directories and the files in the first two, and these files.  Secret
 # key files (keys/*.key, node.key) are left alone: one that others could read
 # is refused with the chmod that fixes it (its secret may have been copied).
-_HOME_DIRS = ("store", "locks", "keys")
-_HOME_FILES = ("mount.log",)
+_HOME_DIRS = ("store", "locks", "keys", "run", "mirrors")
+_HOME_FILES = ("mount.log", "share.log", "seed.log")
 _tightened: set[str] = set()  # homes checked by this process
 
 
@@ -375,7 +397,8 @@ def check_structure(home: str | os.PathLike) -> list[str]:
 # one home in one process share it (reference counted).
 _envs: dict[str, list] = {}
 _envs_lock = threading.Lock()
-_DB_NAMES = (b"blocks", b"nodes", b"heads", b"forks", b"drives", b"held")
+_DB_NAMES = (b"blocks", b"nodes", b"heads", b"forks", b"drives", b"held",
+             b"lastread", b"lru", b"cached")
 
 
 # LMDB 0.9's lock file: a 128-byte header and a reader table, each entry a
@@ -490,7 +513,7 @@ class Store:
         tighten_home(self.home, warn)
         self.env, dbs = _acquire_env(self._path, self.home)
         (self._blocks, self._nodes, self._heads, self._forks, self._drives,
-         self._held) = dbs
+         self._held, self._lastread, self._lru, self._cached) = dbs
 
     def close(self) -> None:
         """Release this handle; the environment closes with its last handle."""
@@ -538,6 +561,26 @@ class Store:
     def list_drives(self) -> list[tuple[bytes, DriveRecord]]:
         with self.env.begin(db=self._drives) as txn:
             return [(bytes(k), _record_decoder.decode(v)) for k, v in txn.cursor()]
+
+    @_guard
+    def set_pins(self, key: bytes, *, pinned: bool | None = None,
+                 paths: Iterable[bytes] | None = None) -> DriveRecord:
+        """Change whether a drive is pinned whole and which of its folders are
+        pinned (the drive must be known: LookupError if not).  Returns the new record.
+        Blocks of a drive pinned whole leave the cache bookkeeping at once."""
+        with self._write() as txn:
+            raw = txn.get(key, db=self._drives)
+            if raw is None:
+                raise LookupError("unknown drive")
+            record = _record_decoder.decode(raw)
+            record = msgspec.structs.replace(
+                record, pinned=record.pinned if pinned is None else pinned,
+                paths=record.paths if paths is None else tuple(sorted(set(paths))))
+            txn.put(key, _record_encoder.encode(record), db=self._drives)
+        if record.kept:
+            while self.untrack_blocks(key, None):
+                pass
+        return record
 
     # --- blocks -------------------------------------------------------------
 
@@ -603,9 +646,7 @@ class Store:
             self._add_held(txn, key, count, nbytes)
 
     def _add_held(self, txn, key: bytes, count: int, nbytes: int) -> None:
-        raw = txn.get(key, db=self._held)
-        blocks, size = _HELD.unpack(raw) if raw is not None else (0, 0)
-        txn.put(key, _HELD.pack(blocks + count, size + nbytes), db=self._held)
+        self._add_counter(txn, self._held, key, count, nbytes)
 
     @_guard
     def held(self, key: bytes) -> tuple[int, int]:
@@ -717,6 +758,179 @@ class Store:
                     nbytes += len(old)
             self._add_held(txn, key, -count, -nbytes)
         return count
+
+    # --- the cache's bookkeeping (see the module docstring) ------------------
+
+    @_guard
+    def touch_blocks(self, key: bytes, blocks: Iterable[int], tick: int) -> None:
+        """Record that held `blocks` were read at `tick` (any increasing
+        number, the same clock for every process of the home; the caller's
+        time in ms).  Blocks not held are skipped.  One transaction."""
+        _check_key(key)
+        with self._write() as txn:
+            get, put, delete = txn.get, txn.put, txn.delete
+            count = nbytes = 0
+            new = _TICK.pack(tick)
+            for b in blocks:
+                k = key + _U64.pack(b)
+                data = get(k, db=self._blocks)
+                if data is None:
+                    continue
+                old = get(k, db=self._lastread)
+                if old is not None:
+                    old_tick, _size = _LAST.unpack(old)
+                    if old_tick >= tick:
+                        continue
+                    delete(bytes(old[:8]) + k, db=self._lru)
+                else:
+                    count += 1
+                    nbytes += len(data)
+                put(k, _LAST.pack(tick, len(data)), db=self._lastread)
+                put(new + k, b"", db=self._lru)
+            if count:
+                self._add_counter(txn, self._cached, key, count, nbytes)
+
+    @_guard
+    def untrack_blocks(self, key: bytes, blocks: Iterable[int] | None) -> int:
+        """Take blocks out of the cache's bookkeeping (they are kept: pinned);
+        None: up to EVICT_BATCH of the drive's.  Returns how many were taken
+        out (call again while it returns EVICT_BATCH with None)."""
+        with self._write() as txn:
+            if blocks is None:
+                cur = txn.cursor(db=self._lastread)
+                ks = []
+                if cur.set_range(key):
+                    for k in cur.iternext(keys=True, values=False):
+                        if k[:KEY_BYTES] != key or len(ks) >= EVICT_BATCH:
+                            break
+                        ks.append(bytes(k))
+            else:
+                ks = [key + _U64.pack(b) for b in blocks]
+            count = nbytes = 0
+            for k in ks:
+                old = txn.pop(k, db=self._lastread)
+                if old is None:
+                    continue
+                tick, size = _LAST.unpack(old)
+                txn.delete(_TICK.pack(tick) + k, db=self._lru)
+                count += 1
+                nbytes += size
+            if count:
+                self._add_counter(txn, self._cached, key, -count, -nbytes)
+        return count
+
+    @_guard
+    def cached(self, key: bytes) -> tuple[int, int]:
+        """(blocks, bytes) of a drive in the cache's bookkeeping (evictable)."""
+        with self.env.begin(db=self._cached) as txn:
+            raw = txn.get(key)
+        return _HELD.unpack(raw) if raw is not None else (0, 0)
+
+    @_guard
+    def cache_usage(self) -> tuple[int, int]:
+        """(blocks, bytes) in the cache's bookkeeping, every drive together."""
+        blocks = nbytes = 0
+        with self.env.begin(db=self._cached) as txn:
+            for _k, v in txn.cursor():
+                b, n = _HELD.unpack(v)
+                blocks += b
+                nbytes += n
+        return blocks, nbytes
+
+    @_guard
+    def evict(self, nbytes: int, keep=None) -> tuple[int, int]:
+        """Delete the least recently read blocks until `nbytes` are freed (at
+        most EVICT_BATCH blocks: call again for more).  `keep(key, block)`
+        -> True spares a block and takes it out of the bookkeeping (pinned
+        meanwhile).  Returns (blocks, bytes) freed.  One transaction."""
+        freed = freed_bytes = 0
+        seen = 0
+        with self._write() as txn:
+            cur = txn.cursor(db=self._lru)
+            counts: dict[bytes, list[int]] = {}
+            held: dict[bytes, list[int]] = {}
+            if not cur.first():
+                return 0, 0
+            while freed_bytes < nbytes and seen < EVICT_BATCH:
+                lk = bytes(cur.key())
+                k = lk[8:]
+                key, block = k[:KEY_BYTES], _U64.unpack_from(k, KEY_BYTES)[0]
+                seen += 1
+                old = txn.pop(k, db=self._lastread)
+                size = _LAST.unpack(old)[1] if old is not None else 0
+                c = counts.setdefault(key, [0, 0])
+                c[0] -= 1
+                c[1] -= size
+                if keep is None or not keep(key, block):
+                    data = txn.pop(k, db=self._blocks)
+                    if data is not None:
+                        h = held.setdefault(key, [0, 0])
+                        h[0] -= 1
+                        h[1] -= len(data)
+                        freed += 1
+                        freed_bytes += len(data)
+                if not cur.delete() or not cur.key():  # delete moves to the next record
+                    break
+            for key, (b, n) in counts.items():
+                self._add_counter(txn, self._cached, key, b, n)
+            for key, (b, n) in held.items():
+                self._add_counter(txn, self._held, key, b, n)
+        return freed, freed_bytes
+
+    def _add_counter(self, txn, db, key: bytes, count: int, nbytes: int) -> None:
+        raw = txn.get(key, db=db)
+        blocks, size = _HELD.unpack(raw) if raw is not None else (0, 0)
+        blocks, size = max(0, blocks + count), max(0, size + nbytes)
+        if blocks or size:
+            txn.put(key, _HELD.pack(blocks, size), db=db)
+        elif raw is not None:
+            txn.delete(key, db=db)
+
+    @_guard
+    def forget_some(self, key: bytes) -> int:
+        """Delete up to EVICT_BATCH of a drive's blocks and tree nodes (with
+        their accounting): the first steps of forgetting it.  Returns how many
+        records went; 0 when none are left (then call `forget_drive`)."""
+        _check_key(key)
+        gone = 0
+        held = [0, 0]
+        cached = [0, 0]
+        with self._write() as txn:
+            for db in (self._blocks, self._nodes):
+                cur = txn.cursor(db=db)
+                if not cur.set_range(key):
+                    continue
+                while gone < EVICT_BATCH and cur.key() and bytes(cur.key()[:KEY_BYTES]) == key:
+                    k = bytes(cur.key())
+                    if db is self._blocks:
+                        held[0] -= 1
+                        held[1] -= len(cur.value())
+                        old = txn.pop(k, db=self._lastread)
+                        if old is not None:
+                            txn.delete(bytes(old[:8]) + k, db=self._lru)
+                            cached[0] -= 1
+                            cached[1] -= _LAST.unpack(old)[1]
+                    gone += 1
+                    if not cur.delete():
+                        break
+            self._add_counter(txn, self._held, key, *held)
+            self._add_counter(txn, self._cached, key, *cached)
+        return gone
+
+    @_guard
+    def forget_drive(self, key: bytes) -> None:
+        """The last step of forgetting a drive (after `forget_some` returned
+        0): its heads, fork evidence, record and counters.  One transaction."""
+        _check_key(key)
+        with self._write() as txn:
+            for db in (self._heads, self._forks):
+                cur = txn.cursor(db=db)
+                if cur.set_range(key):
+                    while cur.key() and bytes(cur.key()[:KEY_BYTES]) == key:
+                        if not cur.delete():
+                            break
+            for db in (self._drives, self._held, self._cached):
+                txn.delete(key, db=db)
 
     # --- tree nodes ---------------------------------------------------------
 

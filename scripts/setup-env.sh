@@ -4,9 +4,10 @@
 p2pfs_setup() {
     local extras="${1:-}"
     # fuse3 ... python3-dev: the mount and pyfuse3; git tar rsync stress-ng fio: the
-    # writable mount's acceptance tests and benchmark (tests/test_rwmount.py, bench_rw.py)
+    # writable mount's acceptance tests and benchmark (tests/test_rwmount.py, bench_rw.py);
+    # systemd: systemd-analyze, which checks the shipped user units (tests/test_mount_options.py)
     local pkgs=(fuse3 libfuse3-dev pkg-config iproute2 util-linux gcc python3-dev
-                git tar rsync stress-ng fio)
+                git tar rsync stress-ng fio systemd)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

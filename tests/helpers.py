@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import stat
 import random
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -45,16 +46,30 @@ def cli_env() -> dict:
 
 
 def run_cli(home, *args, input: bytes | None = None, check: bool = True,
-            prefix: list[str] = (), timeout: float = 600) -> Result:
-    """Run `python -m p2pfs --home HOME ARGS...` in a subprocess.
+            prefix: list[str] = (), timeout: float = 600, env: dict | None = None) -> Result:
+    """Run `python -m p2pfs --home HOME ARGS...` in a subprocess (`env`: more
+    environment variables, or other values for them).
 
     With check, a non-zero exit fails the test showing stderr."""
     proc = subprocess.run([*prefix, *cli_command(home, *args)], input=input,
-                          capture_output=True, env=cli_env(), cwd=REPO, timeout=timeout)
+                          capture_output=True, env={**cli_env(), **(env or {})}, cwd=REPO,
+                          timeout=timeout)
     res = Result(proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace"))
     if check and res.returncode != 0:
         raise AssertionError(f"p2pfs {' '.join(map(str, args))} exited {res.returncode}:\n{res.stderr}")
     return res
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """Send `sig` to a running child, wait `timeout` s for it (then SIGKILL); its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def create(home, directory, *extra) -> str:

@@ -336,7 +336,7 @@ def test_kill_9_create_and_import(home, tmp_path):
     digest_a, digest_b = file_digest(a / "big.bin"), file_digest(b / "big.bin")
 
     def drives():
-        return set(run_cli(home, "drives").out.split()[::4])
+        return {d["key"] for d in json.loads(run_cli(home, "drives", "--json").out)}
 
     known = drives()
     for _ in range(5):
@@ -485,21 +485,6 @@ def test_damaged_page_is_one_line_for_every_command(home, sample, tmp_path):
         assert "A DAMAGED STORE" in lines[-1]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 6 MiB tmpfs, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small file system")
-    path = tmp_path / "small"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(path)],
-                   check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
 def test_full_disk_during_import_and_create(small_disk, tmp_path):
     """ENOSPC: one line naming the home, its free space and about how much
     more the import needed; the last version is intact and verifies
@@ -550,3 +535,29 @@ def test_info_log_verify_of_one_version(home, tmp_path):
     assert r.out.startswith(f"ok: drive {key}@1, length {v1['length']}")
     assert run_cli(home, "verify", key, check=False).returncode == 1
     assert "no version 3" in _one_clear_line(run_cli(home, "info", f"{key}@3", check=False))
+
+
+def test_json_of_ls_and_drives(tmp_path, home):
+    """--json on ls (one directory, -R, one entry) and drives, with the fields
+    man p2pfs(1) names (issue 12)."""
+    src = make_tree(tmp_path / "src", files=12)
+    os.utime(src / "run.sh", ns=(1_700_000_000_123_456_789,) * 2)
+    key = create(home, src)
+    top = json.loads(run_cli(home, "ls", key, "--json").out)
+    assert top["key"] == key and top["version"] == 1
+    by_name = {e["name"]: e for e in top["entries"]}
+    assert sorted(by_name) == sorted(os.listdir(src))
+    assert by_name["run.sh"] == {"path": "/run.sh", "name": "run.sh", "kind": "file", "mode": "0755",
+                                 "size": 18, "mtime_ns": 1_700_000_000_123_456_789}
+    assert by_name["link-rel"]["kind"] == "symlink" and by_name["link-rel"]["target"] == "run.sh"
+    assert by_name["d0-0"]["kind"] == "dir"
+    everything = json.loads(run_cli(home, "ls", "-R", key, "--json").out)["entries"]
+    want = {os.fsdecode(p) for p in source_listing(src)}
+    assert {e["path"] for e in everything} == want
+    one = json.loads(run_cli(home, "ls", key, "/run.sh", "--json").out)["entries"]
+    assert one == [by_name["run.sh"]]
+    drives = json.loads(run_cli(home, "drives", "--json").out)
+    assert [d["key"] for d in drives] == [key]
+    assert {"version", "length", "bytes_held", "writable", "state", "bytes_cached",
+            "bytes_pinned", "pinned_paths"} <= drives[0].keys()
+    assert drives[0]["state"] == "owned" and drives[0]["writable"] is True

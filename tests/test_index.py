@@ -767,3 +767,19 @@ def test_diff_of_hostile_nodes_raises_verification_error():
     log.append([encode_block(Internal([], [len(log.blocks) + 5]))])  # points forward
     with pytest.raises(VerificationError):
         list(ix.diff(log, root, len(log.blocks) - 1))
+
+
+def test_diff_keys_gives_the_raw_keys_and_from_nothing_every_key():
+    """diff_keys is diff without taking keys for paths: a hostile key whose
+    name holds '/' or NUL comes out as stored (diff would show it as another,
+    innocent-looking path), and from an empty index (None) every key."""
+    log = Log()
+    hostile = [b"", b"/\x00a/../../x", b"/\x00n\x00ul", b"/\x00ok"]
+    root = len(log.blocks)
+    log.append([encode_block(Leaf(hostile, [DIR, f(1), f(2), f(3)]))])
+    got = list(ix.diff_keys(log, None, root))
+    assert [k for k, _old, _new in got] == hostile
+    assert all(old is None for _k, old, _new in got)
+    assert [p for p, _o, _n in ix.diff(log, None, root)] == [b"/", b"/a/../../x", b"/n\x00ul",
+                                                             b"/ok"]
+    assert list(ix.diff_keys(log, root, root)) == []

@@ -26,6 +26,9 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "store": PURE,
     "drive": PURE | {"store"},
     "history": PURE | {"store", "drive"},
+    "cache": PURE | {"store", "drive"},  # which drives are cache, touches, the cap
+    "download": PURE | {"store", "drive"},  # fetching a full copy (seed, pin, mirror); trio
+    "mirror": PURE | {"store", "drive", "download"},  # a drive written into a plain directory
     "ignore": {"errors"},
     "publish": PURE | {"store", "drive", "ignore"},
     "watch": PURE | {"store", "drive", "ignore", "publish"},
@@ -38,12 +41,13 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "mount": None,  # wiring for `p2pfs mount` (the FUSE session's process)
     "share": None,  # wiring for `p2pfs share` (watcher, publisher and swarm in one process)
     "daemon": {"errors"},  # --daemon: re-run a command detached, wait until it is ready
+    "status": {"store"},  # HOME/run: what each long-running process is doing (trio)
     "progress": set(),  # the progress bar of long writes (rich)
     "seeder": None,  # wiring for `p2pfs seed`
     "config": {"errors"},
     "cli": None,
 }
-NO_TRIO = PURE | {"store", "drive", "history", "ignore", "publish", "snapshots", "workspace"}
+NO_TRIO = PURE | {"store", "drive", "history", "ignore", "publish", "cache", "snapshots", "workspace"}
 SANS_IO_DIRS = {("net", "discovery", "dht"): {"node.py"}}  # folder -> its only trio drivers
 
 

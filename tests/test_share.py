@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (REPO, cat_digest, cli_command, cli_env, file_digest, parse_ls_lR, run_cli,
-                     source_listing, write_random)
+                     source_listing, stop_process, write_random)
 from test_mount import mounted, mtimes, wait_until
 
 VISIBLE = 3.0  # s: acceptance 1, from the end of a command to the mount showing it
@@ -63,14 +63,7 @@ class Share:
                 re.findall(r"version (\d+): .*?; (\d+) new content blocks", self.text())]
 
     def stop(self, sig=signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, sig)
 
 
 @contextmanager

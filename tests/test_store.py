@@ -147,6 +147,84 @@ def test_writer_lock_and_orphans(home):
             pass
 
 
+# --- the cache's bookkeeping (issue 12) ----------------------------------------------------
+
+def test_touch_orders_blocks_by_last_read_and_counts_them(store):
+    store.put_blocks(K1, 0, [b"a" * 10, b"b" * 20, b"c" * 30, b"d" * 40])
+    assert store.cached(K1) == (0, 0) and store.cache_usage() == (0, 0)
+    store.touch_blocks(K1, [0, 1, 2, 9], tick=100)   # 9 is not held: skipped
+    assert store.cached(K1) == (3, 60)
+    store.touch_blocks(K1, [0], tick=200)            # read again: now the newest
+    store.touch_blocks(K1, [1], tick=50)             # an older tick never moves a block back
+    assert store.cached(K1) == (3, 60)
+    # least recently read first: 1 (100), 2 (100), then 0 (200); block 3 never read
+    assert store.evict(15) == (1, 20) and store.get_block(K1, 1) is None
+    assert store.held(K1) == (3, 80) and store.cached(K1) == (2, 40)
+    assert store.evict(10 ** 9) == (2, 40)
+    assert store.get_blocks(K1, [0, 2, 3]) == [None, None, b"d" * 40]  # the untouched one stays
+    assert store.held(K1) == (1, 40) and store.cache_usage() == (0, 0)
+    assert store.evict(10 ** 9) == (0, 0)
+
+
+def test_evict_spares_what_keep_says_and_forgets_its_bookkeeping(store):
+    store.put_blocks(K1, 0, [b"x" * 10] * 4)
+    store.put_blocks(K2, 0, [b"y" * 10] * 4)
+    store.touch_blocks(K1, range(4), 1)
+    store.touch_blocks(K2, range(4), 2)
+    freed = store.evict(10 ** 9, keep=lambda key, block: key == K1 or block == 3)
+    assert freed == (3, 30)
+    assert store.held(K1) == (4, 40) and store.held(K2) == (1, 10)
+    assert store.cache_usage() == (0, 0)  # kept blocks left the bookkeeping too
+
+
+def test_evict_works_in_bounded_transactions(store, monkeypatch):
+    import p2pfs.store as store_mod
+    monkeypatch.setattr(store_mod, "EVICT_BATCH", 5)
+    store.put_blocks(K1, 0, [b"z"] * 12)
+    store.touch_blocks(K1, range(12), 1)
+    assert store.evict(10 ** 9) == (5, 5)
+    assert store.evict(10 ** 9) == (5, 5)
+    assert store.evict(10 ** 9) == (2, 2)
+
+
+def test_pins_and_untracking(store):
+    head = Head(4, b"r" * 32, b"s" * 64)
+    store.put_head(K1, head)
+    assert store.get_drive(K1) == DriveRecord(pinned=False)
+    store.put_blocks(K1, 0, [b"q" * 8] * 4)
+    store.touch_blocks(K1, range(4), 7)
+    record = store.set_pins(K1, paths=[b"/b", b"/a", b"/a"])
+    assert record.paths == (b"/a", b"/b") and not record.kept
+    assert store.cached(K1) == (4, 32)
+    record = store.set_pins(K1, pinned=True)
+    assert record.kept and record.paths == (b"/a", b"/b")
+    assert store.cached(K1) == (0, 0) and store.evict(10 ** 9) == (0, 0)  # kept: out at once
+    assert store.held(K1) == (4, 32)
+    with pytest.raises(LookupError):
+        store.set_pins(K2, pinned=True)
+
+
+def test_forget_drops_every_record_of_one_drive(store, monkeypatch):
+    import p2pfs.store as store_mod
+    monkeypatch.setattr(store_mod, "EVICT_BATCH", 3)
+    for k in (K1, K2):
+        store.put_head(k, Head(5, b"r" * 32, b"s" * 64))
+        store.put_block_items(k, [(i, b"w" * 9) for i in range(5)],
+                              [Node(i, b"h" * 32, 9) for i in range(0, 10, 2)])
+        store.put_fork(k, Head(5, b"R" * 32, b"S" * 64))
+        store.touch_blocks(k, range(5), 3)
+    steps = 0
+    while store.forget_some(K1):
+        steps += 1
+        assert store.held(K1)[0] == max(0, 5 - 3 * steps)  # accounting stays exact meanwhile
+    store.forget_drive(K1)
+    assert steps == 4  # 5 blocks and 5 nodes, 3 at a time
+    assert store.get_drive(K1) is None and store.heads(K1) == [] and store.forks(K1) == []
+    assert store.held(K1) == (0, 0) and store.cached(K1) == (0, 0)
+    assert list(store.iter_nodes(K1)) == [] and list(store.block_indices(K1)) == []
+    # the other drive is untouched, and its bookkeeping still works
+    assert store.held(K2) == (5, 45) and store.cached(K2) == (5, 45) and len(store.heads(K2)) == 1
+    assert store.evict(10 ** 9) == (3, 27) and store.evict(10 ** 9) == (2, 18)
 # --- issue 7, finding 14: the home is private ------------------------------------------
 
 def test_a_new_home_is_private(tmp_path):

@@ -1,21 +1,10 @@
 // Read one file of a Hyperdrive 13 from a serve.mjs seeder over TCP on 127.0.0.1 into a
 // fresh corestore (cold) and print {"seconds": ..., "bytes": ...}, timed from the TCP
 // connect to the last byte.  No hyperswarm, no DHT: nothing leaves the host.
-import Corestore from 'corestore'
-import Hyperdrive from 'hyperdrive'
-import net from 'net'
+import { openRemote } from './remote.mjs'
 
 const [storage, keyHex, port, file] = process.argv.slice(2)
-const store = new Corestore(storage)
-const drive = new Hyperdrive(store, Buffer.from(keyHex, 'hex'))
-await drive.ready()
-const started = performance.now()
-const socket = net.connect(Number(port), '127.0.0.1')
-const stream = store.replicate(true)
-socket.pipe(stream).pipe(socket)
-socket.on('error', () => {})
-stream.on('error', () => {})
-await drive.core.update({ wait: true })
+const { store, drive, socket, started } = await openRemote(storage, keyHex, port)
 let bytes = 0
 for await (const chunk of drive.createReadStream(file, { wait: true })) bytes += chunk.length
 const seconds = (performance.now() - started) / 1000

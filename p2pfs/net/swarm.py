@@ -478,6 +478,10 @@ class Swarm:
                 "blocks": sum(b - a for a, b in ranges),
                 "ranges": [list(r) for r in ranges[:16]],
                 "blocks_received": p.blocks_received,
+                "open": p.conn.is_open(key),
+                "blocks_sent": p.blocks_sent,
+                "bytes_sent": p.bytes_sent,
+                "bytes_received": p.bytes_received,
             })
         return out
 
