@@ -1019,6 +1019,7 @@ class Store:
             raw = txn.get(_bk(key, length))
         return None if raw is None else Head(length, raw[:HASH_BYTES], raw[HASH_BYTES:_SIGNED])
 
+    @_guard
     def dht_signature(self, key: bytes, length: int) -> bytes:
         """The owner's BEP 44 signature of the head of `length` (its DHT item),
         if this home has it (b"" if not)."""
@@ -1026,6 +1027,7 @@ class Store:
             raw = txn.get(_bk(key, length))
         return b"" if raw is None else bytes(raw[_SIGNED:_SIGNED + SIGNATURE_BYTES])
 
+    @_guard
     def put_dht_signature(self, key: bytes, length: int, signature: bytes) -> None:
         """Keep the (verified) DHT signature of a head already held."""
         if len(signature) != SIGNATURE_BYTES:

@@ -289,3 +289,25 @@ def test_a_shared_directory_as_home_is_not_changed(tmp_path):
     modes = tree_modes(shared)
     assert modes.pop(".") == 0o1777
     assert modes == {"store": 0o700, "store/data.mdb": 0o600, "store/lock.mdb": 0o600}
+
+
+def test_every_store_method_that_touches_lmdb_turns_its_errors_into_store_errors():
+    """An lmdb.Error escaping a Store method is a traceback for the user (the
+    cache methods and the DHT signature ones once lacked the guard)."""
+    import ast
+    import inspect
+
+    import p2pfs.store as store_mod
+    tree = ast.parse(inspect.getsource(store_mod))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Store")
+    bare = []
+    for fn in cls.body:
+        if not isinstance(fn, ast.FunctionDef) or fn.name.startswith("_"):
+            continue
+        names = {d.id for d in fn.decorator_list if isinstance(d, ast.Name)}
+        touches = any(isinstance(n, ast.Attribute) and n.attr in ("env", "_write")
+                      and isinstance(n.value, ast.Name) and n.value.id == "self"
+                      for n in ast.walk(fn))
+        if touches and not names & {"_guard", "_guard_iter"}:
+            bare.append(fn.name)
+    assert bare == [], f"unguarded Store methods: {bare}"
