@@ -144,18 +144,21 @@ class Follower:
             self._state("serving")
             what = "serving"
             while True:
-                drive.reload_head()
+                # what it shows is read through a view of its own: the drive the
+                # swarm serves stays as a plain seeder's, at the newest signed head
+                view = Drive(self.store, self.target.key)
+                seen = view.head.length if view.head is not None else 0
                 try:
-                    drive.open_local()
-                    self.version, self.length = drive.version, drive.length
+                    view.open_local()
+                    self.version, self.length = view.version, view.length
                     self.live.step(f"{self.name}: serving version {self.version} (owned)", what,
                                    key=self.name, version=self.version, length=self.length)
                 except P2pfsError as exc:  # served as it is; the readers verify what they get
-                    self.length = drive.head.length if drive.head is not None else 0
+                    self.length = view.head.length if view.head is not None else 0
                     self.live.step(f"{self.name}: serving, but it cannot be read here: {exc}",
                                    what, key=self.name, length=self.length, error=str(exc))
                 what = "version"
-                while drive.head is None or drive.head.length == self.length:
+                while drive.head is None or drive.head.length == seen:
                     await self._changed.wait()
                     self._changed = trio.Event()
         if drive.head is None:

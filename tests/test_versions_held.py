@@ -78,10 +78,19 @@ def test_a_relay_shows_the_version_it_holds_and_serves_it(tmp_path, home, home2)
         run_cli(owner, "import", key, src, "-q")
         v2 = files_of(src)
         newest = info(owner, key)["length"]
-        r = stack.enter_context(seeding(relay, key, "127.0.0.1:0", "--peer", a))
-        wait_until(lambda: info(relay, key)["newest_length"] == newest,
-                   what="the relay to hear the owner's version 2")
         owner_seed.close()  # the owner goes away
+        # R hears of version 2 from a home that holds its signed head and no
+        # block (seed copies every version now: from the owner it would get them all)
+        herald = tmp_path / "herald"
+        herald.mkdir()
+        with Store(owner) as st:
+            head2 = st.latest_head(crypto.decode_key(key))
+        with Store(herald) as st:
+            st.put_head(crypto.decode_key(key), head2)
+        h = stack.enter_context(seeding(herald, key))
+        r = stack.enter_context(seeding(relay, key, "127.0.0.1:0", "--peer", h))
+        wait_until(lambda: info(relay, key)["newest_length"] == newest,
+                   what="the relay to hear of version 2")
 
         # R: every command, version 1, and a note about the newer head
         got = info(relay, key)
