@@ -1,1 +1,10 @@
-"""Benchmarks for p2pfs (run with scripts/bench)."""
+"""Benchmarks for p2pfs (run with scripts/bench).
+
+Every p2pfs process a benchmark starts reads bench/p2pfs.toml (no DHT
+bootstrap nodes) unless P2PFS_CONFIG names another file: a benchmark's DHT
+nodes are bootstrapped from loopback nodes it names, never the public routers."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("P2PFS_CONFIG", str(Path(__file__).resolve().parent / "p2pfs.toml"))

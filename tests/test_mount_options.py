@@ -34,13 +34,13 @@ needs_root_mount = pytest.mark.skipif(
 def test_mount_options_as_mount_and_fstab_give_them():
     assert parse_mount_options(["nonempty"]).allow_non_empty
     o = parse_mount_options(["ro,allow_other,timeout=5,cache_size=100M,dev,suid",
-                             "peer=10.0.0.1:7640,peer=10.0.0.2:7640,no_lan,noexec,noatime",
+                             "peer=127.0.0.11:7640,peer=127.0.0.12:7640,no_lan,noexec,noatime",
                              "rw,noauto,_netdev,nofail,x-systemd.automount,user,home=/srv/p2pfs,"
-                             "listen=0.0.0.0:7640,bootstrap=10.0.0.9:7640,comment=anything"])
+                             "listen=0.0.0.0:7640,bootstrap=127.0.0.19:7640,comment=anything"])
     assert o.allow_other and o.timeout == "5" and o.cache_size == "100M"
-    assert o.peers == ["10.0.0.1:7640", "10.0.0.2:7640"] and o.lan is False and o.dht is None
+    assert o.peers == ["127.0.0.11:7640", "127.0.0.12:7640"] and o.lan is False and o.dht is None
     assert o.kernel == ["noexec", "noatime"] and o.home == "/srv/p2pfs"
-    assert o.listen == "0.0.0.0:7640" and o.bootstrap == ["10.0.0.9:7640"]
+    assert o.listen == "0.0.0.0:7640" and o.bootstrap == ["127.0.0.19:7640"]
     for bad in ("writeback", "timeout", "peer=", "max_read=4096", "suid=1"):
         with pytest.raises(UsageError, match="unknown mount option"):
             parse_mount_options([bad])

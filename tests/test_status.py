@@ -25,8 +25,8 @@ def states(home) -> list[dict]:
 
 def test_traffic_counts_peers_that_are_gone():
     t = status.Traffic()
-    a = {"address": "1.2.3.4:5", "node_key": "aa", "dialled": True}
-    b = {"address": "6.7.8.9:1", "node_key": "bb", "dialled": False}
+    a = {"address": "127.0.0.5:5", "node_key": "aa", "dialled": True}
+    b = {"address": "127.0.0.6:1", "node_key": "bb", "dialled": False}
     t.update([{**a, "bytes_sent": 10, "bytes_received": 100}])
     assert (t.up, t.down) == (10, 100)
     t.update([{**a, "bytes_sent": 15, "bytes_received": 150}, {**b, "bytes_sent": 1, "bytes_received": 2}])
