@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -336,6 +337,20 @@ def rerun_in_loopback_namespace(module: str, argv: list[str] | None) -> bool:
     return True
 
 
+@contextmanager
+def scratch_table(name: str) -> Iterator[tuple[Table, Path]]:
+    """A Table and a fresh work directory (under $TMPDIR) for one benchmark:
+    the directory is removed and the table printed when the block ends."""
+    table = Table()
+    work = Path(tempfile.mkdtemp(prefix=f"p2pfs-bench-{name}-", dir=os.environ.get("TMPDIR", "/tmp")))
+    try:
+        yield table, work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    table.show()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="bench_mount")
     ap.add_argument("--size", type=int, default=1024, help="MiB of the big file (default 1024)")
@@ -346,9 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     if rerun_in_loopback_namespace("bench.bench_mount", argv):
         return
     size = args.size * MiB
-    table = Table()
-    work = Path(tempfile.mkdtemp(prefix="p2pfs-bench-mount-", dir=os.environ.get("TMPDIR", "/tmp")))
-    try:
+    with scratch_table("mount") as (table, work):
         bench_sequential(table, work, size, args.runs)
         bench_listing(table, work, args.entries, args.runs)
         if args.no_remote:
@@ -368,10 +381,6 @@ def main(argv: list[str] | None = None) -> None:
                           flush=True)
         else:
             print("  (no `p2pfs seed` in this build: remote rows skipped)")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print()
-    table.show()
 
 
 if __name__ == "__main__":

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_mount import (MiB, Table, mounted, p2pfs, rate, rerun_in_loopback_namespace,
+from bench.bench_mount import (MiB, Table, mounted, scratch_table, p2pfs, rate, rerun_in_loopback_namespace,
                                 run)
 
 
@@ -119,9 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         if shutil.which(tool) is None:
             print(f"  bench_rw needs {tool} (scripts/setup-env.sh installs it)")
             return
-    table = Table()
-    work = Path(tempfile.mkdtemp(prefix="p2pfs-bench-rw-", dir=os.environ.get("TMPDIR", "/tmp")))
-    try:
+    with scratch_table("rw") as (table, work):
         home, src, native, mnt = work / "home", work / "src", work / "native", work / "mnt"
         for d in (src, native):
             d.mkdir()
@@ -133,10 +129,6 @@ def main(argv: list[str] | None = None) -> None:
             bench_fio(table, native, mnt, args.fio_seconds)
         log = run(p2pfs(home, "log", key)).stdout.decode().splitlines()
         print(f"  {len(log)} versions committed; newest: {log[0] if log else '-'}")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print()
-    table.show()
 
 
 if __name__ == "__main__":

@@ -31,14 +31,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import blake3
 
 from bench import hyperlab
-from bench.bench_mount import (REPO, MiB, Table, env, listening_address, mounted, p2pfs,
+from bench.bench_mount import (REPO, MiB, Table, env, scratch_table, listening_address, mounted, p2pfs,
                                rerun_in_loopback_namespace)
 from bench.netlab import LabError
 
@@ -198,17 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv if argv is not None else [])
     if rerun_in_loopback_namespace("bench.bench_share", argv):
         return
-    table = Table()
-    work = Path(tempfile.mkdtemp(prefix="p2pfs-bench-share-", dir=os.environ.get("TMPDIR", "/tmp")))
-    try:
+    with scratch_table("share") as (table, work):
         if not args.no_import:
             bench_import(table, work, args.files, args.size * MiB)
         if args.edits:
             bench_latency(table, work, args.edits)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print()
-    table.show()
 
 
 if __name__ == "__main__":
