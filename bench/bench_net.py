@@ -6,7 +6,9 @@ measured in the same run:
    >= 0.25) and against Holepunch Hyperdrive 13 reading the same file cold
    from its own seeder over a loopback socket (bench/hyperlab.py; goal >= 8x),
    the two alternating, medians of --cold-runs; reader and seeder CPU seconds
-   per GiB;
+   per GiB; and, alternating with them, the store alone: the same bytes put
+   as 64 KiB blocks into a fresh home in 32 MiB committed transactions, as
+   the reader's writer thread does (the reader cannot outrun it);
 2. four seeders, each in its own namespace behind a veth with a tbf rate
    limit, read at once by one reader in another namespace, against one seeder
    under the same limit (and raw TCP over the same links, as a lab check);
@@ -85,6 +87,35 @@ def write_random(path: Path, size: int) -> None:
 class Run(NamedTuple):
     wall: float  # seconds
     cpu: float  # user + system seconds of the p2pfs process
+
+
+# The reader's store path alone: the same bytes as 64 KiB blocks put into a
+# fresh home in 32 MiB transactions, each committed (fsynced) as the
+# fetcher's writer does, in a process of its own with no network beside it.
+_STORE_ALONE = """
+import os, sys, time
+from p2pfs.store import Store
+home, size = sys.argv[1], int(sys.argv[2])
+blocks = [os.urandom(65536) for _ in range(512)]
+key = os.urandom(32)
+with Store(home) as store:
+    t = time.perf_counter()
+    for first in range(0, size // 65536, 512):
+        store.put_block_items(key, [(first + i, b) for i, b in enumerate(blocks)])
+    print(time.perf_counter() - t)
+"""
+
+
+def store_alone(home: Path, size: int) -> float:
+    """Seconds the store takes to write `size` bytes of blocks by itself
+    (see _STORE_ALONE); the home is removed after."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _STORE_ALONE, str(home), str(size)],
+                              capture_output=True, text=True, timeout=600, check=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+        return float(done.stdout.strip())
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def cpu_of(services: Sequence[Service]) -> float:
@@ -312,6 +343,7 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
         # p2pfs and Hyperdrive alternate, each from a fresh seeder per run,
         # medians of `cold_runs`: the machine is shared and drifts.
         walls, readers, seeders_cpu, hyper, why_no_hyper = [], [], [], [], hyperlab.missing()
+        floors: list[float] = []
         hyper_store = hyper_key = None
         if why_no_hyper is None:
             hyper_store = work / "hyperdrive-seed"
@@ -329,6 +361,7 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
                 seeders_cpu.append(seeder.cpu_seconds() - before)
             walls.append(run.wall)
             readers.append(run.cpu)
+            floors.append(store_alone(work / f"store-alone{i}", args.size * MiB))
             if hyper_key is not None and why_no_hyper is None:
                 try:
                     server = hyperlab.serve(lab, lo, hyper_store)
@@ -355,6 +388,9 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
                             judge(h / wall, 8)))
         else:
             notes.append(f"no Hyperdrive row: {why_no_hyper}")
+        floor = args.size * MiB / statistics.median(floors)
+        rows.append(Row("  same vs the store alone (its blocks put, no network)", mbs(rate),
+                        f"store alone {mbs(floor)}", f"{rate / floor:.2f}", goal="report"))
         rows.append(Row(cpu_names[0], f"{statistics.median(readers) / gib:.2f} / "
                         f"{statistics.median(seeders_cpu) / gib:.2f} CPU s/GiB",
                         f"{cores(statistics.median(readers), wall)} / "
