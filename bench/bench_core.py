@@ -5,7 +5,8 @@ Rows (each with its baseline measured in this run):
 * create of a 1 GiB file (in-process `create_drive`, fresh home, including
   the final fsync) vs BLAKE3 hashing the same bytes in 64 KiB pieces, and vs
   writing and fsyncing a new 1 GiB file (on the shared VMs the file system
-  allocates new blocks at a few hundred MB/s, which bounds any create);
+  allocates new blocks at a few hundred MB/s, which bounds any create), and
+  vs the store alone putting 1 GiB of blocks (bench/storefloor.py);
 * cat of it from the store (verified `Drive.read` in 4 MiB calls) vs reading
   the source file in 4 MiB calls; best of 3 each, page cache warm;
 * one lookup in a 1,000,000-entry drive opened cold from the store: index
@@ -24,6 +25,7 @@ import time
 import blake3
 import trio
 
+from bench.storefloor import store_alone
 from p2pfs import crypto, index
 from p2pfs.drive import Drive
 from p2pfs.publish import _Appender, create_drive
@@ -101,6 +103,10 @@ def bench_create_cat(scratch: str) -> None:
     _row("write+fsync of a new 1 GiB file (GB/s)", f"{GiB / write_s / 1e9:.2f}",
          "baseline: what this disk allows")
 
+    alone_s = min(store_alone(os.path.join(scratch, f"alone{run}"), GiB) for run in range(2))
+    _row("the store alone, 1 GiB of blocks (GB/s)", f"{GiB / alone_s / 1e9:.2f}",
+         "baseline: 32 MiB committed transactions (bench/storefloor.py)")
+
     times = []
     for run in range(2):
         home = os.path.join(scratch, f"home{run}")
@@ -113,7 +119,7 @@ def bench_create_cat(scratch: str) -> None:
     create_s = min(times)
     _row("create of 1 GiB file (GB/s)", f"{GiB / create_s / 1e9:.2f}",
          f"ratio {hash_s / create_s:.2f} to blake3 (goal >= 0.5), "
-         f"{write_s / create_s:.2f} to the plain write")
+         f"{write_s / create_s:.2f} to the plain write, {alone_s / create_s:.2f} to the store alone")
 
     into_s = _best(lambda: _readinto_file(big))
     _row("readinto one reused 4 MiB buffer (GB/s)", f"{GiB / into_s / 1e9:.2f}", "for reference")

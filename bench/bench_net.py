@@ -46,6 +46,7 @@ from typing import NamedTuple
 
 from bench import hyperlab
 from bench.netlab import Lab, LabError, Netns, Service, sigterm_raises, tc_rate
+from bench.storefloor import store_alone
 
 MiB = 1024 * 1024
 
@@ -87,35 +88,6 @@ def write_random(path: Path, size: int) -> None:
 class Run(NamedTuple):
     wall: float  # seconds
     cpu: float  # user + system seconds of the p2pfs process
-
-
-# The reader's store path alone: the same bytes as 64 KiB blocks put into a
-# fresh home in 32 MiB transactions, each committed (fsynced) as the
-# fetcher's writer does, in a process of its own with no network beside it.
-_STORE_ALONE = """
-import os, sys, time
-from p2pfs.store import Store
-home, size = sys.argv[1], int(sys.argv[2])
-blocks = [os.urandom(65536) for _ in range(512)]
-key = os.urandom(32)
-with Store(home) as store:
-    t = time.perf_counter()
-    for first in range(0, size // 65536, 512):
-        store.put_block_items(key, [(first + i, b) for i, b in enumerate(blocks)])
-    print(time.perf_counter() - t)
-"""
-
-
-def store_alone(home: Path, size: int) -> float:
-    """Seconds the store takes to write `size` bytes of blocks by itself
-    (see _STORE_ALONE); the home is removed after."""
-    try:
-        done = subprocess.run([sys.executable, "-c", _STORE_ALONE, str(home), str(size)],
-                              capture_output=True, text=True, timeout=600, check=True,
-                              cwd=Path(__file__).resolve().parent.parent)
-        return float(done.stdout.strip())
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def cpu_of(services: Sequence[Service]) -> float:
