@@ -192,6 +192,7 @@ async def caching(store: Store, drive: Drive, cap: int | None) -> AsyncIterator[
         raise_single(group)
     finally:
         drive.cache = None
+        cache.riding = False  # no writer takes the last touches now
         flush()
 
 

@@ -618,12 +618,18 @@ class Store:
 
     @_guard
     def put_block_items(self, key: bytes, items: Iterable[tuple[int, bytes]],
-                        nodes: Iterable[Node] = ()) -> None:
-        """Store (index, data) blocks and verified tree nodes in one transaction."""
+                        nodes: Iterable[Node] = (),
+                        touches: tuple[Iterable[int], int] | None = None) -> None:
+        """Store (index, data) blocks and verified tree nodes in one
+        transaction; with `touches` (blocks, tick), also `touch_blocks` them
+        in it (a cold read's bookkeeping rides on its block writes: one
+        commit, one flush to disk, instead of two)."""
         _check_key(key)
         with self._write() as txn:
             self._put_blocks(txn, key, items)
             self._put_nodes(txn, key, nodes)
+            if touches is not None:
+                self._touch(txn, key, *touches)
 
     def _put_blocks(self, txn, key: bytes, items: Iterable[tuple[int, bytes]]) -> None:
         # existence is checked with zero-copy gets, then one putmulti: several
@@ -768,27 +774,30 @@ class Store:
         time in ms).  Blocks not held are skipped.  One transaction."""
         _check_key(key)
         with self._write() as txn:
-            get, put, delete = txn.get, txn.put, txn.delete
-            count = nbytes = 0
-            new = _TICK.pack(tick)
-            for b in blocks:
-                k = key + _U64.pack(b)
-                data = get(k, db=self._blocks)
-                if data is None:
+            self._touch(txn, key, blocks, tick)
+
+    def _touch(self, txn, key: bytes, blocks: Iterable[int], tick: int) -> None:
+        get, put, delete = txn.get, txn.put, txn.delete
+        count = nbytes = 0
+        new = _TICK.pack(tick)
+        for b in blocks:
+            k = key + _U64.pack(b)
+            data = get(k, db=self._blocks)
+            if data is None:
+                continue
+            old = get(k, db=self._lastread)
+            if old is not None:
+                old_tick, _size = _LAST.unpack(old)
+                if old_tick >= tick:
                     continue
-                old = get(k, db=self._lastread)
-                if old is not None:
-                    old_tick, _size = _LAST.unpack(old)
-                    if old_tick >= tick:
-                        continue
-                    delete(bytes(old[:8]) + k, db=self._lru)
-                else:
-                    count += 1
-                    nbytes += len(data)
-                put(k, _LAST.pack(tick, len(data)), db=self._lastread)
-                put(new + k, b"", db=self._lru)
-            if count:
-                self._add_counter(txn, self._cached, key, count, nbytes)
+                delete(bytes(old[:8]) + k, db=self._lru)
+            else:
+                count += 1
+                nbytes += len(data)
+            put(k, _LAST.pack(tick, len(data)), db=self._lastread)
+            put(new + k, b"", db=self._lru)
+        if count:
+            self._add_counter(txn, self._cached, key, count, nbytes)
 
     @_guard
     def untrack_blocks(self, key: bytes, blocks: Iterable[int] | None) -> int:

@@ -252,3 +252,42 @@ def test_a_full_disk_does_not_end_a_read_of_held_blocks(tmp_path, home, small_di
     warnings = r.stderr.splitlines()
     assert len(warnings) == 1 and "bookkeeping was not written" in warnings[0] \
         and "is full" in warnings[0], r.stderr
+
+
+def test_touches_ride_on_the_block_writes_of_a_fetch(tmp_path):
+    """While a fetch's writer stores a drive's blocks (Cache.riding), the
+    touches of what was read wait for its next transaction (Cache.take,
+    Store.put_block_items(touches=...)) instead of a commit of their own;
+    once it is idle, or when very many gathered, flush writes them itself."""
+    import os
+    from types import SimpleNamespace
+
+    from p2pfs import cache as cache_mod
+    from p2pfs.store import Store
+
+    key = os.urandom(32)
+    block = os.urandom(65536)
+    drive = SimpleNamespace(key=key, block_size=len(block))
+    with Store(tmp_path / "home") as store:
+        store.put_block_items(key, [(i, block) for i in range(4)])
+        cache = cache_mod.Cache(store, None)
+        cache.riding = True
+        cache.touched(drive, [0, 1])
+        cache.flush()
+        assert store.cached(key) == (0, 0)  # left for the writer
+        touches = cache.take(key)
+        assert touches is not None and touches[0] == [0, 1]
+        assert cache.take(key) is None
+        store.put_block_items(key, [(4, block)], touches=touches)
+        assert store.cached(key) == (2, 2 * len(block))
+        # touches of 64 MiB while riding (blocks not held are skipped): the
+        # reader flushes them itself, as when nobody flushed for long
+        not_held = range(100, 100 + cache_mod.SYNC_FLUSH_BYTES // len(block))
+        cache.touched(drive, [2, 3, *not_held])
+        assert store.cached(key) == (4, 4 * len(block))
+        # idle again: flush writes at once
+        cache.riding = False
+        cache.touched(drive, [4])
+        cache.flush()
+        assert store.cached(key) == (5, 5 * len(block))
+        assert cache.take(key) is None

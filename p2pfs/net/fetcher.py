@@ -13,7 +13,8 @@ hold (a per-drive cache of verified nodes, `NodeCaches`) against
 opened from: its newest, unless no peer can serve that); the reply is verified against the signed head of exactly
 that length, so adopting a newer head meanwhile cannot make an honest reply
 look bad.  Verified blocks are written by a worker thread, many per
-transaction; their waiters wake once they are stored.
+transaction, with the cache's touches of what was read meanwhile
+(`Cache.riding`); their waiters wake once they are stored.
 
 Progress is judged by completed replies, never by bytes: a peer with
 requests out that completes none for `STALL_TIMEOUT` is stalled — its wants
@@ -51,6 +52,7 @@ STALL_TIMEOUT = 3.0        # a peer with requests out that completes none this l
 MAX_STALLS = 3             # ... and dropped after this many stall periods in a row
 REQUEST_TIMEOUT = 10.0     # one request skipped this long while later ones are answered
 DEFAULT_TIMEOUT = 30.0
+RIDE_IDLE = 0.25           # s the writer waits idle before it stops taking a drive's touches
 
 
 class _Want:
@@ -268,27 +270,51 @@ class Fetcher:
         """Store verified blocks in a worker thread (LMDB releases the GIL), a
         transaction per drive per round, then wake their waiters.  Blocks
         that arrive meanwhile gather into the next, larger, round."""
-        while True:
-            if not self._batch:
-                self._batch_event = trio.Event()
-                await self._batch_event.wait()
-                continue
-            batch, self._batch = self._batch, {}
-            self._writing = batch
-            self._writing_bytes, self._batch_bytes = self._batch_bytes, 0
-            try:
-                await trio.to_thread.run_sync(self._write, batch)
-            finally:
-                self._writing = {}
-                self._writing_bytes = 0
-                self._room_event.set()
-            for key, (items, _nodes) in batch.items():
-                drive = self._drive(key)
-                if drive is not None:  # verified by _accept, now stored
-                    drive.note_stored([block for block, _data in items])
-                for block, _data in items:
-                    self._done(key, block)
-            self.schedule()
+        riding: set = set()  # the caches whose touches our transactions take (Cache.riding)
+        try:
+            while True:
+                if not self._batch:
+                    self._batch_event = trio.Event()
+                    if riding:  # a fetch pauses between batches: keep taking its touches
+                        with trio.move_on_after(RIDE_IDLE):
+                            await self._batch_event.wait()
+                        if self._batch:
+                            continue
+                        for cache in riding:
+                            cache.riding = False  # idle: its own flushes write them again
+                        riding.clear()
+                    await self._batch_event.wait()
+                    continue
+                batch, self._batch = self._batch, {}
+                self._writing = batch
+                self._writing_bytes, self._batch_bytes = self._batch_bytes, 0
+                caches = {}
+                for key in batch:
+                    drive = self._drive(key)
+                    if drive is not None and drive.cache is not None:
+                        caches[key] = drive.cache
+                        drive.cache.riding = True
+                        riding.add(drive.cache)
+                try:
+                    await trio.to_thread.run_sync(self._write, batch, caches)
+                finally:
+                    self._writing = {}
+                    self._writing_bytes = 0
+                    self._room_event.set()
+                self._wake_stored(batch)
+        finally:
+            for cache in riding:
+                cache.riding = False
+
+    def _wake_stored(self, batch: dict) -> None:
+        """The batch is stored: wake the fetches waiting for its blocks."""
+        for key, (items, _nodes) in batch.items():
+            drive = self._drive(key)
+            if drive is not None:  # verified by _accept, now stored
+                drive.note_stored([block for block, _data in items])
+            for block, _data in items:
+                self._done(key, block)
+        self.schedule()
 
     def _being_stored(self, key: bytes) -> set[int]:
         """Blocks of a drive verified and waiting for (or in) the writer."""
@@ -299,9 +325,11 @@ class Fetcher:
                 out.update(b for b, _d in items[0])
         return out
 
-    def _write(self, batch: dict) -> None:
+    def _write(self, batch: dict, caches: dict) -> None:
         for key, (items, nodes) in batch.items():
-            self.store.put_block_items(key, items, nodes)
+            cache = caches.get(key)
+            touches = cache.take(key) if cache is not None else None
+            self.store.put_block_items(key, items, nodes, touches)
 
     def peer_gone(self, peer: Peer) -> None:
         if self._batch:  # what it sent before it went is verified: keep it
