@@ -38,13 +38,13 @@ def test_bep42_vectors(ip, rand, example):
     # one bit off in the 21-bit prefix, or another IP, fails
     assert not verify_id(bytes([node_id[0] ^ 0x01]) + node_id[1:], ip)
     assert not verify_id(bytes([node_id[0], node_id[1], node_id[2] ^ 0x08]) + node_id[3:], ip)
-    assert not verify_id(node_id, "8.8.8.8")
+    assert not verify_id(node_id, "198.51.100.88")
 
 
 def test_bep42_local_addresses_are_exempt():
     for host in ("127.0.0.1", "10.1.2.3", "192.168.0.9", "172.16.5.5", "169.254.1.1"):
         assert is_local(host) and verify_id(bytes(20), host)
-    assert not is_local("124.31.75.21")
+    assert not is_local("198.51.100.7")
 
 
 def test_crc32c_check_value():
@@ -62,19 +62,19 @@ def test_generated_ids_verify_for_random_ips():
 
 def test_external_ip_vote_needs_distinct_sources():
     vote = ExternalIpVote(votes_needed=3)
-    assert vote.add("1.1.1.1", "9.9.9.9") is None
-    assert vote.add("1.1.1.1", "9.9.9.9") is None  # the same voter again counts once
-    assert vote.add("2.2.2.2", "9.9.9.9") is None
-    assert vote.add("3.3.3.3", "6.6.6.6") is None
-    assert vote.add("4.4.4.4", "9.9.9.9") == "9.9.9.9"
-    assert vote.add("5.5.5.5", "9.9.9.9") is None  # already known
-    assert vote.address == "9.9.9.9"
+    assert vote.add("192.0.2.11", "192.0.2.99") is None
+    assert vote.add("192.0.2.11", "192.0.2.99") is None  # the same voter again counts once
+    assert vote.add("192.0.2.22", "192.0.2.99") is None
+    assert vote.add("192.0.2.33", "198.51.100.66") is None
+    assert vote.add("192.0.2.44", "192.0.2.99") == "192.0.2.99"
+    assert vote.add("192.0.2.55", "192.0.2.99") is None  # already known
+    assert vote.address == "192.0.2.99"
 
 
 def test_external_ip_vote_memory_is_bounded():
     vote = ExternalIpVote(votes_needed=3, max_voters=8)
     for i in range(1000):
-        vote.add(f"10.0.{i // 256}.{i % 256}", f"7.7.{i // 256}.{i % 256}")
+        vote.add(f"10.0.{i // 256}.{i % 256}", f"198.18.{i // 256}.{i % 256}")
     assert len(vote._votes) == 8
 
 
@@ -140,7 +140,7 @@ MESSAGES = [
     krpc.PutItem(T, ID, b"tok", b"li1ei2ee", bytes(32), b"salt", 5, bytes(64), cas=4),
     krpc.UnknownQuery(T, ID, b"sample_infohashes"),
     krpc.Response(T, ID),
-    krpc.Response(T, ID, ip=("1.2.3.4", 5), nodes=NODES, values=(("1.2.3.4", 80),), token=b"t"),
+    krpc.Response(T, ID, ip=("192.0.2.34", 5), nodes=NODES, values=(("192.0.2.34", 80),), token=b"t"),
     krpc.Response(T, ID, nodes=NODES, token=b"t", k=bytes(32), seq=0, sig=bytes(64), v=b"d1:ai1ee"),
     krpc.Error(T, krpc.PROTOCOL_ERROR, "bad token"),
 ]
@@ -223,10 +223,10 @@ def test_implied_port_may_omit_the_port():
 
 def test_unknown_fields_and_ipv6_are_ignored():
     data = bencode2.bencode({b"t": T, b"y": b"r", b"ip": b"x" * 18,
-                             b"r": {b"id": ID, b"nodes6": b"y" * 38, b"values": [b"z" * 18, b"\x01\x02\x03\x04\x00\x50"],
+                             b"r": {b"id": ID, b"nodes6": b"y" * 38, b"values": [b"z" * 18, b"\xc0\x00\x02\x22\x00\x50"],
                                     b"samples": b"q" * 20, b"future": {b"a": [1, 2]}}})
     msg = krpc.decode(data)
-    assert msg.ip is None and msg.values == (("1.2.3.4", 80),) and msg.nodes == ()
+    assert msg.ip is None and msg.values == (("192.0.2.34", 80),) and msg.nodes == ()
 
 
 def test_nesting_is_bounded_by_the_datagram():

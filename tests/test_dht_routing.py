@@ -25,7 +25,7 @@ def sharing(bits: int) -> bytes:
     return ((OWN_INT & keep) | ((OWN_INT ^ flip) & flip) | (r & (flip - 1))).to_bytes(20, "big")
 
 
-PUBLIC = [f"8.8.{i}.{i + 1}" for i in range(16)]
+PUBLIC = [f"203.0.113.{100 + i}" for i in range(16)]
 # IDs that overflow the first buckets (many share 0, 1 or 2 bits with OWN), a few deeper
 # ones (splits), IDs that follow BEP 42 for public IPs and some that break it on the same IPs
 LOOPBACK_IDS = [sharing(0) for _ in range(12)] + [sharing(1) for _ in range(12)] + \
@@ -239,8 +239,8 @@ def test_nobody_moves_a_known_node():
 
 def test_one_node_per_public_ip_but_many_on_loopback():
     t = RoutingTable(OWN, 0.0)
-    assert t.heard_from(IDS[0], "8.8.4.4", 1, 0.0)
-    assert not t.heard_from(IDS[1], "8.8.4.4", 2, 0.0)
+    assert t.heard_from(IDS[0], "198.51.100.44", 1, 0.0)
+    assert not t.heard_from(IDS[1], "198.51.100.44", 2, 0.0)
     assert t.heard_from(IDS[2], "127.0.0.1", 1, 0.0) and t.heard_from(IDS[3], "127.0.0.1", 2, 0.0)
     assert len(RoutingTable(OWN, 0.0, restrict_ips=False).buckets) == 1
 
@@ -358,15 +358,15 @@ def test_a_newcomer_takes_the_first_bad_slot():
 
 def test_a_bep42_node_pushes_out_the_least_recently_heard_unverified_one():
     t = RoutingTable(OWN, 0.0)
-    hosts = [("8.8.100.1", 5.0), ("8.8.100.2", 3.0), ("8.8.100.3", 4.0)] + \
+    hosts = [("198.51.100.101", 5.0), ("198.51.100.102", 3.0), ("198.51.100.103", 4.0)] + \
         [(f"127.0.5.{i + 1}", 1.0) for i in range(K - 3)]
     ids = _full_far_bucket(t, hosts)
     assert not any(t.get(i).verified for i in ids[:3])
     while True:  # a BEP 42 ID for a public IP that shares no bit with OWN
-        newcomer = generate_id("9.9.9.9")
+        newcomer = generate_id("192.0.2.99")
         if (int.from_bytes(newcomer, "big") ^ OWN_INT).bit_length() == ID_BITS:
             break
-    assert t.heard_from(newcomer, "9.9.9.9", 5000, 6.0)
+    assert t.heard_from(newcomer, "192.0.2.99", 5000, 6.0)
     assert ids[1] not in t and ids[0] in t and ids[2] in t
     unverified = sharing(0)  # an unverified newcomer waits instead
-    assert not t.heard_from(unverified, "8.8.100.9", 5000, 7.0)
+    assert not t.heard_from(unverified, "198.51.100.109", 5000, 7.0)

@@ -51,29 +51,29 @@ def test_expiry_and_bound():
 
 def test_dos_blocker_blocks_a_flooder_for_a_while():
     dos = DosBlocker(rate=5, window=10, block_for=300, slots=4)
-    allowed = sum(dos.allow("6.6.6.6", t * 0.01) for t in range(1000))  # 100 datagrams a second
+    allowed = sum(dos.allow("198.51.100.66", t * 0.01) for t in range(1000))  # 100 datagrams a second
     assert allowed == 49
-    assert not dos.allow("6.6.6.6", 299.0)
-    assert dos.blocked(299.0) == ["6.6.6.6"]
-    assert dos.allow("1.1.1.1", 1.0)           # others pass meanwhile
-    assert dos.allow("6.6.6.6", 311.0)         # the block ended
+    assert not dos.allow("198.51.100.66", 299.0)
+    assert dos.blocked(299.0) == ["198.51.100.66"]
+    assert dos.allow("192.0.2.11", 1.0)           # others pass meanwhile
+    assert dos.allow("198.51.100.66", 311.0)         # the block ended
     assert dos.blocked(311.0) == []
 
 
 def test_dos_blocker_lets_a_steady_source_through():
     dos = DosBlocker(rate=5, window=10, block_for=300)
-    assert all(dos.allow("1.1.1.1", t * 0.25) for t in range(4000))  # 4 a second, for 1000 s
+    assert all(dos.allow("192.0.2.11", t * 0.25) for t in range(4000))  # 4 a second, for 1000 s
 
 
 def test_dos_blocker_memory_is_constant_and_keeps_the_flooder():
     dos = DosBlocker(rate=5, window=10, block_for=300, slots=8)
     for t in range(60):
-        dos.allow("6.6.6.6", t * 0.01)
+        dos.allow("198.51.100.66", t * 0.01)
     r = random.Random(1)
     for i in range(10000):  # many one-off sources: they take the least active slots
         dos.allow(f"10.{r.randrange(256)}.{r.randrange(256)}.{r.randrange(256)}", 1.0 + i * 1e-4)
     assert len(dos._index) == 8 and len(dos._slots) == 8
-    assert not dos.allow("6.6.6.6", 2.0)
+    assert not dos.allow("198.51.100.66", 2.0)
 
 
 def test_rate_limit():
@@ -85,12 +85,12 @@ def test_rate_limit():
 
 def test_tokens_rotate_and_are_bound_to_the_ip():
     tokens = Tokens(0.0, rotate_every=300.0)
-    token = tokens.make("1.2.3.4", 10.0)
-    assert tokens.check(token, "1.2.3.4", 10.0)
-    assert not tokens.check(token, "1.2.3.5", 10.0)        # another IP
-    assert not tokens.check(token[:-1] + bytes([token[-1] ^ 1]), "1.2.3.4", 10.0)
-    assert tokens.check(token, "1.2.3.4", 310.0)           # previous secret: still good
-    assert tokens.make("1.2.3.4", 310.0) != token          # a new secret makes new tokens
-    assert not tokens.check(token, "1.2.3.4", 610.0)       # two rotations later: gone
-    fresh = tokens.make("1.2.3.4", 610.0)
-    assert not tokens.check(fresh, "1.2.3.4", 1300.0)      # after a long silence both secrets go
+    token = tokens.make("192.0.2.34", 10.0)
+    assert tokens.check(token, "192.0.2.34", 10.0)
+    assert not tokens.check(token, "192.0.2.35", 10.0)        # another IP
+    assert not tokens.check(token[:-1] + bytes([token[-1] ^ 1]), "192.0.2.34", 10.0)
+    assert tokens.check(token, "192.0.2.34", 310.0)           # previous secret: still good
+    assert tokens.make("192.0.2.34", 310.0) != token          # a new secret makes new tokens
+    assert not tokens.check(token, "192.0.2.34", 610.0)       # two rotations later: gone
+    fresh = tokens.make("192.0.2.34", 610.0)
+    assert not tokens.check(fresh, "192.0.2.34", 1300.0)      # after a long silence both secrets go

@@ -14,38 +14,38 @@ IH = [bytes([i]) * 20 for i in range(10)]
 
 def test_peers_expire():
     s = PeerStore()
-    s.announce(IH[0], ("1.1.1.1", 80), 0.0)
-    s.announce(IH[0], ("1.1.1.2", 80), 100.0)
-    assert sorted(s.get(IH[0], 1.0)) == [("1.1.1.1", 80), ("1.1.1.2", 80)]
-    assert s.get(IH[0], PEER_TTL + 1) == [("1.1.1.2", 80)]   # lazily hidden
+    s.announce(IH[0], ("192.0.2.11", 80), 0.0)
+    s.announce(IH[0], ("192.0.2.12", 80), 100.0)
+    assert sorted(s.get(IH[0], 1.0)) == [("192.0.2.11", 80), ("192.0.2.12", 80)]
+    assert s.get(IH[0], PEER_TTL + 1) == [("192.0.2.12", 80)]   # lazily hidden
     s.expire(PEER_TTL + 1)
     assert len(s) == 1
     s.expire(PEER_TTL + 200)
     assert len(s) == 0 and s.infohashes == 0
-    s.announce(IH[1], ("1.1.1.1", 80), 0.0)
-    s.announce(IH[1], ("1.1.1.1", 80), PEER_TTL - 1)         # a re-announce extends
-    assert s.get(IH[1], PEER_TTL + 1) == [("1.1.1.1", 80)] and len(s) == 1
+    s.announce(IH[1], ("192.0.2.11", 80), 0.0)
+    s.announce(IH[1], ("192.0.2.11", 80), PEER_TTL - 1)         # a re-announce extends
+    assert s.get(IH[1], PEER_TTL + 1) == [("192.0.2.11", 80)] and len(s) == 1
 
 
 def test_peer_store_bounds():
     s = PeerStore(max_per_infohash=4, max_infohashes=3, max_peers=10)
     for i in range(6):
-        s.announce(IH[0], (f"1.1.1.{i}", 80), float(i))
-    assert sorted(s.get(IH[0], 10.0)) == [(f"1.1.1.{i}", 80) for i in range(2, 6)]  # oldest went
+        s.announce(IH[0], (f"192.0.2.{100 + i}", 80), float(i))
+    assert sorted(s.get(IH[0], 10.0)) == [(f"192.0.2.{100 + i}", 80) for i in range(2, 6)]  # oldest went
     for j in range(1, 5):
-        s.announce(IH[j], ("2.2.2.2", 80), 10.0)
+        s.announce(IH[j], ("192.0.2.22", 80), 10.0)
     assert s.infohashes == 3 and s.get(IH[1], 11.0) == []    # least recently announced went
     big = PeerStore(max_per_infohash=100, max_infohashes=100, max_peers=10)
     for j in range(5):
         for i in range(5):
-            big.announce(IH[j], (f"3.3.3.{i}", 80), 0.0)
+            big.announce(IH[j], (f"198.51.100.{i}", 80), 0.0)
     assert len(big) <= 10 and big.get(IH[4], 1.0)
 
 
 def test_peer_replies_are_bounded_samples():
     s = PeerStore()
     for i in range(128):
-        s.announce(IH[0], (f"4.4.{i}.1", 80), 0.0)
+        s.announce(IH[0], (f"198.18.{i}.1", 80), 0.0)
     got = s.get(IH[0], 1.0, limit=50, rng=random.Random(3))
     assert len(got) == len(set(got)) == 50
     assert s.get(IH[9], 1.0) == []

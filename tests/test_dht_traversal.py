@@ -18,7 +18,7 @@ class Net:
 
     def __init__(self, n: int, seed: int = 1, dead: float = 0.0):
         self.rng = random.Random(seed)
-        self.nodes = [NodeInfo(self.rng.randbytes(20), f"9.{i // 250}.{i % 250}.1", 6881) for i in range(n)]
+        self.nodes = [NodeInfo(self.rng.randbytes(20), f"198.18.{i // 250}.{i % 250 + 1}", 6881) for i in range(n)]
         self.by_address = {x.address: x for x in self.nodes}
         self.dead = {x.address for x in self.nodes if self.rng.random() < dead}
 
@@ -93,11 +93,11 @@ def test_endless_fresh_garbage_still_terminates():
     def liar(lookup, c):  # every answer names 8 never-seen nodes, each time closer to the target
         t, b = int.from_bytes(target, "big"), next(bits)
         nodes = tuple(NodeInfo((t ^ (1 << b) ^ rng.getrandbits(b)).to_bytes(20, "big"),
-                               f"9.9.{rng.randrange(256)}.{rng.randrange(1, 255)}", rng.randrange(1, 65536))
+                               f"198.19.{rng.randrange(256)}.{rng.randrange(1, 255)}", rng.randrange(1, 65536))
                       for _ in range(8))
         return Response(b"t", c.id if c.id else rng.randbytes(20), nodes=nodes)
 
-    lookup = traversal.FindNode(target, [(None, ("9.0.0.1", 1))])
+    lookup = traversal.FindNode(target, [(None, ("198.51.100.1", 1))])
     drive(lookup, liar)
     assert lookup.queries == traversal.MAX_QUERIES
     assert len(lookup._sorted) <= traversal.MAX_CANDIDATES
@@ -105,17 +105,17 @@ def test_endless_fresh_garbage_still_terminates():
 
 def test_hostile_node_lists_are_filtered():
     own = bytes(20)
-    lookup = traversal.FindNode(bytes([1]) * 20, [(None, ("9.0.0.1", 6881))], own_id=own)
+    lookup = traversal.FindNode(bytes([1]) * 20, [(None, ("198.51.100.1", 6881))], own_id=own)
     c, = lookup.next_queries()
     junk = (NodeInfo(b"\x01" * 20, "127.0.0.1", 53),     # our loopback, from a stranger
             NodeInfo(b"\x02" * 20, "192.168.1.1", 80),   # our LAN, from a stranger
-            NodeInfo(b"\x03" * 20, "9.0.0.9", 0),        # port 0
+            NodeInfo(b"\x03" * 20, "198.51.100.9", 0),        # port 0
             NodeInfo(b"\x04" * 20, "224.0.0.1", 5),      # multicast
             NodeInfo(b"\x05" * 20, "0.0.0.0", 5),
-            NodeInfo(own, "9.0.0.7", 5),                 # ourselves
-            NodeInfo(b"\x06" * 20, "9.0.0.8", 6881))     # fine
+            NodeInfo(own, "198.51.100.7", 5),                 # ourselves
+            NodeInfo(b"\x06" * 20, "198.51.100.8", 6881))     # fine
     lookup.reply(c.address, Response(b"t", b"\x07" * 20, nodes=junk))
-    assert [x.address for x in lookup._sorted if x.state == traversal.NEW] == [("9.0.0.8", 6881)]
+    assert [x.address for x in lookup._sorted if x.state == traversal.NEW] == [("198.51.100.8", 6881)]
     assert lookup.rejected_nodes == 5
     # from a local source, local nodes are fine (a LAN or loopback DHT)
     local = traversal.FindNode(bytes(20), [(None, ("127.0.0.2", 1))])
@@ -125,7 +125,7 @@ def test_hostile_node_lists_are_filtered():
 
 
 def test_an_answer_from_another_id_fails_the_candidate():
-    lookup = traversal.FindNode(bytes(20), [NodeInfo(b"\x01" * 20, "9.0.0.1", 1)])
+    lookup = traversal.FindNode(bytes(20), [NodeInfo(b"\x01" * 20, "198.51.100.1", 1)])
     c, = lookup.next_queries()
     lookup.reply(c.address, Response(b"t", b"\x02" * 20))
     assert c.state == traversal.FAILED and lookup.done and lookup.closest() == []
@@ -141,13 +141,13 @@ def test_get_peers_collects_bounded_usable_peers_and_tokens():
     def answer(lookup, c):
         r = net.answer(lookup, c)
         if c.address in holders:
-            values = tuple((f"5.5.{i}.{j}", 7640) for i in range(30) for j in range(1, 10)) + (("9.9.9.9", 0),)
+            values = tuple((f"198.19.{i}.{j}", 7640) for i in range(30) for j in range(1, 10)) + (("192.0.2.99", 0),)
             r = Response(r.t, r.id, nodes=r.nodes, values=values, token=r.token)
         return r
 
     lookup = traversal.GetPeers(target, net.nodes[:3])
     drive(lookup, answer)
-    assert len(lookup.peers) == 270 and ("9.9.9.9", 0) not in lookup.peers
+    assert len(lookup.peers) == 270 and ("192.0.2.99", 0) not in lookup.peers
     assert len(lookup.closest(K, with_token=True)) == K
 
 
@@ -185,12 +185,12 @@ def test_get_item_keeps_the_highest_valid_seq():
 
 
 def test_store_round_counts_acks():
-    cands = [traversal.Candidate(bytes([i]) * 20, (f"9.0.0.{i}", 1), i) for i in range(1, 4)]
+    cands = [traversal.Candidate(bytes([i]) * 20, (f"198.51.100.{i}", 1), i) for i in range(1, 4)]
     r = traversal.StoreRound(cands)
-    r.reply(("9.0.0.1", 1), True)
-    r.reply(("9.0.0.1", 1), True)   # once per node
-    r.reply(("9.0.0.2", 1), False)
-    r.reply(("9.9.9.9", 1), True)   # not asked
+    r.reply(("198.51.100.1", 1), True)
+    r.reply(("198.51.100.1", 1), True)   # once per node
+    r.reply(("198.51.100.2", 1), False)
+    r.reply(("192.0.2.99", 1), True)   # not asked
     assert not r.done and r.acks == 1 and r.errors == 1
-    r.reply(("9.0.0.3", 1), True)
+    r.reply(("198.51.100.3", 1), True)
     assert r.done and r.acks == 2
