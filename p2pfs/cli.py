@@ -181,11 +181,18 @@ def cmd_create(args) -> int:
     return 0
 
 
+def _whole_drive(text: str, why: str) -> bytes:
+    """The key of a command that acts on a drive, not a version: KEY@N is a
+    usage error saying `why`."""
+    key, version = parse_drive_ref(text)
+    if version is not None:
+        raise UsageError(f"{why}: give the key without @VERSION")
+    return key
+
+
 def cmd_import(args) -> int:
     store = _store(args)
-    key, version = parse_drive_ref(args.key)
-    if version is not None:
-        raise UsageError("import writes a new version: give the key without @VERSION")
+    key = _whole_drive(args.key, "import writes a new version")
     drive = local_drive(store, key)
     progress = Bar(args.quiet, "import")
     try:
@@ -755,9 +762,7 @@ async def _pin(args) -> int:
     from . import download
     from .index import normalize_path
     store = _store(args)
-    key, version = parse_drive_ref(args.key)
-    if version is not None:
-        raise UsageError("pin keeps a drive's newest version: give the key without @VERSION")
+    key = _whole_drive(args.key, "pin keeps a drive's newest version")
     path = normalize_path(args.path) if args.path is not None else None
     async with open_drive(store, key, **read_options(args)) as drive:
         usage = cache_usage(store, key)
@@ -827,9 +832,7 @@ def cmd_gc(args) -> int:
 
 def cmd_forget(args) -> int:
     store = _store(args)
-    key, version = parse_drive_ref(args.key)
-    if version is not None:
-        raise UsageError("forget drops a whole drive: give the key without @VERSION")
+    key = _whole_drive(args.key, "forget drops a whole drive")
     text = crypto.encode_key(key)
     if store.get_drive(key) is None and store.latest_head(key) is None:
         raise NotFoundError(f"unknown drive {text}: nothing to forget")

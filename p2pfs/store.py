@@ -657,9 +657,8 @@ class Store:
     @_guard
     def held(self, key: bytes) -> tuple[int, int]:
         """(blocks held, bytes held) for a drive: one read."""
-        with self.env.begin(db=self._held) as txn:
-            raw = txn.get(key)
-        return _HELD.unpack(raw) if raw is not None else (0, 0)
+        with self.env.begin() as txn:
+            return self._counter(txn, self._held, key)
 
     @_guard_iter
     def block_indices(self, key: bytes, start: int = 0) -> Iterator[int]:
@@ -831,9 +830,8 @@ class Store:
     @_guard
     def cached(self, key: bytes) -> tuple[int, int]:
         """(blocks, bytes) of a drive in the cache's bookkeeping (evictable)."""
-        with self.env.begin(db=self._cached) as txn:
-            raw = txn.get(key)
-        return _HELD.unpack(raw) if raw is not None else (0, 0)
+        with self.env.begin() as txn:
+            return self._counter(txn, self._cached, key)
 
     @_guard
     def cache_usage(self) -> tuple[int, int]:
@@ -886,14 +884,19 @@ class Store:
                 self._add_counter(txn, self._held, key, b, n)
         return freed, freed_bytes
 
-    def _add_counter(self, txn, db, key: bytes, count: int, nbytes: int) -> None:
+    @staticmethod
+    def _counter(txn, db, key: bytes) -> tuple[int, int]:
+        """A drive's (blocks, bytes) counter in `db` (held or cached); (0, 0) if none."""
         raw = txn.get(key, db=db)
-        blocks, size = _HELD.unpack(raw) if raw is not None else (0, 0)
+        return _HELD.unpack(raw) if raw is not None else (0, 0)
+
+    def _add_counter(self, txn, db, key: bytes, count: int, nbytes: int) -> None:
+        blocks, size = self._counter(txn, db, key)
         blocks, size = max(0, blocks + count), max(0, size + nbytes)
         if blocks or size:
             txn.put(key, _HELD.pack(blocks, size), db=db)
-        elif raw is not None:
-            txn.delete(key, db=db)
+        else:
+            txn.delete(key, db=db)  # none left: no record (a no-op if there was none)
 
     @_guard
     def forget_some(self, key: bytes) -> int:
