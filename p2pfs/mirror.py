@@ -134,14 +134,20 @@ def link_problem(parts: tuple[bytes, ...], target: bytes, safe: bool) -> str | N
     if safe:
         if target.startswith(b"/"):
             return "absolute link target (--safe-links)"
+        # '..' only before the first name: after a name it would climb out
+        # of wherever that name leads, and the name may be another link
+        # (d/up -> '..' then x -> 'd/up/..' is DIR/..)
         depth = len(parts) - 1
+        named = False
         for p in target.split(b"/"):
             if p == b"..":
+                if named:
+                    return "link target climbs up after a name (--safe-links)"
                 depth -= 1
                 if depth < 0:
                     return "link target leaves the directory (--safe-links)"
             elif p not in (b"", b"."):
-                depth += 1
+                named = True
     return None
 
 

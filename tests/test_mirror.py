@@ -313,6 +313,29 @@ def test_acceptance_2_a_hostile_drive_writes_nothing_outside_dir(tmp_path, home)
     assert sorted(os.listdir(out2)) == ["dir", "file", "ok.txt", "rel"]
 
 
+def test_safe_links_refuse_a_climb_through_another_link(tmp_path, home):
+    """Each link looks safe alone: d/up -> '..' is DIR, and 'd/up/..' never
+    goes above DIR as text.  But d/up is a link, so chain -> 'd/up/..' is
+    DIR/..: --safe-links refuses any '..' after a name."""
+    out = tmp_path / "out"
+    d = Entry(KIND_DIR, 0o755, T)
+
+    def link(target: bytes) -> Entry:
+        return Entry(KIND_SYMLINK, 0o777, T, len(target), (), target)
+
+    entries = {b"": d, b"/\x00d": d, b"/d\x00up": link(b".."), b"/\x00chain": link(b"d/up/.."),
+               b"/\x00near": link(b"d/../d"), b"/\x00ok": link(b"d/up")}
+    with Store(home) as store:
+        key = forge(store, entries)
+    r, ev = mirror(home, key, out, "--safe-links", check=False)
+    refused = {e["path"]: e["reason"] for e in ev if e["event"] == "refused"}
+    assert refused == {"/chain": "link target climbs up after a name (--safe-links)",
+                       "/near": "link target climbs up after a name (--safe-links)"}, refused
+    assert r.returncode == 1
+    assert os.readlink(out / "d" / "up") == ".." and os.readlink(out / "ok") == "d/up"
+    assert sorted(os.listdir(out)) == ["d", "ok"]
+
+
 # --- acceptance 4: kill -9 mid-transfer ---------------------------------------------------
 
 def test_acceptance_4_mirror_live_killed_mid_transfer_resumes(tmp_path, home, home2):
