@@ -663,8 +663,9 @@ class Drive:
     async def diff(self, old: Commit, new: Commit) -> list[tuple[bytes, Entry | None, Entry | None]]:
         """(path, old entry, new entry) of every path that differs between two
         versions (`index.diff`: subtrees both share are not read).  Keys that
-        are no path are left out (and reported once); entries are shown as
-        readers see them (`sanitized`)."""
+        are no path are left out (and reported once), and so are paths whose
+        entry makes no sense on either side (`check_entry`); entries are
+        shown as readers see them (`sanitized`)."""
         changes = await self._sync(
             lambda: list(index.diff(self.reader, old.root, new.root, self.node_cache, raw=True)))
         out = []
@@ -674,8 +675,12 @@ class Drive:
                 self._report((parent, name), f"drive {self.key_text}: {shown(parent)}: an entry "
                              f"with an invalid name {name!r} is left out")
                 continue
-            out.append((index.key_path(key), before and sanitized(before),
-                        after and sanitized(after)))
+            path = index.key_path(key)
+            try:
+                out.append((path, before and self.check_entry(path, before),
+                            after and self.check_entry(path, after)))
+            except VerificationError as exc:  # nonsense fields: reported, left out
+                self._report((path, "entry"), f"{exc}; left out of the comparison")
         return out
 
     async def diff_keys(self, old: Commit | None, new: Commit,

@@ -652,3 +652,37 @@ def test_diff_leaves_out_keys_that_are_no_path(home, st):
     changes = {c["path"]: c for c in json.loads(r.out)["changes"]}
     assert set(changes) == {"/a/ok", "/s"}, changes
     assert len(warnings_of(r)) == 2 and all("invalid name" in w for w in warnings_of(r))
+
+
+def test_diff_and_a_seeders_changed_blocks_leave_out_nonsense_entries(home, st):
+    """An entry added in version 2 whose extent claims 2^46 blocks: `diff`
+    and the blocks a seeder of new versions (`seed --latest`, pinned
+    folders) fetches used to take it as it was, and the seeder looped
+    2^46 times on its trio thread.  Now it is checked like every entry
+    readers see: reported, left out."""
+    import json
+    import time as _time
+
+    import trio
+
+    from p2pfs import download
+    from p2pfs.drive import Drive
+
+    forge = Forge(st)
+    base = {ROOT: d()}
+    forge.commit(forge.leaf(base))
+    ok = forge.file(b"fine\n")
+    huge = forge.file(b"x", size=2**62, extents=((1, 2**46),))
+    forge.commit(forge.leaf({**base, key(b"/", b"ok"): ok, key(b"/", b"huge"): huge}))
+    r = run_cli(home, "diff", forge.key_text, "1", "2", "--json")
+    assert [c["path"] for c in json.loads(r.out)["changes"]] == ["/ok"], r.out
+    assert any("/huge" in w and "past the end of the version" in w for w in warnings_of(r)), r.stderr
+
+    async def changed():
+        drive = await Drive(st, forge.key).open()
+        (_l2, new), (_l1, old) = drive.versions()[:2]
+        return await download.changed_blocks(drive, old, new)
+    started = _time.monotonic()
+    blocks = trio.run(changed)
+    assert _time.monotonic() - started < 10
+    assert blocks == {ok.extents[0][0]: 5}, blocks
