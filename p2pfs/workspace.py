@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from . import index
-from .drive import MAX_TARGET, MODE_BITS, OWN_XATTRS, USER_XATTRS, Drive
+from .drive import MAX_TARGET, MODE_BITS, OWN_XATTRS, USER_XATTRS, Drive, sanitized
 from .errors import P2pfsError
 from .index import KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_PATH, Entry
 from .publish import WriteResult, _extents, appender_at, seal_version
@@ -157,6 +157,11 @@ class Workspace:
     # --- reading the tree ------------------------------------------------------------
 
     def _shown(self, path: bytes, entry: Entry | None) -> Entry | None:
+        """What the mount shows of an entry: as readers see it (`sanitized`:
+        no setuid/setgid/sticky bit, only user. xattrs), whatever an earlier
+        version written elsewhere holds, and with an open file's size."""
+        if entry is not None:
+            entry = sanitized(entry)
         if entry is not None and entry.kind == KIND_FILE:
             f = self.by_path.get(path)
             if f is not None and (f.size != entry.size or f.mtime_ns != entry.mtime_ns):
@@ -180,7 +185,9 @@ class Workspace:
             raise _fail(errno.ENOENT)
         if entry.kind != KIND_DIR:
             raise _fail(errno.ENOTDIR)
-        return [(name, self._shown(_join(path, name), e)) for name, e in self.writer.children(path)]
+        # names no drive may hold (from a version written elsewhere) are not shown
+        return [(name, self._shown(_join(path, name), e)) for name, e in self.writer.children(path)
+                if index.valid_name(name)]
 
     def _need(self, path: bytes) -> Entry:
         entry = self._get(path)

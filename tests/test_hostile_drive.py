@@ -211,11 +211,15 @@ async def test_f4_bad_names_are_skipped_and_reported_once(home, st):
 
 
 @needs_fuse
-def test_f4_mount_lists_only_valid_names(tmp_path, home, st):
+@pytest.mark.parametrize("rw", [False, True], ids=["read-only", "owner-rw"])
+def test_f4_mount_lists_only_valid_names(tmp_path, home, st, rw):
+    """Also the owner's `mount --rw` of a version written elsewhere."""
     from test_mount import mounted
     forge = _bad_names(st)
+    if rw:
+        st.save_secret(forge.key_text, forge.seed)
     mnt = tmp_path / "mnt"
-    with mounted(home, forge.key_text, mnt):
+    with mounted(home, forge.key_text, mnt, *(["--rw"] if rw else [])):
         assert os.path.isdir(mnt)  # the empty name did not take over the root inode
         assert sorted(os.listdir(mnt)) == ["ok", "sub"]
         assert os.listdir(mnt / "sub") == ["fine"]
@@ -304,10 +308,24 @@ def _privileged(st) -> Forge:
 
 @needs_fuse
 def test_f2_no_setuid_bit_and_no_privileged_xattr_reaches_a_reader(tmp_path, home, st):
-    from test_mount import mounted
     forge = _privileged(st)
+    _no_privilege_through_the_mount(tmp_path, home, forge)
+    r = run_cli(home, "ls", "-l", forge.key_text)
+    assert r.stdout.startswith(b"drwxrwxrwx ") and b"\n-rwxr-xr-x " in r.stdout
+
+
+@needs_fuse
+def test_f2_nor_through_the_owners_writable_mount(tmp_path, home, st):
+    """The owner's `mount --rw` of a version written elsewhere: the same."""
+    forge = _privileged(st)
+    st.save_secret(forge.key_text, forge.seed)
+    _no_privilege_through_the_mount(tmp_path, home, forge, "--rw")
+
+
+def _no_privilege_through_the_mount(tmp_path, home, forge, *extra):
+    from test_mount import mounted
     mnt = tmp_path / "mnt"
-    with mounted(home, forge.key_text, mnt):
+    with mounted(home, forge.key_text, mnt, *extra):
         for name, mode in (("suid", 0o755), ("sticky", 0o777)):
             p = mnt / name
             assert os.stat(p).st_mode & 0o7777 == mode
@@ -324,8 +342,6 @@ def test_f2_no_setuid_bit_and_no_privileged_xattr_reaches_a_reader(tmp_path, hom
         for p in (copy / "suid", copy / "sticky"):
             assert os.lstat(p).st_mode & 0o7000 == 0
             assert os.listxattr(p, follow_symlinks=False) == ["user.ok"]
-    r = run_cli(home, "ls", "-l", forge.key_text)
-    assert r.stdout.startswith(b"drwxrwxrwx ") and b"\n-rwxr-xr-x " in r.stdout
 
 
 @needs_fuse
