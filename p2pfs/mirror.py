@@ -184,13 +184,21 @@ class Exporter:
         """Descriptor of DIR/parts (cached; do not close).  Missing directories
         are made (mode 0700 until finished) if `create`, else FileNotFoundError.
         Refused if a component is not a directory (a link is never followed)."""
-        if not parts:
-            return self._root_fd
-        fd = self._fds.get(parts)
-        if fd is not None:
-            self._fds.move_to_end(parts)
-            return fd
-        parent = self.dir(parts[:-1], create)
+        # from the deepest cached ancestor down, one level at a time (a loop:
+        # a drive's tree may be deeper than Python's recursion limit)
+        depth, fd = len(parts), None
+        while depth and (fd := self._fds.get(parts[:depth])) is None:
+            depth -= 1
+        if depth:
+            self._fds.move_to_end(parts[:depth])
+        else:
+            fd = self._root_fd
+        for depth in range(depth + 1, len(parts) + 1):
+            fd = self._open_dir(parts[:depth], fd, create)
+        return fd
+
+    def _open_dir(self, parts: tuple[bytes, ...], parent: int, create: bool) -> int:
+        """Open (making it if `create`) DIR/parts in its parent's descriptor; cache it."""
         name = parts[-1]
         try:
             fd = os.open(name, _DIR_FLAGS, dir_fd=parent)

@@ -336,6 +336,42 @@ def test_safe_links_refuse_a_climb_through_another_link(tmp_path, home):
     assert sorted(os.listdir(out)) == ["d", "ok"]
 
 
+def test_a_tree_deeper_than_the_recursion_limit(tmp_path, home):
+    """1,500 nested directories (a path of 3,000 bytes, which drives allow):
+    the exporter opened a directory by recursing into its parent, and a
+    drive this deep ended the mirror with RecursionError."""
+    from hostile import Forge
+    depth = 1500
+    with Store(home) as store:
+        f = Forge(store, block_size=1 << 19)
+        d = Entry(KIND_DIR, 0o755, T)
+        items = {b"": d}
+        parent = b""
+        for _ in range(depth):
+            items[(parent or b"/") + b"\x00a"] = d
+            parent += b"/a"
+        items[parent + b"\x00bottom.txt"] = f.file(b"at the bottom\n")
+        keys = sorted(items)
+        leaves, separators, size, first = [], [], 0, 0
+        for i, k in enumerate(keys):  # leaves of at most about 450 KB
+            size += len(k) + 40
+            if size > 450_000 or i == len(keys) - 1:
+                upto = i + 1 if i == len(keys) - 1 else i
+                leaves.append(f.leaf({k: items[k] for k in keys[first:upto]}))
+                if upto < len(keys):
+                    separators.append(keys[upto])
+                first, size = upto, len(k) + 40
+        f.commit(f.internal(separators, leaves))
+        key = f.key_text
+    out = tmp_path / "out"
+    mirror(home, key, out)
+    deepest = out.joinpath(*["a"] * depth)
+    try:
+        assert (deepest / "bottom.txt").read_bytes() == b"at the bottom\n"
+    finally:  # shutil.rmtree (pytest's clean-up) recurses too: rm does not
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+
+
 # --- acceptance 4: kill -9 mid-transfer ---------------------------------------------------
 
 def test_acceptance_4_mirror_live_killed_mid_transfer_resumes(tmp_path, home, home2):
