@@ -180,8 +180,11 @@ class Cache:
             return
         blocks = list(blocks)
         with self._lock:
-            self._pending.setdefault(drive.key, set()).update(blocks)
-            n = len(blocks) * drive.block_size
+            pending_blocks = self._pending.setdefault(drive.key, set())
+            before = len(pending_blocks)
+            pending_blocks.update(blocks)
+            # only what is new counts (small reads touch one block many times)
+            n = (len(pending_blocks) - before) * drive.block_size
             self._pending_bytes += n
             self._pending_bytes_of[drive.key] = self._pending_bytes_of.get(drive.key, 0) + n
             pending = self._pending_bytes

@@ -291,3 +291,24 @@ def test_touches_ride_on_the_block_writes_of_a_fetch(tmp_path):
         cache.flush()
         assert store.cached(key) == (5, 5 * len(block))
         assert cache.take(key) is None
+
+
+def test_a_block_read_many_times_counts_once_towards_a_flush(tmp_path):
+    """Small reads touch one block many times: only blocks new to the
+    pending set count towards FLUSH_BYTES (each wake costs a commit)."""
+    import os
+    from types import SimpleNamespace
+
+    from p2pfs import cache as cache_mod
+    from p2pfs.store import Store
+
+    drive = SimpleNamespace(key=os.urandom(32), block_size=65536)
+    wakes = []
+    with Store(tmp_path / "home") as store:
+        cache = cache_mod.Cache(store, None)
+        cache.wake = lambda: wakes.append(1)
+        for _ in range(2 * cache_mod.FLUSH_BYTES // drive.block_size):
+            cache.touched(drive, [7])  # 4 KiB reads of one 64 KiB block
+        assert wakes == []
+        cache.touched(drive, range(100, 100 + cache_mod.FLUSH_BYTES // drive.block_size))
+        assert wakes == [1]
