@@ -50,7 +50,10 @@ def parse_size(text: str, what: str = "--cache-size") -> int:
     m = _SIZE.match(str(text))
     if not m:
         raise UsageError(f"{what}: {text!r} is not a size (give e.g. 100M, 2G or a number of bytes)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if size >= 2**63:  # also inf, from a number too long for a float
+        raise UsageError(f"{what}: {text!r} is too large")
+    return int(size)
 
 
 def config_path() -> Path | None:

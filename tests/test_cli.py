@@ -561,3 +561,12 @@ def test_json_of_ls_and_drives(tmp_path, home):
     assert {"version", "length", "bytes_held", "writable", "state", "bytes_cached",
             "bytes_pinned", "pinned_paths"} <= drives[0].keys()
     assert drives[0]["state"] == "owned" and drives[0]["writable"] is True
+
+
+def test_a_size_too_large_is_a_usage_error(home):
+    """--cache-size with more digits than a float holds was int(inf): a
+    traceback, not one line."""
+    for size in ("9" * 400, "9" * 30 + "T"):
+        r = run_cli(home, "gc", "--cache-size", size, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines() == [f"p2pfs: --cache-size: {size!r} is too large"], r.stderr
