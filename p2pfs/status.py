@@ -98,7 +98,9 @@ class StatusFile:
             self._last = (now, traffic.up, traffic.down)
             state.update(bytes_up=traffic.up, bytes_down=traffic.down,
                          rate_up=round(rate_up), rate_down=round(rate_down))
-        write_private_file(self.path, json.dumps(state).encode() + b"\n")
+        # rewritten every second from the trio thread: no fsync (a process
+        # that dies leaves a stale file, which readers drop anyway)
+        write_private_file(self.path, json.dumps(state).encode() + b"\n", durable=False)
         return state
 
     def close(self) -> None:

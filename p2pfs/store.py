@@ -1143,10 +1143,12 @@ def write_key_file(path: Path, secret: bytes, *, keep_existing: bool = False) ->
     write_private_file(path, secret.hex().encode() + b"\n", keep_existing=keep_existing)
 
 
-def write_private_file(path: Path, data: bytes, *, keep_existing: bool = False) -> None:
+def write_private_file(path: Path, data: bytes, *, keep_existing: bool = False,
+                       durable: bool = True) -> None:
     """Write `data` to `path`, mode 0600, fsynced, atomically (a reader sees the old
     file or the new one, whole).  With keep_existing, a file another process wrote
-    first wins.  Raises OSError."""
+    first wins.  Without `durable`, no fsync (a report rewritten every second:
+    a crash may lose its last state, never leave half of it).  Raises OSError."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes never share one
     fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
@@ -1154,7 +1156,8 @@ def write_private_file(path: Path, data: bytes, *, keep_existing: bool = False) 
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     if not keep_existing:
