@@ -53,7 +53,7 @@ from p2pfs.crypto import encode_key
 from p2pfs.drive import Drive
 from p2pfs.errors import P2pfsError, ReadOnlyError, UsageError
 from p2pfs.fs import DriveFS
-from p2pfs.publish import begin_version
+from p2pfs.publish import prepare_version
 from p2pfs.store import Staging
 from p2pfs.wfs import DEFAULT_COMMIT_INTERVAL, WritableFS
 from p2pfs.workspace import Workspace
@@ -409,7 +409,7 @@ async def _writable_fs(store, ref: str, net: node.NetOptions, opts: Writable):
                             f"file {store.key_path(drive.key_text)} is not in this home "
                             f"({store.home}); mount it without --rw to read it") from None
     with store.writer_lock(key, f"drive {drive.key_text}"):
-        _app, pad_to = begin_version(drive, opts.log)
+        pad_to = prepare_version(drive, opts.log)
         staging, left = Staging.open_fresh(store.home, key)
         if left is not None:
             opts.log(f"p2pfs: a writable mount of drive {drive.key_text} was killed before it "

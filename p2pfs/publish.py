@@ -556,10 +556,17 @@ def import_directory(drive: Drive, directory: str | os.PathLike, *, message: str
 def begin_version(drive: Drive, warn: Callable[[str], None] | None = None,
                   progress: Progress | None = None,
                   stop: threading.Event | None = None) -> tuple[_Appender, int]:
-    """Start the next version of an owned drive (the caller holds its writer
-    lock): move `drive` to the newest version this home can read, delete the
-    garbage past it, and return an appender positioned there and the length
-    the new commit must pass (`_past_unreadable`)."""
+    """`prepare_version`, then an appender positioned after that version
+    (close it on every path) and the length the new commit must pass."""
+    pad_to = prepare_version(drive, warn)
+    return appender_at(drive, progress, stop), pad_to
+
+
+def prepare_version(drive: Drive, warn: Callable[[str], None] | None = None) -> int:
+    """Make ready the next version of an owned drive (the caller holds its
+    writer lock): move `drive` to the newest version this home can read,
+    delete the garbage past it, and return the length the new commit must
+    pass (`_past_unreadable`)."""
     store, key = drive.store, drive.key
     latest = store.latest_head(key)  # another process may have written since
     if latest is None:
@@ -572,8 +579,7 @@ def begin_version(drive: Drive, warn: Callable[[str], None] | None = None,
     # newer signed version this home cannot read (its commit is not here).
     length = drive.length
     store.discard_blocks_from(key, length)
-    pad_to = _past_unreadable(drive, warn)
-    return appender_at(drive, progress, stop), pad_to
+    return _past_unreadable(drive, warn)
 
 
 def appender_at(drive: Drive, progress: Progress | None = None,
