@@ -35,7 +35,7 @@ import trio
 from . import flat
 from .drive import Drive
 from .errors import P2pfsError
-from .index import KIND_DIR, KIND_FILE, Entry
+from .index import KIND_DIR, KIND_FILE, Entry, shown
 
 CHUNK = 1024        # blocks per fetch call (64 MiB of 64 KiB blocks)
 PARALLEL = 3        # fetch calls in flight
@@ -95,6 +95,8 @@ async def walk(drive: Drive, top: bytes = b"/") -> list[tuple[bytes, Entry]]:
             path = (d.rstrip(b"/") + b"/" + name)
             out.append((path, e))
             if len(out) > MAX_WALK:
+                drive.warn(f"drive {drive.key_text}: more than {MAX_WALK:,} entries below "
+                           f"{shown(top)}; only the content of the first is fetched")
                 return out
             if e.kind == KIND_DIR and b"/" not in name and name not in (b"", b".", b".."):
                 pending.append(path)

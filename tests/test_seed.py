@@ -386,3 +386,32 @@ def test_seed_daemon_returns_once_serving(tmp_path, home, home2):
         wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
                    open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z", what="the daemon to stop")
     assert "seeding 1 drive" in (home / "seed.log").read_text()
+
+
+def test_a_walk_past_its_bound_says_so(tmp_path, monkeypatch):
+    """download.walk stops at MAX_WALK entries (a bound on what one version
+    may cost); it used to stop without a word, and a seed of pinned folders
+    then called a partial copy complete."""
+    import trio
+
+    from p2pfs import download
+    from p2pfs.drive import Drive
+    from p2pfs.publish import create_drive
+    from p2pfs.store import Store
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}").write_text("x")
+    monkeypatch.setattr(download, "MAX_WALK", 3)
+    with Store(tmp_path / "home") as store:
+        key = create_drive(store, src).key
+
+        async def walk():
+            drive = await Drive(store, key).open()
+            warned = []
+            drive.warn = warned.append
+            return await download.walk(drive), warned
+        out, warned = trio.run(walk)
+    assert len(out) == 4
+    assert len(warned) == 1 and "more than 3 entries below /" in warned[0], warned
