@@ -61,7 +61,7 @@ from . import download
 from .drive import Drive
 from .errors import (BlockUnavailableError, NotFoundError, StoreError, UsageError,
                      VerificationError)
-from .index import KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_PATH, Commit, Entry
+from .index import KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_PATH, Commit, Entry, shown
 from .store import make_private_dir, open_private, write_private_file
 
 READ_CHUNK = 4 << 20   # bytes read from the drive (and written) at a time
@@ -75,15 +75,6 @@ STATE_DIR = "mirrors"
 
 class Refused(Exception):
     """An entry the mirror will not write (the message says why)."""
-
-
-def shown(path: bytes) -> str:
-    """A path as one line of a message: bytes that are not UTF-8 and control
-    characters (a name may hold a newline) escaped."""
-    text = path.decode("utf-8", "backslashreplace")
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def name_problem(name: bytes) -> str | None:
