@@ -24,7 +24,14 @@ only content comes and goes.
 *The cap.*  After each flush, if the cache drives together hold more than
 `HIGH_WATER` of the cap (every held byte counts, touched or not), the
 least recently read blocks are evicted until they hold `LOW_WATER` of it
-(`Store.evict`).  A reader whose block was evicted finds it missing and
+(`Store.evict`).  A fetch's writer stores a capped drive's blocks in steps
+of at most `STEP_SHARE` of the cap (`step`) and keeps the cap after each,
+so what is held overshoots by one step, not by a whole batch of the fetch
+(32 MiB or more).  LMDB reuses the pages a commit freed only from the
+commit after the next one, so an eviction ends with one more, small,
+commit (`Store.settle`); else the write after it grows the store file by
+its own size.  Measured: the home of a 1 GiB cat under a 100M cap peaked
+at 108-124 MB of disk before (7 runs), at 99-103 MB with both (5 runs).  A reader whose block was evicted finds it missing and
 fetches it again (`Drive.read` refetches; it never sees a half file);
 without peers the read fails as for any block not held.
 
@@ -53,6 +60,8 @@ SYNC_FLUSH_BYTES = 64 << 20  # touched and still not flushed: flush on the reade
 HIGH_WATER = 0.7           # evict when the cache holds more than this share of the cap ...
 LOW_WATER = 0.5            # ... down to this share (room for what is in flight)
 KEPT_RECHECK = 2.0         # s a drive's kept/pinned state is trusted before reading it again
+STEP_SHARE = 0.125         # a fetch stores at most this share of the cap per transaction ...
+MIN_STEP = 1 << 20         # ... (but at least this many bytes), and keeps the cap after each
 
 def kept(store: Store, key: bytes) -> bool:
     """Whether none of a drive's blocks may be evicted (owned, seeded, pinned)."""
@@ -136,6 +145,8 @@ def evict(store: Store, target: int) -> tuple[int, int]:
         if n == 0 and store.cache_usage()[0] == 0:
             break  # the bookkeeping is empty: what is left is not evictable
         used = cache_held(store)
+    if blocks:
+        store.settle()  # so that the next write reuses the pages just freed
     return blocks, freed
 
 
@@ -155,6 +166,7 @@ class Cache:
         self.wake: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
+        self._enforce_lock = threading.Lock()
         self._pending: dict[bytes, set[int]] = {}
         self._pending_bytes = 0
         self._pending_bytes_of: dict[bytes, int] = {}
@@ -219,14 +231,21 @@ class Cache:
                 self.store.touch_blocks(key, sorted(blocks), tick)
             self.enforce()
 
+    def step(self) -> int | None:
+        """Most block bytes a fetch should store in one transaction before
+        `enforce` runs again; None: no cap, no limit."""
+        return None if self.cap is None else max(MIN_STEP, int(self.cap * STEP_SHARE))
+
     def enforce(self) -> None:
-        """Evict down to LOW_WATER of the cap if the cache holds more than HIGH_WATER."""
+        """Evict down to LOW_WATER of the cap if the cache holds more than
+        HIGH_WATER (one thread at a time: the flush's or a fetch's writer)."""
         if self.cap is None:
             return
-        if cache_held(self.store) > self.cap * HIGH_WATER:
-            n, b = evict(self.store, int(self.cap * LOW_WATER))
-            self.evicted_blocks += n
-            self.evicted_bytes += b
+        with self._enforce_lock:
+            if cache_held(self.store) > self.cap * HIGH_WATER:
+                n, b = evict(self.store, int(self.cap * LOW_WATER))
+                self.evicted_blocks += n
+                self.evicted_bytes += b
 
 
 def usage(store: Store, key: bytes) -> dict:

@@ -884,6 +884,18 @@ class Store:
                 self._add_counter(txn, self._held, key, b, n)
         return freed, freed_bytes
 
+    @_guard
+    def settle(self) -> None:
+        """Commit a transaction that changes nothing (a drive record put
+        again as it is).  LMDB reuses the pages a commit freed only from the
+        commit after the next one: after an eviction this lets the next
+        write reuse the evicted blocks' pages, where it would otherwise grow
+        the file by its own size."""
+        with self._write() as txn:
+            cur = txn.cursor(db=self._drives)
+            if cur.first():  # evicted blocks are a known drive's: there is a record
+                txn.put(bytes(cur.key()), bytes(cur.value()), db=self._drives)
+
     @staticmethod
     def _counter(txn, db, key: bytes) -> tuple[int, int]:
         """A drive's (blocks, bytes) counter in `db` (held or cached); (0, 0) if none."""

@@ -312,3 +312,52 @@ def test_a_block_read_many_times_counts_once_towards_a_flush(tmp_path):
         assert wakes == []
         cache.touched(drive, range(100, 100 + cache_mod.FLUSH_BYTES // drive.block_size))
         assert wakes == [1]
+
+
+def test_an_eviction_leaves_its_pages_to_the_next_write(tmp_path):
+    """LMDB reuses the pages a commit freed only from the commit after the
+    next one: `evict` commits once more (Store.settle), so the first write
+    after an eviction reuses the evicted blocks' pages instead of growing
+    the store file by its own size."""
+    import os
+    from types import SimpleNamespace
+
+    from p2pfs import cache as cache_mod
+    from p2pfs.store import Store
+    from p2pfs.types import Head
+
+    key = os.urandom(32)
+    size = 65536
+    n = 320  # 20 MiB
+    drive = SimpleNamespace(key=key, block_size=size)
+    with Store(tmp_path / "home") as store:
+        store.put_head(key, Head(1, bytes(32), bytes(64)))  # a cache drive: known, not kept
+        store.put_block_items(key, [(i, os.urandom(size)) for i in range(n)])
+        cache = cache_mod.Cache(store, None)
+        cache.touched(drive, range(n))
+        cache.flush()
+        blocks, freed = cache_mod.evict(store, 0)
+        assert (blocks, freed) == (n, n * size)
+        before = store.env.info()["last_pgno"]
+        store.put_block_items(key, [(n + i, os.urandom(size)) for i in range(n)])
+        grown = (store.env.info()["last_pgno"] - before) * 4096
+        assert grown < 2 << 20, f"the write after an eviction grew the store by {grown} bytes"
+
+
+def test_a_capped_fetch_stores_in_steps_of_the_cap():
+    """The fetcher's writer stores a capped cache drive's blocks in runs of
+    at most Cache.step() bytes (one block at least), everything at once
+    without a cap."""
+    from p2pfs import cache as cache_mod
+    from p2pfs.net.fetcher import _steps
+
+    items = [(i, b"x" * 65536) for i in range(100)]
+    assert list(_steps(items, None)) == [items]
+    assert list(_steps([], 1 << 20)) == [[]]
+    runs = list(_steps(items, 1 << 20))
+    assert [len(r) for r in runs] == [16] * 6 + [4]
+    assert [b for r in runs for b, _d in r] == list(range(100))
+    assert [len(r) for r in _steps(items[:3], 1000)] == [1, 1, 1]  # a block bigger than a step
+    assert cache_mod.Cache(None, None).step() is None
+    assert cache_mod.Cache(None, 100_000_000).step() == 12_500_000
+    assert cache_mod.Cache(None, 1000).step() == cache_mod.MIN_STEP

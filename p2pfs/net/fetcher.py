@@ -328,8 +328,15 @@ class Fetcher:
     def _write(self, batch: dict, caches: dict) -> None:
         for key, (items, nodes) in batch.items():
             cache = caches.get(key)
-            touches = cache.take(key) if cache is not None else None
-            self.store.put_block_items(key, items, nodes, touches)
+            if cache is None:
+                self.store.put_block_items(key, items, nodes)
+                continue
+            # a capped cache: steps of cache.step() bytes, the cap kept after
+            # each (the nodes go with the first, before the blocks they prove)
+            for chunk in _steps(items, cache.step()):
+                self.store.put_block_items(key, chunk, nodes, cache.take(key))
+                nodes = ()
+                cache.enforce()
 
     def peer_gone(self, peer: Peer) -> None:
         if self._batch:  # what it sent before it went is verified: keep it
@@ -554,3 +561,19 @@ class Fetcher:
         inf = peer.request_path(drive.key, path, head.length)
         with trio.move_on_after(min(self.timeout, STALL_TIMEOUT)):
             await inf.done.wait()
+
+
+def _steps(items: list, limit: int | None):
+    """`items` ((block, data) pairs) in runs of at most `limit` data bytes
+    (at least one item each); all of them at once if `limit` is None."""
+    if limit is None:
+        yield items
+        return
+    start = size = 0
+    for i, (_block, data) in enumerate(items):
+        if size and size + len(data) > limit:
+            yield items[start:i]
+            start, size = i, 0
+        size += len(data)
+    if start < len(items) or not items:
+        yield items[start:]
