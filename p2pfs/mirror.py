@@ -27,8 +27,9 @@ sticky: `mode & 0o777`) and its mtime in ns, then renamed over the old
 one, so a reader of DIR sees the old file or the new one, whole.  Links are
 made the same way (`symlinkat` to a temporary name, `lutimes`, rename).
 A directory gets its mode and mtime once everything in it is written.
-Removing uses `shutil.rmtree` with the parent's descriptor (which never
-follows links either).  Leftover temporary files of an interrupted run are
+Removing walks the tree in a loop (a drive's tree may be deeper than
+Python's recursion limit and than the descriptors a process may hold),
+opening each directory the same way and never following a link.  Leftover temporary files of an interrupted run are
 removed when their file is written again, and by every full run.
 
 *Untrusted names.*  The drive's keys are taken apart here (`parse_key`)
@@ -48,7 +49,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -280,7 +280,8 @@ class Exporter:
         try:
             fd = os.open(tmp, flags, 0o600, dir_fd=d)
         except FileExistsError:  # an interrupted run's leftover
-            self._unlink_any(d, tmp)
+            self._remove_any(parts[:-1], tmp)
+            d = self._writable(parts[:-1])
             fd = os.open(tmp, flags, 0o600, dir_fd=d)
         return d, fd, tmp
 
@@ -302,7 +303,7 @@ class Exporter:
 
     def abandon_file(self, d: int, fd: int, tmp: bytes) -> None:
         os.close(fd)
-        self._unlink_any(d, tmp)
+        os.unlink(tmp, dir_fd=d)  # ours, just made: a file
 
     def put_link(self, parts: tuple[bytes, ...], entry: Entry) -> str | None:
         d = self._writable(parts[:-1])
@@ -310,7 +311,8 @@ class Exporter:
         try:
             os.symlink(entry.target, tmp, dir_fd=d)
         except FileExistsError:
-            self._unlink_any(d, tmp)
+            self._remove_any(parts[:-1], tmp)
+            d = self._writable(parts[:-1])
             os.symlink(entry.target, tmp, dir_fd=d)
         note = None
         try:
@@ -326,30 +328,53 @@ class Exporter:
             os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
         except OSError as exc:
             if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                self._unlink_any(d, tmp)
+                os.unlink(tmp, dir_fd=d)
                 raise
-            self._forget(parts)
-            shutil.rmtree(name, dir_fd=d)  # a directory was there
+            self._remove_any(parts[:-1], name)  # a directory was there
+            d = self.dir(parts[:-1])  # (removing may have closed the descriptor we had)
             os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
 
     def remove(self, parts: tuple[bytes, ...]) -> bool:
         """Remove DIR/parts and everything below it; False if nothing was there."""
         try:
-            d = self.dir(parts[:-1])
+            return self._remove_any(parts[:-1], parts[-1])
         except FileNotFoundError:
             return False
-        self._forget(parts)
-        return self._unlink_any(d, parts[-1])
 
-    def _unlink_any(self, d: int, name: bytes) -> bool:
+    def _remove_any(self, parent: tuple[bytes, ...], name: bytes) -> bool:
+        """Remove DIR/parent/name, a directory with everything below it or
+        anything else; False if nothing was there."""
+        d = self.dir(parent)
         try:
             st = os.stat(name, dir_fd=d, follow_symlinks=False)
         except FileNotFoundError:
             return False
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(name, dir_fd=d)
-        else:
+        if not stat.S_ISDIR(st.st_mode):
             os.unlink(name, dir_fd=d)
+            return True
+        # depth first, in a loop: each directory is opened by `dir` (at
+        # most MAX_DIR_FDS descriptors held, a link never followed) and
+        # listed again after each subdirectory it held is gone
+        stack = [parent + (name,)]
+        while stack:
+            top = stack[-1]
+            fd = self.dir(top)
+            if os.geteuid() != 0 and stat.S_IMODE(os.fstat(fd).st_mode) & 0o300 != 0o300:
+                os.fchmod(fd, 0o700)  # a drive's read-only directory: ours to empty
+            below = None
+            with os.scandir(fd) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        below = top + (os.fsencode(e.name),)
+                        break
+                    os.unlink(e.name, dir_fd=fd)
+            if below is not None:
+                stack.append(below)
+                continue
+            self._forget(top)
+            self.loosened.discard(top)
+            os.rmdir(top[-1], dir_fd=self.dir(top[:-1]))
+            stack.pop()
         return True
 
 

@@ -339,7 +339,8 @@ def test_safe_links_refuse_a_climb_through_another_link(tmp_path, home):
 def test_a_tree_deeper_than_the_recursion_limit(tmp_path, home):
     """1,500 nested directories (a path of 3,000 bytes, which drives allow):
     the exporter opened a directory by recursing into its parent, and a
-    drive this deep ended the mirror with RecursionError."""
+    drive this deep ended the mirror with RecursionError; so did removing
+    it when the next version has a file there."""
     from hostile import Forge
     depth = 1500
     with Store(home) as store:
@@ -362,11 +363,21 @@ def test_a_tree_deeper_than_the_recursion_limit(tmp_path, home):
                     separators.append(keys[upto])
                 first, size = upto, len(k) + 40
         f.commit(f.internal(separators, leaves))
+        # version 2: a file where the deep tree was
+        f.commit(f.leaf({b"": d, b"/\x00a": f.file(b"a file now\n")}))
         key = f.key_text
     out = tmp_path / "out"
-    mirror(home, key, out)
+    mirror(home, f"{key}@1", out)
     deepest = out.joinpath(*["a"] * depth)
     try:
+        assert (deepest / "bottom.txt").read_bytes() == b"at the bottom\n"
+        # removing the tree recursed (shutil.rmtree: RecursionError) and
+        # held a descriptor per level
+        _r, ev = mirror(home, f"{key}@2", out)
+        assert (out / "a").read_bytes() == b"a file now\n"
+        assert os.listdir(out) == ["a"]
+        # and back: the file is replaced by the deep tree again
+        mirror(home, f"{key}@1", out)
         assert (deepest / "bottom.txt").read_bytes() == b"at the bottom\n"
     finally:  # shutil.rmtree (pytest's clean-up) recurses too: rm does not
         subprocess.run(["rm", "-rf", str(out)], check=True)
