@@ -794,7 +794,7 @@ def cmd_pin(args) -> int:
 def cmd_unpin(args) -> int:
     from .index import normalize_path
     store = _store(args)
-    key, _ = parse_drive_ref(args.key)
+    key = _whole_drive(args.key, "unpin releases what pin kept, every version")
     drive = local_drive(store, key)
     record = store.get_drive(key)
     if args.path is None:

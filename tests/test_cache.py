@@ -151,6 +151,9 @@ def test_pin_a_folder_gc_and_unpin(tmp_path, home, home2):
     assert info(home2, key)["bytes_pinned"] == 3 * 65536 + 5
     r = run_cli(home2, "unpin", key, "/other", check=False)
     assert r.returncode == 2 and "not pinned" in r.stderr
+    r = run_cli(home2, "unpin", f"{key}@1", "/keep", check=False)  # was taken as KEY
+    assert r.returncode == 2 and "without @VERSION" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert info(home2, key)["state"] == "folders"
     assert "unpinned /keep" in run_cli(home2, "unpin", key, "/keep").out
     assert info(home2, key)["state"] == "cache"
     run_cli(home2, "cat", key, "/keep/a.bin")  # read once more: now it is cache
