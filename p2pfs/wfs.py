@@ -123,6 +123,12 @@ class WritableFS(DriveFS):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
 
+    async def readlink(self, inode, ctx=None):
+        path = self._path(inode)
+        if is_history(path):
+            return await super().readlink(inode, ctx)
+        return self._ws(self.ws.readlink, path)
+
     async def _listdir(self, path: bytes) -> list[tuple[bytes, Entry]]:
         if is_history(path):
             return await super()._listdir(path)

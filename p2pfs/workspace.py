@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from . import index
-from .drive import MAX_TARGET, MODE_BITS, OWN_XATTRS, USER_XATTRS, Drive, sanitized
+from .drive import MAX_TARGET, MODE_BITS, OWN_XATTRS, USER_XATTRS, Drive, entry_problem, sanitized
 from .errors import P2pfsError
 from .index import KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_PATH, Entry
 from .publish import WriteResult, _extents, appender_at, seal_version
@@ -188,6 +188,25 @@ class Workspace:
         # names no drive may hold (from a version written elsewhere) are not shown
         return [(name, self._shown(_join(path, name), e)) for name, e in self.writer.children(path)
                 if index.valid_name(name)]
+
+    def _content(self, path: bytes, entry: Entry) -> Entry:
+        """`entry` at `path`, whose content (a file's extents, a link's
+        target) is about to be used: EIO if it makes no sense in this
+        version (`entry_problem`: an earlier version written elsewhere may
+        hold anything).  Such an entry is still shown, so that it can be
+        removed or replaced; it is never read as zeros or as a bad target."""
+        problem = entry_problem(entry, self.drive.length, self.bs)
+        if problem is not None:
+            raise _fail(errno.EIO, f"drive {self.drive.key_text}: {index.shown(path)}: {problem}: "
+                                   "a bad entry (remove it, or replace it by a rename)")
+        return entry
+
+    def readlink(self, path: bytes) -> bytes:
+        """The target of the symbolic link at `path`."""
+        entry = self._need(path)
+        if entry.kind != KIND_SYMLINK:
+            raise _fail(errno.EINVAL)
+        return self._content(path, entry).target
 
     def _need(self, path: bytes) -> Entry:
         entry = self._get(path)
@@ -420,7 +439,7 @@ class Workspace:
             raise _fail(errno.EISDIR)
         if entry.kind != KIND_FILE:
             raise _fail(errno.ELOOP)
-        f = self.by_path.get(path) or self._file(path, entry)
+        f = self.by_path.get(path) or self._file(path, self._content(path, entry))
         f.opens += 1
         return f
 

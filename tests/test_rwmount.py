@@ -277,6 +277,47 @@ def test_rw_needs_the_secret_key(tmp_path, home, home2):
     assert mount_layers(tmp_path / "mnt") == []
 
 
+def test_an_entry_written_elsewhere_that_makes_no_sense_is_eio_not_zeros(tmp_path, home):
+    """A version written by another tool holding the key: a file whose
+    extents hold 2 of its 5 blocks, a link with a NUL in its target.  The
+    writable mount read the missing blocks as zeros; now open and readlink
+    are EIO, and the entries can be listed and removed."""
+    from p2pfs.crypto import decode_key
+    from p2pfs.drive import Drive
+    from p2pfs.index import KIND_FILE, KIND_SYMLINK, Entry
+    from p2pfs.store import Staging, Store
+    from p2pfs.workspace import Workspace
+
+    src = make_tree(tmp_path / "src", files=2, big=3 * BS)
+    key = create(home, src)
+    T = 1_700_000_000_000_000_000
+    with Store(home) as store:
+        drive = Drive(store, decode_key(key))
+        drive.open_local()
+        staging, _left = Staging.open_fresh(store.home, drive.key)
+        with store.writer_lock(drive.key):
+            w = Workspace(drive, staging)
+            first = w.lookup(b"/big.bin").extents[0][0]
+            w.writer.put(b"/short.bin", Entry(KIND_FILE, 0o644, T, 5 * BS, ((first, 2),)))
+            w.writer.put(b"/nul", Entry(KIND_SYMLINK, 0o777, T, 3, (), b"a\x00b"))
+            w.entries += 2
+            w.changed = True
+            w.commit()
+        staging.close(remove=True)
+    mnt = tmp_path / "mnt"
+    with mounted(home, key, mnt, "--rw"):
+        assert {"short.bin", "nul"} <= set(os.listdir(mnt))
+        assert os.lstat(mnt / "short.bin").st_size == 5 * BS
+        for call in (lambda: open(mnt / "short.bin", "rb"), lambda: os.readlink(mnt / "nul")):
+            with pytest.raises(OSError) as info:
+                call()
+            assert info.value.errno == errno.EIO
+        os.unlink(mnt / "short.bin")
+        os.unlink(mnt / "nul")
+        assert not {"short.bin", "nul"} & set(os.listdir(mnt))
+        assert (mnt / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+
+
 def test_a_reader_elsewhere_sees_an_fsynced_file_within_2_s(tmp_path, home, home2):
     """Acceptance 4: the writable mount serves the drive (--listen); a second
     home mounts it with --peer and sees each commit live."""

@@ -234,3 +234,53 @@ def test_leftovers_of_a_killed_writer_are_reported_and_deleted(tmp_path, ws):
         assert again.stats() == (0, 0, 0)
     finally:
         again.env.close()
+
+
+def test_an_entry_that_makes_no_sense_is_shown_but_never_read(tmp_path, ws):
+    """A version written elsewhere (another tool holding the key) may hold
+    a file whose extents do not cover its size, or past the log, and a link
+    with a NUL in its target.  The writable view read the missing blocks
+    as zeros; now opening or reading the link is EIO naming the problem,
+    and the entry can still be removed or replaced."""
+    from p2pfs.index import Entry
+    T = 1_700_000_000_000_000_000
+    big = ws.lookup(b"/big.bin")
+    first = big.extents[0][0]
+    bad = {
+        b"/short.bin": Entry(KIND_FILE, 0o644, T, 5 * BS, ((first, 2),)),  # 5 blocks named, 2 held
+        b"/past.bin": Entry(KIND_FILE, 0o644, T, BS, ((1 << 40, 1),)),
+        b"/header.bin": Entry(KIND_FILE, 0o644, T, 10, ((0, 1),)),
+        b"/nul": Entry(KIND_SYMLINK, 0o777, T, 3, (), b"a\x00b"),
+    }
+    for path, entry in bad.items():
+        ws.writer.put(path, entry)
+    ws.entries += len(bad)
+    ws.changed = True
+    ws.commit()
+    staging, _left = Staging.open_fresh(ws.drive.store.home, ws.drive.key)
+    w = Workspace(reader(ws), staging)  # as the next mount sees that version
+    try:
+        names = {name for name, _e in w.listdir(b"/")}
+        assert {b"short.bin", b"past.bin", b"header.bin", b"nul"} <= names
+        for path in (b"/short.bin", b"/past.bin", b"/header.bin"):
+            with pytest.raises(WorkspaceError) as info:
+                w.open(path)
+            assert info.value.errno == errno.EIO and "bad entry" in str(info.value), path
+        with pytest.raises(WorkspaceError) as info:
+            w.readlink(b"/nul")
+        assert info.value.errno == errno.EIO and "NUL" in str(info.value)
+        assert code(lambda: w.readlink(b"/docs")) == errno.EINVAL
+        # removed, and replaced by a rename: the drive is mended
+        w.unlink(b"/", b"short.bin")
+        w.unlink(b"/", b"nul")
+        f = w.create(b"/", b"new.bin", 0o644)
+        w.write(f, 0, b"mended\n")
+        w.release(f)
+        w.rename(b"/", b"new.bin", b"/", b"past.bin")
+        w.commit()
+        d = reader(ws)
+        assert content(d, b"/past.bin") == b"mended\n"
+        names = {name for name, _e in w.listdir(b"/")}
+        assert b"header.bin" in names and not {b"short.bin", b"nul"} & names
+    finally:
+        staging.close(remove=True)
