@@ -54,7 +54,7 @@ from p2pfs.errors import NotFoundError, UsageError, VerificationError
 __all__ = [
     "KIND_FILE", "KIND_DIR", "KIND_SYMLINK", "MAX_BLOCK_SIZE", "MAX_PATH", "MAX_NAME",
     "Header", "Commit", "Leaf", "Internal", "Entry", "encode_block", "decode_block",
-    "normalize_path", "split_path", "path_key", "key_path", "children_range", "valid_name",
+    "normalize_path", "split_path", "path_key", "key_path", "children_range", "valid_name", "name_problem",
     "valid_key", "shown",
     "subtree_ranges", "BlockReader", "NodeCache", "Index", "IndexWriter", "build", "diff",
     "diff_keys",
@@ -205,6 +205,21 @@ def valid_name(name: bytes) -> bool:
     "." or "..", no "/" and no NUL (what a Linux directory can hold)."""
     return (0 < len(name) <= MAX_NAME and name != b"." and name != b".."
             and b"/" not in name and b"\x00" not in name)
+
+
+def name_problem(name: bytes) -> str | None:
+    """Why `name` cannot be a directory entry (see `valid_name`), or None."""
+    if valid_name(name):
+        return None
+    if not name:
+        return "empty name"
+    if name in (b".", b".."):
+        return f"name is {name.decode()!r}"
+    if b"/" in name:
+        return "name contains '/'"
+    if b"\x00" in name:
+        return "name contains a NUL byte"
+    return f"name is {len(name)} bytes long (at most {MAX_NAME})"
 
 
 def valid_key(key: bytes) -> bool:

@@ -61,7 +61,7 @@ from . import download
 from .drive import Drive
 from .errors import (BlockUnavailableError, NotFoundError, StoreError, UsageError,
                      VerificationError)
-from .index import KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_PATH, Commit, Entry, shown
+from .index import KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_PATH, Commit, Entry, name_problem, shown
 from .store import make_private_dir, open_private, write_private_file
 
 READ_CHUNK = 4 << 20   # bytes read from the drive (and written) at a time
@@ -75,21 +75,6 @@ STATE_DIR = "mirrors"
 
 class Refused(Exception):
     """An entry the mirror will not write (the message says why)."""
-
-
-def name_problem(name: bytes) -> str | None:
-    """Why `name` cannot be a directory entry, or None."""
-    if not name:
-        return "empty name"
-    if name in (b".", b".."):
-        return f"name is {name.decode()!r}"
-    if b"/" in name:
-        return "name contains '/'"
-    if b"\x00" in name:
-        return "name contains a NUL byte"
-    if len(name) > MAX_NAME:
-        return f"name is {len(name)} bytes long (at most {MAX_NAME})"
-    return None
 
 
 def parse_key(key: bytes) -> tuple[tuple[bytes, ...], str | None]:

@@ -190,11 +190,14 @@ def test_scan_unseen_skips_shared_subtrees_of_another_version():
 
 
 def test_valid_names_and_keys():
-    for name in (b"", b".", b"..", b"a/b", b"a\x00b", b"x" * 256):
+    for name, why in ((b"", "empty name"), (b".", "name is '.'"), (b"..", "name is '..'"),
+                      (b"a/b", "contains '/'"), (b"a\x00b", "NUL"), (b"x" * 256, "256 bytes long")):
         assert not ix.valid_name(name)
         assert not ix.valid_key(b"/\x00" + name)
+        assert why in ix.name_problem(name)
     for name in (b"a", b"...", b".a", b"x" * 255, "é".encode(), b"\xff", b"a\nb"):
         assert ix.valid_name(name) and ix.valid_key(b"/\x00" + name)
+        assert ix.name_problem(name) is None
     assert ix.valid_key(b"") and ix.valid_key(b"/a/b\x00c")
     for parent in (b"", b"a", b"/a/", b"//a", b"/a/./b", b"/a/../b"):
         assert not ix.valid_key(parent + b"\x00c"), parent
