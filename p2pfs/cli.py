@@ -776,11 +776,13 @@ async def _pin(args) -> int:
             record = store.get_drive(key)
             store.set_pins(key, paths=[*record.paths, path])
         want = await download.version_blocks(drive, [path or b"/"])
-        missing = [b for b in sorted(want) if not drive.has_block(b)]
-        if missing and drive.source is None:
-            raise BlockUnavailableError(f"pinned, but {len(missing)} blocks of it are not held "
-                                        "and no peer is known: give --peer HOST:PORT to fetch them")
-        await download.fetch_blocks(drive, missing)
+        if drive.source is None:
+            missing = sum(1 for b in want if not drive.has_block(b))
+            if missing:
+                raise BlockUnavailableError(f"pinned, but {missing} blocks of it are not held "
+                                            "and no peer is known: give --peer HOST:PORT to fetch them")
+        else:  # it fetches only what is not held
+            await download.fetch_blocks(drive, sorted(want))
         where = f"{os.fsdecode(path)} of drive" if path is not None else "drive"
         print(f"pinned {where} {drive.key_text}@{drive.version}: {len(want)} content blocks "
               f"({_size(sum(want.values()))}) held and kept")
