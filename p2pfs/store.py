@@ -1225,8 +1225,8 @@ class Staging:
 
     Sub-databases: `blocks` (u64be file id || u64be block number -> the
     block's bytes, possibly shorter than the drive's block size: the rest
-    reads as zeros) and `files` (u64be file id -> the caller's record of the
-    staged file: its size and the committed blocks it started from).
+    reads as zeros) and `files` (u64be file id -> empty: a mark that the file
+    has staged changes, so that one truncated to nothing counts in `stats`).
 
     Its transactions are not flushed to disk one by one (MDB_NOSYNC): a
     killed process loses nothing that reached the kernel, and a version is
@@ -1284,14 +1284,15 @@ class Staging:
             shutil.rmtree(self.path, ignore_errors=True)
 
     @_guard
-    def put(self, fid: int, blocks: Iterable[tuple[int, bytes]], record: bytes | None = None) -> None:
-        """Stage blocks (number, bytes) of file `fid`, and its record, in one transaction."""
+    def put(self, fid: int, blocks: Iterable[tuple[int, bytes]], mark: bool = False) -> None:
+        """Stage blocks (number, bytes) of file `fid`, and with `mark` its
+        mark, in one transaction."""
         with self.env.begin(write=True, buffers=True) as txn:
             pairs = [(_FID_BLOCK.pack(fid, j), data) for j, data in blocks]
             if pairs:
                 txn.cursor(db=self._blocks).putmulti(pairs, overwrite=True)
-            if record is not None:
-                txn.put(_U64.pack(fid), record, db=self._files)
+            if mark:
+                txn.put(_U64.pack(fid), b"", db=self._files)
 
     @_guard
     def get(self, fid: int, block: int) -> bytes | None:
@@ -1300,7 +1301,7 @@ class Staging:
 
     @_guard
     def drop(self, fid: int, start: int = 0) -> None:
-        """Delete the staged blocks >= start of file `fid` (and, from 0, its record)."""
+        """Delete the staged blocks >= start of file `fid` (and, from 0, its mark)."""
         with self.env.begin(write=True, buffers=True) as txn:
             cur = txn.cursor(db=self._blocks)
             if cur.set_range(_FID_BLOCK.pack(fid, start)):
@@ -1311,14 +1312,8 @@ class Staging:
                 txn.delete(_U64.pack(fid), db=self._files)
 
     @_guard
-    def records(self) -> list[tuple[int, bytes]]:
-        """(file id, record) of every staged file."""
-        with self.env.begin(db=self._files) as txn:
-            return [(_U64.unpack(k)[0], bytes(v)) for k, v in txn.cursor()]
-
-    @_guard
     def stats(self) -> tuple[int, int, int]:
-        """(files, blocks, bytes) staged: files with a record or a block."""
+        """(files, blocks, bytes) staged: files with a mark or a block."""
         fids: set[int] = set()
         blocks = nbytes = 0
         with self.env.begin(buffers=True) as txn:

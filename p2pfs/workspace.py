@@ -485,9 +485,6 @@ class Workspace:
                 out += bytes(hi - lo - len(piece))
         return bytes(out)
 
-    def _record(self, f: File) -> bytes:
-        return msgspec.msgpack.encode((f.size, _extents(f.base)))
-
     def _check_size(self, f: File, size: int) -> None:
         if size > index.U63_MAX:
             raise _fail(errno.EFBIG)
@@ -527,7 +524,7 @@ class Workspace:
         if grew:
             self.bytes += end - f.size
             f.size = end
-        self.staging.put(f.fid, items, self._record(f) if grew else None)
+        self.staging.put(f.fid, items, mark=grew)
         for j, block in items:
             f.staged[j] = len(block)
         f.mtime_ns = now
@@ -558,7 +555,7 @@ class Workspace:
         f.size = size
         f.mtime_ns = now
         f.dirty = True
-        self.staging.put(f.fid, [], self._record(f))
+        self.staging.put(f.fid, [], mark=True)
 
     def truncate_path(self, path: bytes, size: int) -> None:
         """truncate(2) of a file that may not be open."""
