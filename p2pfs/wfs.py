@@ -161,11 +161,13 @@ class WritableFS(DriveFS):
         self._nlookup[ino] += 1
         return self._attr(ino, entry)
 
-    def _dir_changed(self, path: bytes) -> None:
-        """A directory's subdirectories changed: its link count is counted again."""
+    def _dir_links(self, path: bytes, delta: int) -> None:
+        """A directory gained (+1) or lost (-1) subdirectories: its link count,
+        if known, follows (never listed again: a directory of a million entries
+        would be read whole after each mkdir in it)."""
         ino = self._ino_of(path, KIND_DIR)
-        if ino is not None:
-            self._links.pop(ino, None)
+        if delta and ino is not None and ino in self._links:
+            self._links[ino] += delta
 
     def _gone(self, path: bytes, entry: Entry, file: File | None = None) -> None:
         """`path` left the tree: its inode (if live) is kept only for its handles."""
@@ -278,7 +280,7 @@ class WritableFS(DriveFS):
         parent = self._path(parent_inode)
         path = self._ws(self.ws.mkdir, parent, name, mode)
         self._changed()
-        self._dir_changed(parent)
+        self._dir_links(parent, +1)
         return self._known(path)
 
     async def symlink(self, parent_inode, name, target, ctx=None):
@@ -314,7 +316,7 @@ class WritableFS(DriveFS):
         entry = self._ws(self.ws.lookup, path)
         self._ws(self.ws.rmdir, parent, name)
         self._changed()
-        self._dir_changed(parent)
+        self._dir_links(parent, -1)
         if entry is not None:
             self._gone(path, entry)
 
@@ -339,10 +341,15 @@ class WritableFS(DriveFS):
         for ino, _path, to in moves:
             self._paths[ino] = to
             self._inos[self._inode_tag(to, self._entries[ino])] = ino
-        if moving is not None and (moving.kind == KIND_DIR or (there is not None and
-                                                               there.kind == KIND_DIR)):
-            self._dir_changed(old_parent)
-            self._dir_changed(new_parent)
+        if moving is not None:
+            moved = int(moving.kind == KIND_DIR)
+            over = int(there is not None and there.kind == KIND_DIR)
+            if exchange:  # each parent gives its own and gets the other
+                self._dir_links(old_parent, over - moved)
+                self._dir_links(new_parent, moved - over)
+            else:  # a directory replaced at `new` is gone
+                self._dir_links(old_parent, -moved)
+                self._dir_links(new_parent, moved - over)
 
     def _live_below(self, old: bytes, new: bytes) -> list[tuple[int, bytes, bytes]]:
         """(ino, path, new path) of every live inode at or below `old`."""

@@ -235,6 +235,51 @@ def test_every_committed_version_is_inside_the_writable_mount_read_only(tmp_path
     assert "ok" in run_cli(home, "verify", key).out
 
 
+def test_directory_link_counts_follow_mkdir_rmdir_and_rename(tmp_path, home):
+    """A directory's st_nlink (2 + its subdirectories) follows mkdir, rmdir,
+    rename across directories, rename over an empty directory and
+    RENAME_EXCHANGE of a file with a directory, as on a local disk.  Every
+    count is known (stat) before each change, so each one is kept up to
+    date by the change itself, not by listing the directory again."""
+    src = tmp_path / "src"
+    (src / "a" / "x").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "f").write_bytes(b"one")
+    key = create(home, src)
+    ref = tmp_path / "ref"
+    shutil.copytree(src, ref)
+    mnt = tmp_path / "mnt"
+    steps = [
+        lambda r: os.mkdir(r / "a" / "y"),
+        lambda r: os.mkdir(r / "b" / "z"),
+        lambda r: os.rename(r / "a" / "y", r / "b" / "y"),      # a directory to another parent
+        lambda r: os.rename(r / "b" / "z", r / "a" / "x"),      # over an empty directory
+        lambda r: os.rename(r / "f", r / "a" / "f"),            # a file: no count changes
+        lambda r: renameat2(r / "a" / "f", r / "b" / "y", 2),   # exchange a file with a directory
+        lambda r: os.mkdir(r / "b" / "w"),
+        lambda r: renameat2(r / "a" / "x", r / "b" / "w", 2),   # exchange two directories
+        lambda r: os.rmdir(r / "a" / "f"),
+        lambda r: os.mkdir(r / "a" / "x" / "deep"),
+        lambda r: os.rename(r / "a" / "x", r / "moved"),        # a directory with a subdirectory
+        lambda r: os.rmdir(r / "moved" / "deep"),
+    ]
+
+    def counts(root: Path) -> dict:
+        """st_nlink of the reference's directories under `root`, by stat
+        alone (listing a directory in the mount would count it afresh)."""
+        dirs = [p.relative_to(ref) for p in [ref, *ref.rglob("*")] if p.is_dir() and not p.is_symlink()]
+        return {d: os.lstat(root / d).st_nlink for d in dirs}
+
+    with mounted(home, key, mnt, "--rw"):
+        assert counts(mnt) == counts(ref)
+        for n, step in enumerate(steps):
+            step(ref)
+            step(mnt)
+            assert counts(mnt) == counts(ref), f"after step {n}"
+        assert tree_state(mnt).keys() == tree_state(ref).keys()
+    assert counts(ref)[Path(".")] == 5  # a, b, moved
+
+
 def test_second_writer_is_refused_and_the_first_keeps_working(tmp_path, home):
     """Acceptance 6, and import/share of the same drive while it is mounted."""
     src = make_tree(tmp_path / "src", files=5)
