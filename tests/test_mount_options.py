@@ -123,7 +123,7 @@ umount {a}
 umount {b}
 for i in $(seq 100); do [ "$({status})" = "[]" ] && break; sleep 0.1; done
 {status} > {tmp_path}/after.json
-grep -c " fuse.p2pfs " /proc/self/mountinfo || true
+grep -F " fuse.p2pfs " /proc/self/mountinfo | grep -c -F -e " {a} " -e " {b} " || true
 """)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
