@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import heap
+from .. import heap
 from .discovery import Candidate
 from .peer import Peer, PeerEnd
 from . import transport
