@@ -8,3 +8,10 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("P2PFS_CONFIG", str(Path(__file__).resolve().parent / "p2pfs.toml"))
+
+# In-process contenders (create, the store alone) run under the malloc policy
+# every p2pfs command sets at start (p2pfs/heap.py), as the p2pfs processes
+# a benchmark starts do.
+from p2pfs import heap as _heap  # noqa: E402
+
+_heap.tune()

@@ -24,7 +24,7 @@ from typing import Callable
 
 import trio
 
-from . import __version__, config, crypto, drive as drive_mod, publish
+from . import __version__, config, crypto, drive as drive_mod, heap, publish
 from .cache import usage as cache_usage
 from .errors import (BlockUnavailableError, NotFoundError, P2pfsError, StoreDamagedError,
                      UsageError, VerificationError)
@@ -1200,6 +1200,7 @@ def mount_helper_argv(argv: list[str]) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    heap.tune()  # before the first large allocation: the store and the wire are built on it
     try:
         parser = build_parser()
         argv = list(argv) if argv is not None else sys.argv[1:]
