@@ -32,7 +32,7 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "ignore": {"errors"},
     "publish": PURE | {"store", "drive", "ignore"},
     "watch": PURE | {"store", "drive", "ignore", "publish"},
-    "net": PURE | {"store", "drive", "publish", "net"},
+    "net": PURE | {"store", "drive", "publish", "net", "heap"},
     "workspace": PURE | {"store", "drive", "publish"},  # the writable tree, sans FUSE
     "fs": PURE | {"drive", "publish", "snapshots", "fs"},
     "snapshots": PURE | {"drive"},
@@ -45,9 +45,11 @@ ALLOWED = {  # p2pfs module (top-level name) -> p2pfs modules it may import
     "progress": set(),  # the progress bar of long writes (rich)
     "seeder": None,  # wiring for `p2pfs seed`
     "config": {"errors"},
+    "heap": set(),  # the process's malloc policy and malloc_trim (ctypes, glibc)
     "cli": None,
 }
-NO_TRIO = PURE | {"store", "drive", "history", "ignore", "publish", "cache", "snapshots", "workspace"}
+NO_TRIO = PURE | {"store", "drive", "history", "ignore", "publish", "cache", "snapshots", "workspace",
+                  "heap"}
 SANS_IO_DIRS = {("net", "discovery", "dht"): {"node.py"}}  # folder -> its only trio drivers
 
 
