@@ -11,15 +11,22 @@ fetch's writer and for `create`) and Python frees each 64 KiB block it held,
 so with the default every transaction's pages went back to the kernel and
 were faulted in again, zeroed, by the next one.  On the shared VMs this is
 dear: the balloon driver reports freed pages to the host (HACKING.md,
-"Measuring on these machines").  Medians of 5 runs each, alternating, on
-a quiet machine: putting 1 GiB of blocks into a fresh home in 32 MiB
-transactions (bench/storefloor.py) took 2.09 s with the default and 0.93 s
-with this policy (system time 1.64 s and 0.50 s); `create` of a 1 GiB file
-2.08 s and 1.71 s; a cold 1 GiB `p2pfs cat` from a seeder on loopback,
-whole processes, 5.51 s and 5.01 s.  Setting the trim threshold switches off
-glibc's sliding mmap threshold, so `tune` fixes that too, at `MMAP_FROM`
-(4 MiB): every frame, reply and read buffer (about 1 MiB at most) comes from
-the heap, and only rare large buffers are mapped and unmapped whole.
+"Measuring on these machines").  Setting the trim threshold switches off
+glibc's sliding mmap threshold (which would have risen to the largest block
+freed, up to 32 MiB), so `tune` fixes that too, at its ceiling `MMAP_FROM`
+(32 MiB): `cat`'s and `mirror`'s 4 MiB reads come from the heap as well.
+(At 4 MiB they were mapped and unmapped at every call, and `cat` from the
+store fell from about 2.3 to 0.9 GB/s.)
+
+Measured on a quiet machine, alternating runs, medians: putting 1 GiB of
+blocks into a fresh home in 32 MiB transactions (bench/storefloor.py) took
+2.09 s with the default and 0.93 s with this policy (system time 1.64 s and
+0.50 s; 5 runs each), `create` of a 1 GiB file 2.08 s and 1.71 s (5 each);
+a cold 1 GiB `p2pfs cat` from a seeder on loopback, whole processes, 6.19 s
+and 5.25 s (reader system time 3.16 s and 2.53 s; 5 each).  With the page
+cache dropped before every run (every page the store grows into is then a
+host fault) the store alone took 2.97 s and 2.66 s, create 3.44 s and 2.98 s
+(4 each).
 
 `trim()` asks glibc to return every free page now (`malloc_trim(0)`: free
 chunks anywhere in the heap are released with MADV_DONTNEED, whatever
@@ -37,7 +44,7 @@ import ctypes.util
 import os
 
 KEEP_FREE = 64 << 20   # bytes of free heap top kept for reuse (M_TRIM_THRESHOLD)
-MMAP_FROM = 4 << 20    # allocations this large or larger are mapped (M_MMAP_THRESHOLD)
+MMAP_FROM = 32 << 20   # allocations larger than this are mapped (M_MMAP_THRESHOLD; glibc's most)
 
 _M_TRIM_THRESHOLD = -1  # glibc malloc.h
 _M_MMAP_THRESHOLD = -3
