@@ -207,8 +207,10 @@ def listening_address(log, what: str, wait: float = 30) -> str:
     """The HOST:PORT a process prints as 'listening on HOST:PORT' in `log`."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        log.seek(0)
-        m = re.search(r"listening on ([0-9.]+:\d+)", log.read())
+        # a file description of our own: seeking the one the process writes
+        # through would move its offset, and a write between our seek and read
+        # would land over the start of the log
+        m = re.search(r"listening on ([0-9.]+:\d+)", Path(log.name).read_text(errors="replace"))
         if m:
             return m.group(1)
         time.sleep(0.05)

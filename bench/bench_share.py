@@ -88,8 +88,8 @@ class ShareProcess:
 
     def ready(self, what: str, wait: float = 600) -> tuple[str, str]:
         address = listening_address(self.log, what, wait)
-        self.log.seek(0)
-        key = re.search(r"^([ybndrfg8ejkmcpqxot1uwisza345h769]{52})$", self.log.read(), re.M)
+        text = Path(self.log.name).read_text(errors="replace")  # see listening_address
+        key = re.search(r"^([ybndrfg8ejkmcpqxot1uwisza345h769]{52})$", text, re.M)
         return key.group(1), address
 
     def stop(self) -> None:

@@ -115,11 +115,11 @@ def foreground(home, ref: str, mnt: Path, *extra):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         def ready():
+            # read through a file description of our own (see test_mount_net.seeding)
+            text = Path(log.name).read_text(errors="replace")
             if proc.poll() is not None:
-                log.seek(0)
-                raise AssertionError(f"mount exited {proc.returncode}: {log.read()}")
-            log.seek(0)
-            return "mounted" in log.read()
+                raise AssertionError(f"mount exited {proc.returncode}: {text}")
+            return "mounted" in text
         wait_until(ready, what="the foreground mount")
         yield proc
     finally:

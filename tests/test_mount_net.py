@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -33,8 +34,10 @@ def seeding(home, key: str, listen: str = "127.0.0.1:0", *extra: str):
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         def address():
-            log.seek(0)
-            text = log.read()
+            # read through a file description of our own: seeking the one the
+            # child writes through moves its offset, and a write landing between
+            # our seek and read would overwrite the start of the log
+            text = Path(log.name).read_text(errors="replace")
             if proc.poll() is not None:
                 raise AssertionError(f"seeder exited {proc.returncode}: {text}")
             m = re.search(r"listening on ([0-9.]+:\d+)", text)
