@@ -18,15 +18,7 @@ freed, up to 32 MiB), so `tune` fixes that too, at its ceiling `MMAP_FROM`
 (At 4 MiB they were mapped and unmapped at every call, and `cat` from the
 store fell from about 2.3 to 0.9 GB/s.)
 
-Measured on a quiet machine, alternating runs, medians: putting 1 GiB of
-blocks into a fresh home in 32 MiB transactions (bench/storefloor.py) took
-2.09 s with the default and 0.93 s with this policy (system time 1.64 s and
-0.50 s; 5 runs each), `create` of a 1 GiB file 2.08 s and 1.71 s (5 each);
-a cold 1 GiB `p2pfs cat` from a seeder on loopback, whole processes, 6.19 s
-and 5.25 s (reader system time 3.16 s and 2.53 s; 5 each).  With the page
-cache dropped before every run (every page the store grows into is then a
-host fault) the store alone took 2.97 s and 2.66 s, create 3.44 s and 2.98 s
-(4 each).
+What it gains, measured: HACKING.md, "Measuring on these machines".
 
 `trim()` asks glibc to return every free page now (`malloc_trim(0)`: free
 chunks anywhere in the heap are released with MADV_DONTNEED, whatever
@@ -68,8 +60,9 @@ def tune() -> bool:
     glibc's settings are left as they are."""
     if _libc is None or _user_chose():
         return False
-    ok = _libc.mallopt(_M_MMAP_THRESHOLD, MMAP_FROM)
-    return bool(_libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREE)) and bool(ok)
+    mapped = _libc.mallopt(_M_MMAP_THRESHOLD, MMAP_FROM)
+    kept = _libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREE)
+    return bool(mapped and kept)
 
 
 def _user_chose() -> bool:
