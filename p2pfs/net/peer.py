@@ -47,7 +47,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import trio
 
@@ -130,7 +130,7 @@ class PeerHost(Protocol):
     def on_have(self, peer: "Peer", key: bytes) -> None: ...
     def on_reply(self, peer: "Peer", inf: "Inflight", msg) -> None: ...
     def after_input(self, peer: "Peer") -> None: ...
-    def answer(self, peer: "Peer", key: bytes, msg) -> list[m.Message]: ...
+    def answer(self, peer: "Peer", key: bytes, msg, send: Callable[[m.Message], None]) -> None: ...
     def output_changed(self, delta: int) -> None: ...
     async def input_room(self) -> None: ...
     async def output_room(self, peer: "Peer") -> None: ...
@@ -521,6 +521,12 @@ class Peer:
             self.announced.add(key)
             host.on_have(self, key)
 
+    def _send_reply(self, reply: m.Message) -> None:
+        """Encrypt and queue a reply at once (a Data's blocks are valid only now)."""
+        if isinstance(reply, m.Data):
+            self.blocks_sent += len(reply.blocks)
+        self.write(self.conn.send(reply))
+
     async def _server(self) -> None:
         host = self.host
         while True:
@@ -534,10 +540,7 @@ class Peer:
                 # woken or at a checkpoint; the reader is ending the connection
                 self._serve.clear()
                 continue
-            for reply in host.answer(self, key, msg):
-                if isinstance(reply, m.Data):
-                    self.blocks_sent += len(reply.blocks)
-                self.write(self.conn.send(reply))
+            host.answer(self, key, msg, self._send_reply)
             await self._wait_writable()
             await host.output_room(self)
             await trio.lowlevel.checkpoint()

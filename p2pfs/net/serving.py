@@ -1,7 +1,9 @@
 """Serving: the answer to a peer's request, from the store.
 
 The receiver verifies everything it gets, so blocks are served as stored
-(raw, never decoded), each run with the leaf of every block (so a receiver
+(raw, never decoded, never copied: a run's blocks are views of the store's
+read transaction, encoded straight into the frame by `Connection.send`
+before the transaction ends), each run with the leaf of every block (so a receiver
 can pin a bad block to itself) and the proof nodes it asked for, from the
 verified-node caches.  An index lookup (`IndexRequest`) walks our own
 stored index for the path, bounded by the index's depth limit and one
@@ -53,30 +55,52 @@ class Server:
         self._drive = drive
 
     def answer(self, channel: int, key: bytes, msg) -> list[m.Message]:
-        """The reply to a request (Data, IndexData or NoData), after the Head
-        it refers to when the request asked for our newest version."""
+        """The replies `respond` sends, as a list whose blocks are copies
+        (for callers that send later: tests, benchmarks, hostile peers)."""
+        out: list[m.Message] = []
+
+        def keep(reply: m.Message) -> None:
+            if isinstance(reply, m.Data):
+                reply = m.Data(reply.channel, reply.id, reply.start,
+                               [bytes(b) for b in reply.blocks], reply.leaves, reply.proof)
+            out.append(reply)
+        self.respond(channel, key, msg, keep)
+        return out
+
+    def respond(self, channel: int, key: bytes, msg, send: Callable[[m.Message], None]) -> None:
+        """Pass the reply to a request (Data, IndexData or NoData) to `send`,
+        after the Head it refers to when the request asked for our newest
+        version.  A Data reply's blocks are views of the store's read
+        transaction (never copied out): valid only during that `send` call,
+        which must encode them at once (`Connection.send` does)."""
         drive = self._drive(key)
         head = drive.head if drive is not None else None
         if head is None or msg.length > head.length:
-            return [m.NoData(channel, msg.id)]
+            send(m.NoData(channel, msg.id))
+            return
         try:
             if isinstance(msg, m.Request):
-                return [self._answer_run(channel, key, msg)]
-            if msg.length == 0:
+                reply = self.store.with_blocks(
+                    key, range(msg.start, msg.start + msg.count),
+                    lambda blocks: self._answer_run(channel, key, msg, blocks, send))
+                replies = [] if reply is None else [reply]
+            elif msg.length == 0:
                 # our newest version we can serve: the newest head, or (a relay
                 # that heard of a newer one without its blocks) the newest held whole
                 if not self.store.has_block(key, head.length - 1):
                     head = drive.complete_head() or head
-                return [m.Head(channel, head.length, head.root, head.signature,
-                               self.store.dht_signature(key, head.length)),
-                        self._answer_path(drive, channel, msg, head.length)]
-            return [self._answer_path(drive, channel, msg, msg.length)]
+                replies = [m.Head(channel, head.length, head.root, head.signature,
+                                  self.store.dht_signature(key, head.length)),
+                           self._answer_path(drive, channel, msg, head.length)]
+            else:
+                replies = [self._answer_path(drive, channel, msg, msg.length)]
         except (LookupError, MissingBlock, P2pfsError):
-            return [m.NoData(channel, msg.id)]
+            replies = [m.NoData(channel, msg.id)]
+        for reply in replies:
+            send(reply)
 
-    def _run(self, key: bytes, start: int, end: int, length: int, nodes, get) -> tuple:
-        """(blocks, leaves, proof) of a run; LookupError if anything is not held."""
-        blocks = self.store.get_blocks(key, range(start, end))
+    def _run(self, blocks: list, start: int, end: int, length: int, nodes, get) -> tuple:
+        """(leaves, proof) of the run of `blocks` [start, end); LookupError if anything is not held."""
         if any(b is None or len(b) > m.MAX_BLOCK_DATA for b in blocks):
             raise LookupError("a block of the run is not held")
         leaves = []
@@ -85,14 +109,18 @@ class Server:
             if leaf is None:
                 raise LookupError(f"the leaf of block {i} is not held")
             leaves.append((leaf.hash, leaf.size))
-        return blocks, leaves, tree.make_range_proof(start, end, length, nodes, get)
+        return leaves, tree.make_range_proof(start, end, length, nodes, get)
 
-    def _answer_run(self, channel: int, key: bytes, msg: m.Request) -> m.Message:
-        blocks, leaves, proof = self._run(key, msg.start, msg.start + msg.count, msg.length,
-                                          msg.nodes, self.nodes.serving(key))
+    def _answer_run(self, channel: int, key: bytes, msg: m.Request, blocks: list,
+                    send: Callable[[m.Message], None]) -> m.Message | None:
+        """Inside the read transaction holding `blocks`: send the Data (None
+        returned), or return the NoData to send."""
+        leaves, proof = self._run(blocks, msg.start, msg.start + msg.count, msg.length,
+                                  msg.nodes, self.nodes.serving(key))
         if sum(map(len, blocks)) > m.MAX_RUN_DATA:
             return m.NoData(channel, msg.id)
-        return m.Data(channel, msg.id, msg.start, blocks, leaves, proof)
+        send(m.Data(channel, msg.id, msg.start, blocks, leaves, proof))
+        return None
 
     def _answer_path(self, drive: Drive, channel: int, msg: m.IndexRequest, length: int) -> m.Message:
         key = drive.key
@@ -123,7 +151,8 @@ class Server:
         get = self.nodes.serving(key)
         out = []
         for (start, end), need in zip(ranges, tree.plan_runs(ranges, length)):
-            blocks, leaves, proof = self._run(key, start, end, length, need, get)
+            blocks = self.store.get_blocks(key, range(start, end))
+            leaves, proof = self._run(blocks, start, end, length, need, get)
             out.append(m.Run(start, blocks, leaves, proof))
         if sum(len(r.proof) for r in out) > m.MAX_REPLY_PROOF_NODES:
             return m.NoData(channel, msg.id)

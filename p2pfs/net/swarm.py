@@ -286,9 +286,9 @@ class Swarm:
     async def output_room(self, peer: Peer) -> None:
         await self.connections.output_room(peer)
 
-    def answer(self, peer: Peer, key: bytes, msg) -> list[m.Message]:
+    def answer(self, peer: Peer, key: bytes, msg, send) -> None:
         ch = peer.conn.local_channel(key)
-        return self.server.answer(0 if ch is None else ch, key, msg)
+        self.server.respond(0 if ch is None else ch, key, msg, send)
 
     def peer_gone(self, peer: Peer) -> None:
         self.fetcher.peer_gone(peer)

@@ -238,8 +238,10 @@ class Connection:
         return out[0] if len(out) == 1 else b"".join(out)
 
     def _queue(self, message: m.Message) -> None:
-        # Encoded once into the frame's own buffer, sealed in place there.
-        buf = bytearray(PREFIX_BYTES)
+        # Encoded once into the frame's own buffer, allocated once (room for
+        # the message and its tag: encode_into trims the rest, and the tag
+        # then fits without a reallocation), sealed in place there.
+        buf = bytearray(PREFIX_BYTES + m.size_hint(message) + crypto.TRANSPORT_TAG_BYTES)
         m.encode_into(message, buf, PREFIX_BYTES)
         size = len(buf) - PREFIX_BYTES + crypto.TRANSPORT_TAG_BYTES
         if size > self._max_frame:

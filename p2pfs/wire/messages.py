@@ -246,6 +246,28 @@ def encode_into(message: Message, buf: bytearray, offset: int) -> None:
     _encoder.encode_into(message, buf, offset)
 
 
+# Encoded bytes, at most, of one block's bin header, one leaf, one proof
+# node and everything else of a Data or Run (msgpack's widest headers).
+_BLOCK_HEAD, _LEAF, _PROOF_NODE, _REST = 5, 44, 53, 64
+
+
+def size_hint(message: Message) -> int:
+    """Bytes to reserve for `message` encoded: an upper bound for Data and
+    IndexData (so a frame of blocks is allocated once, never grown and
+    copied), a small guess for the rest (they grow as needed)."""
+    if isinstance(message, Data):
+        runs = (message,)
+    elif isinstance(message, IndexData):
+        runs = message.runs
+    else:
+        return _REST
+    size = _REST
+    for run in runs:
+        size += (_REST + sum(map(len, run.blocks)) + _BLOCK_HEAD * len(run.blocks)
+                 + _LEAF * len(run.leaves) + _PROOF_NODE * len(run.proof))
+    return size
+
+
 def decode(data) -> Message:
     """One message from a frame's plaintext (bytes).  Anything malformed -> ProtocolError."""
     try:
