@@ -454,6 +454,24 @@ def test_decrypt_ahead_raises_a_bad_frame_in_its_turn():
         a.conn.next_event()
 
 
+def test_decrypt_ahead_decodes_with_prepare_and_raises_a_bad_message_in_its_turn():
+    a, b, heads = _channel_and_heads(2)
+    seen = []
+    first = b.conn.send(heads[0])
+    # a frame that decrypts (the sender's key, its turn) but is no message: a hostile peer's
+    garbage = encode_frame(b.conn._encryptor.encrypt(b"\xc1 not msgpack"))
+    a.events.clear()
+    a.conn.receive_data(first + garbage + b.conn.send(heads[1]))
+    a.conn.decrypt_ahead(lambda msg: seen.append(msg) or "made")
+    assert seen == heads[:1]  # decoded in the worker's call, stopped at the bad one
+    first = a.conn.next_event()
+    assert first.message == heads[0] and first.prepared is None  # only a reply carries it
+    with pytest.raises(ProtocolError, match="malformed message"):
+        a.conn.next_event()
+    with pytest.raises(ProtocolError):
+        a.conn.next_event()
+
+
 def test_decrypt_ahead_then_end_of_stream():
     a, b, heads = _channel_and_heads(2)
     a.events.clear()
@@ -519,7 +537,7 @@ def test_a_run_travels_verifies_and_one_bad_block_is_pinned():
     root, length = builder.root(), len(blocks)
     trusted = {p: held[p] for p in flat.full_roots(length)[:1]}  # say one peak came with an earlier reply
 
-    def round_trip(liar):
+    def round_trip(liar, ahead=False):
         a, b = connected(known_b=[KEY_A])
         deliver(a, b, a.conn.open_channel(KEY_A))
         la, lb = a.conn.local_channel(KEY_A), b.conn.local_channel(KEY_A)
@@ -535,17 +553,31 @@ def test_a_run_travels_verifies_and_one_bad_block_is_pinned():
         leaves = [(held[2 * i].hash, held[2 * i].size) for i in range(req.start, req.start + req.count)]
         proof = tree.make_range_proof(req.start, req.start + req.count, req.length, req.nodes, held.get)
         a.events.clear()
-        deliver(b, a, b.conn.send(m.Data(lb, req.id, req.start, run, leaves, proof)))
-        (ev,) = a.events
+        wire = b.conn.send(m.Data(lb, req.id, req.start, run, leaves, proof))
+        if not ahead:
+            deliver(b, a, wire)
+            (ev,) = a.events
+            assert ev.prepared is None
+            data = ev.message.blocks
+        else:  # as the peer driver does: decrypt, decode and hash in its worker thread
+            assert a.conn.next_event() is None  # (sets the frame limit for the reply due)
+            a.conn.receive_data(wire)
+            a.conn.decrypt_ahead(lambda msg: [tree.leaf_node(msg.start + i, x)
+                                              for i, x in enumerate(msg.blocks)])
+            (ev,) = [a.conn.next_event()]
+            assert a.conn.next_event() is None
+            data = ev.prepared  # the climb takes the leaves: nothing hashed again
+            assert data == [tree.leaf_node(i, x) for i, x in enumerate(run, start)]
         assert ev.request.nodes == nodes
-        return tree.verify_range(ev.request.start, ev.message.blocks, ev.message.nodes, length, root,
+        return tree.verify_range(ev.request.start, data, ev.message.nodes, length, root,
                                  trusted.get, ev.message.leaves)
 
-    honest = round_trip(liar=False)
-    assert honest.bad == [] and all(held[n.index] == n for n in honest.nodes)
-    lying = round_trip(liar=True)
-    assert lying.bad == [47]  # only that block; the other 63 verify and are kept
-    assert {n.index for n in lying.nodes} == {n.index for n in honest.nodes}
+    for ahead in (False, True):
+        honest = round_trip(liar=False, ahead=ahead)
+        assert honest.bad == [] and all(held[n.index] == n for n in honest.nodes)
+        lying = round_trip(liar=True, ahead=ahead)
+        assert lying.bad == [47]  # only that block; the other 63 verify and are kept
+        assert {n.index for n in lying.nodes} == {n.index for n in honest.nodes}
 
 
 # --- reading straight into the frame buffer ---------------------------------------

@@ -40,6 +40,7 @@ from .. import tree
 from ..drive import Drive
 from ..errors import BlockUnavailableError, VerificationError
 from ..store import Store
+from ..types import Node
 from ..wire import messages as m
 from .peer import Inflight, Peer, PeerDropped
 
@@ -190,12 +191,14 @@ class Fetcher:
 
     # --- replies ----------------------------------------------------------------------------
 
-    def on_reply(self, peer: Peer, inf: Inflight, msg) -> None:
+    def on_reply(self, peer: Peer, inf: Inflight, msg, leaves: list[Node] | None = None) -> None:
+        """A reply to `inf`; `leaves`: a Data's blocks hashed already (in the
+        peer's worker thread), else they are hashed here."""
         drive = self._drive(inf.key)
         if drive is None:
             return
         if isinstance(msg, m.Data):
-            self._accept_run(peer, drive, inf, msg)
+            self._accept_run(peer, drive, inf, msg, leaves)
         elif isinstance(msg, m.IndexData):
             try:
                 self._accept_index(peer, drive, msg)
@@ -205,7 +208,8 @@ class Fetcher:
             self._requeue(peer, inf)
         self.schedule()
 
-    def _accept_run(self, peer: Peer, drive: Drive, inf: Inflight, msg: m.Data) -> None:
+    def _accept_run(self, peer: Peer, drive: Drive, inf: Inflight, msg: m.Data,
+                    leaves: list[Node] | None = None) -> None:
         """Verify a run with one climb; keep its good blocks, refetch the bad ones
         elsewhere and drop the peer that sent them."""
         key = drive.key
@@ -214,7 +218,8 @@ class Fetcher:
             self._requeue(peer, inf)
             return  # we never held that version's head: cannot check, do not store
         try:
-            result = tree.verify_range(inf.start, msg.blocks, msg.nodes, inf.length, root,
+            result = tree.verify_range(inf.start, msg.blocks if leaves is None else leaves,
+                                       msg.nodes, inf.length, root,
                                        self.nodes.trusted(key), msg.leaves)
         except VerificationError as exc:
             self._requeue(peer, inf)

@@ -271,8 +271,8 @@ class Swarm:
         self.fetcher.schedule()
         self.connections.changed()
 
-    def on_reply(self, peer: Peer, inf: Inflight, msg) -> None:
-        self.fetcher.on_reply(peer, inf, msg)
+    def on_reply(self, peer: Peer, inf: Inflight, msg, leaves=None) -> None:
+        self.fetcher.on_reply(peer, inf, msg, leaves)
 
     def after_input(self, peer: Peer) -> None:
         self.fetcher.after_input()

@@ -120,6 +120,7 @@ class Received:
     drive_key: bytes
     message: m.Message
     request: m.Request | m.IndexRequest | None = None
+    prepared: object = None  # for a reply: what decrypt_ahead's `prepare` made of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +181,9 @@ class Connection:
         self._error: ProtocolError | None = None
         self._out: list = []   # queued output pieces, joined once by data_to_send
         self._events: deque[Event] = deque()
-        self._plain: deque[bytes] = deque()  # decrypted by decrypt_ahead, not yet handled
+        # decrypted by decrypt_ahead, not yet handled: plaintexts, or (message,
+        # what `prepare` made of it) when decrypt_ahead decoded them too
+        self._plain: deque = deque()
         self._plain_error: ProtocolError | None = None  # met by decrypt_ahead after _plain
         self._encryptor: crypto.TransportEncryptor | None = None
         self._decryptor: crypto.TransportDecryptor | None = None
@@ -358,20 +361,29 @@ class Connection:
     def can_decrypt_ahead(self) -> bool:
         return self._state == _OPEN and self._plain_error is None
 
-    def decrypt_ahead(self) -> None:
+    def decrypt_ahead(self, prepare: Callable[[m.Message], object] | None = None) -> None:
         """Decrypt every whole frame buffered, in order, for `next_event`.
 
         It touches only the receiving half (the frame buffer and the
         decryptor), so a driver may run it in a worker thread while its other
         tasks send; nothing may call `receive_data`, `get_buffer`,
         `buffer_updated` or `next_event` meanwhile.
-        A bad frame is kept and raised by `next_event` in its turn."""
+        With `prepare`, each message is decoded here too and `prepare(message)`
+        called on it (in the same thread: the driver's per-byte work, such as
+        hashing a run's blocks); a reply's Received event carries what it
+        returned as `prepared`.  `prepare` sees a message before it is
+        checked against its request, and must not raise.
+        A bad frame (or message) is kept and raised by `next_event` in its turn."""
         if not self.can_decrypt_ahead:
             return
         frames, decrypt, plain = self._frames, self._decryptor.decrypt, self._plain
         try:
             while (plaintext := frames.next_frame(decrypt)) is not None:
-                plain.append(plaintext)
+                if prepare is None:
+                    plain.append(plaintext)
+                else:
+                    msg = m.decode(plaintext)
+                    plain.append((msg, prepare(msg)))
         except ProtocolError as exc:
             self._plain_error = exc
 
@@ -385,7 +397,11 @@ class Connection:
                 if self._state == _CLOSED:
                     return None
                 if self._plain:
-                    self._handle_message(m.decode(self._plain.popleft()))
+                    item = self._plain.popleft()
+                    if type(item) is tuple:
+                        self._handle_message(*item)
+                    else:
+                        self._handle_message(m.decode(item))
                     continue
                 if self._plain_error is not None:
                     raise self._plain_error
@@ -466,7 +482,7 @@ class Connection:
 
     # --- messages -------------------------------------------------------------
 
-    def _handle_message(self, msg: m.Message) -> None:
+    def _handle_message(self, msg: m.Message, prepared: object = None) -> None:
         if isinstance(msg, m.Open):
             self._handle_open(msg)
             return
@@ -508,7 +524,7 @@ class Connection:
                 _check_index_data(msg, request, ch)
             del self._pending[msg.id]
             if not pending[2]:
-                self._events.append(Received(ch.drive_key, msg, request))
+                self._events.append(Received(ch.drive_key, msg, request, prepared))
         else:  # Head, Have
             if isinstance(msg, m.Head):
                 ch.head_length = msg.length
