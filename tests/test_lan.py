@@ -9,6 +9,7 @@ Needs root and iproute2 (scripts/test runs the suite as root under
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -238,6 +239,32 @@ def test_no_multicast_interface_on_a_loopback_only_host():
     if any(name != "lo" for _, name in socket.if_nameindex()):
         pytest.skip("run in a loopback-only namespace (unshare -n), as scripts/test does")
     assert multicast_interfaces() == []
+
+
+def test_a_scan_at_the_descriptor_limit_fails_plainly():
+    """A seeder under a connection flood sits at its descriptor limit: the
+    scan raises a plain OSError there, which the source counts and survives
+    (a CI run of the flood test once died of the EMFILE, before)."""
+    import resource
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    free = os.dup(0)
+    os.close(free)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (free, hard))  # no new descriptor can open
+        for args in ((), (probe,)):  # listing the interfaces needs a netlink socket: it says so
+            try:
+                multicast_interfaces(*args)
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+            else:
+                raise AssertionError("listed interfaces without a descriptor to do it with")
+        source = LanSource(bytes(32), port=0)
+        source._scan(probe, 0.0)  # the source's periodic scan: counted, not raised
+        assert source.status()["scan_errors"] == 1
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        probe.close()
 
 
 def test_a_source_made_outside_trio_replays_its_calls():

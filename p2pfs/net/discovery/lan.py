@@ -57,26 +57,28 @@ class Interface:
     address: str  # its (primary) IPv4 address
 
 
-def multicast_interfaces() -> list[Interface]:
+def multicast_interfaces(probe: socket.socket | None = None) -> list[Interface]:
     """The interfaces of this network namespace that LAN discovery uses:
-    up, running, multicast-capable, with an IPv4 address."""
+    up, running, multicast-capable, with an IPv4 address.  `probe`: an open
+    IPv4 socket to ask through (the source's own: a scan then needs no new
+    descriptor, so a process at its descriptor limit, say a seeder under a
+    connection flood, keeps scanning instead of failing with EMFILE)."""
+    if probe is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:
+            return multicast_interfaces(own)
     found = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+    names = socket.if_nameindex()  # OSError (it opens a netlink socket): the caller's to handle
+    for index, name in names:
+        raw = name.encode()[:15]
         try:
-            names = socket.if_nameindex()
-        except OSError:
-            return []
-        for index, name in names:
-            raw = name.encode()[:15]
-            try:
-                flags = struct.unpack_from("H", fcntl.ioctl(probe, _SIOCGIFFLAGS, struct.pack("16s24x", raw)), 16)[0]
-                wanted = _IFF_UP | _IFF_RUNNING | _IFF_MULTICAST
-                if flags & wanted != wanted:
-                    continue
-                reply = fcntl.ioctl(probe, _SIOCGIFADDR, struct.pack("16sH22x", raw, socket.AF_INET))
-            except OSError:  # gone meanwhile, or no IPv4 address
+            flags = struct.unpack_from("H", fcntl.ioctl(probe, _SIOCGIFFLAGS, struct.pack("16s24x", raw)), 16)[0]
+            wanted = _IFF_UP | _IFF_RUNNING | _IFF_MULTICAST
+            if flags & wanted != wanted:
                 continue
-            found.append(Interface(index, name, socket.inet_ntoa(reply[20:24])))
+            reply = fcntl.ioctl(probe, _SIOCGIFADDR, struct.pack("16sH22x", raw, socket.AF_INET))
+        except OSError:  # gone meanwhile, or no IPv4 address
+            continue
+        found.append(Interface(index, name, socket.inet_ntoa(reply[20:24])))
     return found
 
 
@@ -95,7 +97,7 @@ class LanSource:
         self._memberships: set[int] = set()
         self._next_scan = float("-inf")
         self._error: str | None = None
-        self._errors = dict.fromkeys(("send_errors", "receive_errors", "membership_errors"), 0)
+        self._errors = dict.fromkeys(("send_errors", "receive_errors", "membership_errors", "scan_errors"), 0)
 
     # the Source interface -------------------------------------------------------
 
@@ -185,7 +187,11 @@ class LanSource:
     def _scan(self, group_sock: socket.socket, now: float, *, initial: bool = False) -> None:
         """Re-list the interfaces and join the group on new ones."""
         self._next_scan = now + SCAN_INTERVAL
-        interfaces = multicast_interfaces()
+        try:
+            interfaces = multicast_interfaces(group_sock)
+        except OSError:  # EMFILE and the like: keep what we have, look again next time
+            self._errors["scan_errors"] += 1
+            return
         current = {i.index for i in interfaces}
         self._memberships &= current  # the kernel drops a membership with its interface
         joined = []
