@@ -68,9 +68,9 @@ BLOCKED_WATER = 64 << 10   # ... once its socket has taken nothing for SLOW_SEND
 SLOW_SEND = 0.05
 SEND_PIECE = 128 << 10
 # A read this big is decrypted, decoded and its runs' blocks hashed in one
-# worker thread hop (the AEAD and blake3 drop the GIL): the main thread is the
-# reader's bottleneck, and a megabyte's AES-GCM and BLAKE3 (0.5-0.9 ms here)
-# cost far more than the hop (~0.05 ms).
+# worker thread hop (the AEAD and blake3 drop the GIL), leaving the main
+# thread to verification, scheduling and a mount's reads: a megabyte's
+# AES-GCM and BLAKE3 (0.5-0.9 ms here) cost far more than the hop (~0.05 ms).
 DECRYPT_IN_THREAD = 256 << 10
 HANDSHAKE_TIMEOUT = 10.0
 MAX_HAVE_RANGES_KEPT = 1 << 16

@@ -80,11 +80,11 @@ class Server:
             return
         try:
             if isinstance(msg, m.Request):
-                reply = self.store.with_blocks(
-                    key, range(msg.start, msg.start + msg.count),
-                    lambda blocks: self._answer_run(channel, key, msg, blocks, send))
-                replies = [] if reply is None else [reply]
-            elif msg.length == 0:
+                # sent inside the read transaction its blocks are views of
+                self.store.with_blocks(key, range(msg.start, msg.start + msg.count),
+                                       lambda blocks: send(self._answer_run(channel, key, msg, blocks)))
+                return
+            if msg.length == 0:
                 # our newest version we can serve: the newest head, or (a relay
                 # that heard of a newer one without its blocks) the newest held whole
                 if not self.store.has_block(key, head.length - 1):
@@ -111,16 +111,12 @@ class Server:
             leaves.append((leaf.hash, leaf.size))
         return leaves, tree.make_range_proof(start, end, length, nodes, get)
 
-    def _answer_run(self, channel: int, key: bytes, msg: m.Request, blocks: list,
-                    send: Callable[[m.Message], None]) -> m.Message | None:
-        """Inside the read transaction holding `blocks`: send the Data (None
-        returned), or return the NoData to send."""
+    def _answer_run(self, channel: int, key: bytes, msg: m.Request, blocks: list) -> m.Message:
         leaves, proof = self._run(blocks, msg.start, msg.start + msg.count, msg.length,
                                   msg.nodes, self.nodes.serving(key))
         if sum(map(len, blocks)) > m.MAX_RUN_DATA:
             return m.NoData(channel, msg.id)
-        send(m.Data(channel, msg.id, msg.start, blocks, leaves, proof))
-        return None
+        return m.Data(channel, msg.id, msg.start, blocks, leaves, proof)
 
     def _answer_path(self, drive: Drive, channel: int, msg: m.IndexRequest, length: int) -> m.Message:
         key = drive.key
