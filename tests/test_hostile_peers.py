@@ -15,6 +15,7 @@ import trio
 
 from helpers import REPO, cli_command, cli_env, create, run_cli
 from p2pfs import crypto
+from p2pfs.net.connections import RESERVED_FDS
 from p2pfs.wire import messages as m
 from bench.peers import (HostileSeeder, WirePeer, attack, drip, head_flood, never_answer, signed_head,
                          wrong_block)
@@ -167,6 +168,13 @@ def _memory(pid: int) -> str:
                     if line.startswith(("VmRSS", "RssAnon", "RssFile", "VmData")))
 
 
+def _descriptors(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:  # it ended: its death is asserted after
+        return 0
+
+
 def _limit_files(n: int):
     def preexec():
         resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
@@ -209,6 +217,7 @@ async def test_seeder_under_idle_connections_non_readers_and_a_head_flood(tmp_pa
     pid = seeder.proc.pid
     head = signed_head(a, key)
     peak = 0
+    peak_fds = 0
     try:
         # warm up: one honest read, then the baseline
         res = await _cat(tmp_path / "warm", key_text, "/big.bin", [seeder.address])
@@ -218,10 +227,11 @@ async def test_seeder_under_idle_connections_non_readers_and_a_head_flood(tmp_pa
         sampling = True
 
         async def sample_rss():
-            nonlocal peak
+            nonlocal peak, peak_fds
             while sampling:
                 peak = max(peak, _rss(pid))
-                await trio.sleep(0.1)
+                peak_fds = max(peak_fds, _descriptors(pid))
+                await trio.sleep(0.02)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sample_rss)
@@ -236,6 +246,10 @@ async def test_seeder_under_idle_connections_non_readers_and_a_head_flood(tmp_pa
             sampling = False
         assert counts["non_readers"] and counts["floods"], counts
         assert peak < 200 << 20, f"seeder RSS peaked at {peak >> 20} MiB"
+        # connections are capped below the descriptor limit, counting the
+        # ones that ended but still hold their socket: the store, the LAN
+        # and DHT sockets keep their reserve
+        assert peak_fds <= 256 - RESERVED_FDS // 2, f"{peak_fds} descriptors open at the peak"
         # after the attackers left: back to the baseline (janitor trims every 5 s)
         deadline = trio.current_time() + 30
         while _rss(pid) > baseline + (24 << 20) and trio.current_time() < deadline:

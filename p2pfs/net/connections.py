@@ -15,10 +15,14 @@ key, from the LAN or an earlier connection) is not dialled.
 (EMFILE, ENFILE, ENOBUFS, ENOMEM) is reported once per `SHORTAGE_REPORT`
 seconds and waited out, never a traceback.  The number of connections is
 capped (`max_connections`, below the process's descriptor limit) in all
-and per remote IP; when a cap is reached, the idlest connection (no Noise
-handshake yet, else no channel open, else one that reads nothing we send,
-else the least recently active one with nothing in flight) is closed to
-make room, and if none is idle the newcomer is refused.
+and per remote IP.  The caps count descriptors: an accepted connection is
+counted from its accept (before its task runs), and one that ended counts
+until its socket is closed (it may spend a second sending its refusal).
+When a cap is reached, such an ending connection is cut short first, else
+the idlest connection (no Noise handshake yet, else no channel open, else
+one that reads nothing we send, else the least recently active one with
+nothing in flight) is closed to make room, and if none is idle the
+newcomer is refused.
 
 *Deduplication.*  Two nodes dialling each other end with one connection:
 when a handshake completes with a node key we already have a connection
@@ -169,8 +173,11 @@ class Connections:
 
     # --- running peers -----------------------------------------------------------------
 
-    async def run_peer(self, peer: Peer) -> PeerEnd:
-        self.peers.append(peer)
+    async def run_peer(self, peer: Peer, registered: bool = False) -> PeerEnd:
+        """Run a peer to its end; `registered`: the caller put it in `peers`
+        already (the accept loop does, so the next accept counts it)."""
+        if not registered:
+            self.peers.append(peer)
         try:
             end = await peer.run()
         finally:
@@ -420,7 +427,10 @@ class Connections:
                     with trio.CancelScope(shield=True):
                         await stream.aclose()
                     continue
-                self._nursery.start_soon(self._accepted, stream, address)
+                # counted from now on, before its task first runs
+                peer = Peer(self.host, stream, False, address)
+                self.peers.append(peer)
+                self._nursery.start_soon(self._accepted, peer)
 
     def _shortage(self, exc: OSError) -> bool:
         """Out of descriptors: report (rarely) and close an idle peer; True if one went."""
@@ -446,9 +456,15 @@ class Connections:
 
     def _evict(self, ip: str | None) -> bool:
         now = trio.current_time()
-        cands = [(k, p) for p in self.peers if not p.closed
-                 and (ip is None or transport.address_host(p.address) == ip)
-                 and (k := self._idleness(p, now)) is not None]
+        peers = [p for p in self.peers if p.holds_descriptor
+                 and (ip is None or transport.address_host(p.address) == ip)]
+        # one that ended but still holds its socket (sending its refusal) goes
+        # first, without the refusal
+        ending = [p for p in peers if p.closed]
+        if ending:
+            ending[0].abort("closed to make room for another connection")
+            return True
+        cands = [(k, p) for p in peers if (k := self._idleness(p, now)) is not None]
         if not cands:
             return False
         _k, victim = min(cands, key=lambda kp: kp[0])
@@ -457,18 +473,20 @@ class Connections:
         return True
 
     def _make_room(self, address: str) -> bool:
+        # the cap counts descriptors: a peer that ended holds its socket
+        # until its task lets it go
         ip = transport.address_host(address)
-        live = [p for p in self.peers if not p.closed]
-        same = sum(1 for p in live if not p.initiator and transport.address_host(p.address) == ip)
+        holding = [p for p in self.peers if p.holds_descriptor]
+        same = sum(1 for p in holding if not p.initiator and transport.address_host(p.address) == ip)
         if same >= MAX_PER_IP and not self._evict(ip):
             return False
-        if len(live) >= self.max_connections and not self._evict(None):
+        if len(holding) >= self.max_connections and not self._evict(None):
             return False
         return True
 
-    async def _accepted(self, stream: trio.SocketStream, address: str) -> None:
+    async def _accepted(self, peer: Peer) -> None:
         # a peer at fault is reported by the ban; routine ends are quiet
-        await self.run_peer(Peer(self.host, stream, False, address))
+        await self.run_peer(peer, registered=True)
 
     # --- the janitor -------------------------------------------------------------------------
 

@@ -235,6 +235,14 @@ class Peer:
                 pass
 
     @property
+    def holds_descriptor(self) -> bool:
+        """Its socket is still open (a peer that ended keeps it for up to a
+        second while its refusal is sent); a stream without a socket (tests:
+        memory streams) counts as holding one."""
+        sock = getattr(self.stream, "socket", None)
+        return sock is None or sock.fileno() != -1
+
+    @property
     def has_channels(self) -> bool:
         return bool(self.conn.open_drives())
 
