@@ -383,8 +383,8 @@ def run_p2pfs(args, lab: Lab, p2p: P2pfs, work: Path, lo: Netns, reader: Netns, 
                 for i in range(args.runs):  # interleaved, so drift hits all alike
                     direct.append(p2p.timed_read(lo, key, cmd, [seeder], expect=expect, timeout=120).wall)
                     delayed.append(p2p.timed_read(lo, key, cmd, [proxy], expect=expect, timeout=120).wall)
-                    if i < 3:
-                        slowed.append(p2p.timed_read(lo, key, cmd, [slow], expect=expect, timeout=120).wall)
+                    # every run at the long RTT too: it is the count a goal is judged on
+                    slowed.append(p2p.timed_read(lo, key, cmd, [slow], expect=expect, timeout=120).wall)
             finally:
                 proxy.stop()
                 slow.stop()
