@@ -68,3 +68,16 @@ def test_an_unknown_drive_a_newer_length_or_an_impossible_proof_gets_nodata(serv
     assert server.answer(5, bytes(32), _request(drive, 1, 1)) == [m.NoData(5, 9)]
     # a proof node outside the version's tree cannot be given: no half answer
     assert server.answer(5, key, m.Request(5, 9, 1, 2, length, [2 * length - 1])) == [m.NoData(5, 9)]
+
+
+def test_a_run_bigger_than_one_reply_gets_nodata_before_any_proof_is_built(served, monkeypatch):
+    """17 blocks of 64 KiB exceed MAX_RUN_DATA: refused on the cheap bound,
+    without the leaves and proof a peer could make us build for nothing."""
+    store, key, drive, server = served
+    built = []
+    run = Server._run
+    monkeypatch.setattr(Server, "_run", lambda self, *a: built.append(a) or run(self, *a))
+    assert server.answer(5, key, _request(drive, 1, 17)) == [m.NoData(5, 9)]
+    assert built == []
+    [reply] = server.answer(5, key, _request(drive, 1, 16))  # 1 MiB exactly: served
+    assert isinstance(reply, m.Data) and len(built) == 1
