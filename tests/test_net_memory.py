@@ -1,10 +1,13 @@
-"""The swarm and peer drivers over in-memory streams (no sockets, no namespace).
+"""The swarm and peer drivers over in-memory streams (no namespace).
 
-Two real stores, a real owner drive, real swarms; only the TCP socket is
-replaced by `trio.testing.memory_stream_pair`.
+Two real stores, a real owner drive, real swarms; the TCP socket is
+replaced by `trio.testing.memory_stream_pair`, except in the one test of
+reading from a socket (loopback TCP, `recv_into`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import trio
 import trio.testing
@@ -32,6 +35,30 @@ async def _connect(nursery, server_swarm, client_swarm, address="memory:1"):
     a, b = trio.testing.memory_stream_pair()
     server_swarm.connections.attach(a, initiator=False, address="memory-client")
     client_swarm.connections.attach(b, initiator=True, address=address)
+
+
+@contextlib.asynccontextmanager
+async def _reader_of(tmp_path, size, connect=None):
+    """An owner's swarm serving a drive with /f.bin of `size` random bytes, a
+    reader's swarm connected to it (`connect(sa, sb)`, else memory streams),
+    and the reader's opened Drive: yields (sa, sb, drive, data)."""
+    store_a, key, data = _owner(tmp_path, size)
+    store_b = Store(tmp_path / "b")
+    try:
+        async with open_swarm(store_a, crypto.x25519_keypair()[0], serve_all=True) as sa, \
+                open_swarm(store_b, crypto.x25519_keypair()[0], timeout=10) as sb:
+            drive = Drive(store_b, key, source=sb)
+            sb.add_drive(drive)
+            if connect is None:
+                await _connect(sb._nursery, sa, sb)
+            else:
+                await connect(sa, sb)
+            await sb.wait_for_peers(drive, 10)
+            await drive.open()
+            yield sa, sb, drive, data
+    finally:
+        store_a.close()
+        store_b.close()
 
 
 async def test_fetch_a_whole_file_between_two_swarms(tmp_path):
@@ -183,3 +210,36 @@ async def test_a_lone_read_is_written_without_waiting_to_gather(tmp_path, monkey
     assert got == b"small\n"
     assert len(commits) == 1 and len(kept) == 1, (commits, kept)
     assert commits[0][1] - kept[0] < 2.5, (commits, kept)
+
+
+async def test_over_a_socket_the_replies_are_decrypted_and_hashed_off_the_main_thread(tmp_path):
+    """Reading from a socket, a read that ends a frame takes at most
+    LARGE_FRAME of the next (FrameDecoder.get_buffer), so reads are often
+    small; the worker-thread hop is judged by the whole frames buffered
+    (Connection.ready_bytes), not by the read: every 1 MiB reply of a
+    stream comes with its leaves hashed in the worker thread."""
+    size = 24 << 20
+    hashed, unhashed = [], []
+
+    async def over_tcp(sa, sb):
+        on_reply = sb.fetcher.on_reply
+
+        def counting(peer, inf, msg, leaves=None):
+            if type(msg).__name__ == "Data" and len(msg.blocks) >= 8:
+                (hashed if leaves is not None else unhashed).append(msg.start)
+            return on_reply(peer, inf, msg, leaves)
+
+        sb.fetcher.on_reply = counting
+        [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listener.socket.getsockname()[1]
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server = await listener.accept()
+        await listener.aclose()
+        assert getattr(server, "socket", None) is not None  # the recv_into path
+        sa.connections.attach(server, initiator=False, address="tcp-client")
+        sb.connections.attach(client, initiator=True, address=f"127.0.0.1:{port}")
+
+    async with _reader_of(tmp_path, size, over_tcp) as (_sa, _sb, drive, data):
+        entry = await drive.lookup("/f.bin")
+        assert await drive.read(entry, 0, entry.size) == data
+    assert len(hashed) >= size // (1 << 20) - 2 and not unhashed, (len(hashed), unhashed)

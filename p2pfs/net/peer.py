@@ -7,8 +7,9 @@ Three tasks share a peer and end together:
 * the reader reads at most `RECV_SIZE` bytes at a time, feeds the
   Connection, and hands each event to the host (synchronously: verifying
   and storing a block happens there, so a peer's next bytes are not read
-  before its last block is dealt with); a read of at least
-  `DECRYPT_IN_THREAD` bytes is first decrypted in a worker thread
+  before its last block is dealt with); once a read leaves at least
+  `DECRYPT_IN_THREAD` bytes buffered that begin with a whole frame, they
+  are first decrypted in a worker thread
   (`Connection.decrypt_ahead`: the cipher drops the GIL), so the other tasks
   of the node run meanwhile;
 * the server answers the peer's requests one by one, in order;
@@ -67,7 +68,7 @@ READER_PROVEN = 16 << 20   # (more than kernel buffers hold: a peer that never r
 BLOCKED_WATER = 64 << 10   # ... once its socket has taken nothing for SLOW_SEND
 SLOW_SEND = 0.05
 SEND_PIECE = 128 << 10
-# A read this big is decrypted, decoded and its runs' blocks hashed in one
+# Whole frames this big are decrypted, decoded and their runs' blocks hashed in one
 # worker thread hop (the AEAD and blake3 drop the GIL), leaving the main
 # thread to verification, scheduling and a mount's reads: a megabyte's
 # AES-GCM and BLAKE3 (0.5-0.9 ms here) cost far more than the hop (~0.05 ms).
@@ -466,7 +467,7 @@ class Peer:
             self.paused = False
             n = await self._receive()
             self.bytes_received += n
-            if n >= DECRYPT_IN_THREAD and conn.can_decrypt_ahead:
+            if conn.ready_bytes >= DECRYPT_IN_THREAD and conn.can_decrypt_ahead:
                 # the cipher and the hashing drop the GIL: our other tasks run meanwhile
                 await trio.to_thread.run_sync(conn.decrypt_ahead, _hash_run)
             while True:

@@ -344,8 +344,8 @@ class Connection:
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Instead of `receive_data`: a view to read up to `sizehint` bytes into
-        (``sock.recv_into``), or exactly the rest of a large frame in progress;
-        then call `buffer_updated` with the count read (a read of 0 bytes is
+        (``sock.recv_into``), exactly the rest of a large frame in progress, or
+        the last bytes of one and at most LARGE_FRAME more; then call `buffer_updated` with the count read (a read of 0 bytes is
         end of input: call ``receive_data(b"")``).  Saves the copy of every
         byte into the frame buffer."""
         if self._state == _CLOSED:
@@ -356,6 +356,12 @@ class Connection:
     def buffer_updated(self, nbytes: int) -> None:
         """`nbytes` were read into the view from `get_buffer`."""
         self._frames.buffer_updated(nbytes)
+
+    @property
+    def ready_bytes(self) -> int:
+        """Bytes buffered, if they begin with a whole frame (else 0): what
+        `decrypt_ahead` would have to work on."""
+        return self._frames.ready
 
     @property
     def can_decrypt_ahead(self) -> bool:
