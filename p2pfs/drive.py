@@ -148,6 +148,10 @@ class BlockSource(Protocol):
     async def fetch_path(self, drive: "Drive", path: bytes) -> None:
         """Best effort: fetch every index block on the path in one round trip."""
 
+    def reading(self, drive: "Drive", blocks: list[int]) -> None:
+        """A read found every listed block held (no fetch): keep a sequential
+        reader's read-ahead ahead of it.  Never waits."""
+
 
 class _Reader:
     """index.BlockReader over a drive's verified local blocks."""
@@ -950,6 +954,8 @@ class Drive:
         sizes = [bs if j < final else tail for j in range(first, last + 1)]
         cut = (offset - first * bs, end - last * bs)
         out = self._get_verified(blocks, sizes, cut, path)
+        if self.source is not None and not isinstance(out, list):
+            self.source.reading(self, blocks)  # a read-ahead block: move the window on
         while isinstance(out, list):
             missing = out
             await self._fetch(missing)

@@ -46,6 +46,9 @@ class PeerSource:
     async def fetch_path(self, drive, path):
         self.path_requests.append(path)
 
+    def reading(self, drive, blocks):
+        pass  # every block is fetched on demand: no read-ahead to move
+
 
 @pytest.fixture
 def owner(tmp_path, home):
@@ -260,6 +263,9 @@ async def test_a_source_that_stores_nothing_cannot_loop_forever(owner, home2):
             Empty.calls += 1
 
         async def fetch_path(self, drive, path):
+            pass
+
+        def reading(self, drive, blocks):
             pass
 
     with Store(home2) as store2:

@@ -212,6 +212,31 @@ async def test_a_lone_read_is_written_without_waiting_to_gather(tmp_path, monkey
     assert commits[0][1] - kept[0] < 2.5, (commits, kept)
 
 
+async def test_a_reader_slower_than_the_network_waits_only_at_the_start(tmp_path):
+    """Read-ahead moves on while a sequential reader reads blocks it already
+    holds (Fetcher.reading), not only when it runs out of them: a reader
+    slower than the network waits for the first blocks and (allowing for
+    one hiccup of a busy machine) never again.  Moving the window only at a
+    miss stalls it again and again (10 times here)."""
+    size = 32 << 20
+    async with _reader_of(tmp_path, size) as (_sa, _sb, drive, data):
+        entry = await drive.lookup("/f.bin")
+        waits = []
+        fetch = drive._fetch
+
+        async def counting(blocks, path=None):
+            waits.append(blocks[0])
+            await fetch(blocks, path)
+
+        drive._fetch = counting
+        chunk = 1 << 20
+        for offset in range(0, size, chunk):
+            assert await drive.read(entry, offset, chunk) == data[offset:offset + chunk]
+            await trio.sleep(0.05)  # 20 MB/s: slower than two swarms in memory
+        first_window = 2 * chunk // drive.block_size
+        assert len([b for b in waits if b >= first_window]) <= 1, waits
+
+
 async def test_over_a_socket_the_replies_are_decrypted_and_hashed_off_the_main_thread(tmp_path):
     """Reading from a socket, a read that ends a frame takes at most
     LARGE_FRAME of the next (FrameDecoder.get_buffer), so reads are often

@@ -6,8 +6,9 @@ Theory of operation
 `schedule` hands queued wants to peers that announced the block and have a
 free pipeline slot (`PIPELINE` requests per peer), least-loaded first,
 skipping peers that already failed that want.  A long sequential fetch
-also queues the blocks after it (read-ahead), so the pipelines do not
-drain between reads.  Each Request asks for the proof nodes we do not
+also queues the blocks after it (read-ahead), and a read of held blocks
+inside that window moves it on (`reading`), so the pipelines do not drain
+between reads.  Each Request asks for the proof nodes we do not
 hold (a per-drive cache of verified nodes, `NodeCaches`) against
 `Drive.proof_length(block)` (the length of the head the drive's view was
 opened from: its newest, unless no peer can serve that); the reply is verified against the signed head of exactly
@@ -554,6 +555,17 @@ class Fetcher:
                     f.wants.pop(want.block, None)
                     f.take(want.block)
 
+    def reading(self, drive: Drive, blocks: list[int]) -> None:
+        """A read of held blocks inside the read-ahead window moves the
+        window past it, as a fetch there does (the kernel's asynchronous
+        read-ahead): a reader slower than the network then never drains
+        the pipelines and waits a whole round trip at the window's end.
+        Only the newly exposed blocks are looked at."""
+        f = self._fetches.get(drive.key)
+        if f is not None and blocks and f.ahead_start <= blocks[0] < f.ahead_end:
+            self._readahead(drive, f, blocks)
+            self.schedule()
+
     def _readahead(self, drive: Drive, f: _Fetches, blocks: list[int]) -> None:
         """Sequential reads get read-ahead, so that the pipelines (several
         peers') do not drain between reads: a contiguous fetch of at least
@@ -571,6 +583,8 @@ class Fetcher:
             return
         start = blocks[-1] + 1
         end = min(start + window, drive.head.length)
+        if f.ahead_start <= blocks[0] < f.ahead_end:
+            start = max(start, f.ahead_end)  # the rest of the old window is queued already
         f.ahead_start, f.ahead_end, f.window = blocks[0], end, window
         for b in range(start, end):
             if b not in f.wants and not drive.has_block(b):

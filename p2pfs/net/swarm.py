@@ -407,6 +407,9 @@ class Swarm:
             return
         await self.fetcher.fetch_path(drive, path)
 
+    def reading(self, drive: Drive, blocks: list[int]) -> None:
+        self.fetcher.reading(drive, blocks)
+
     def announced(self, drive: Drive, block: int) -> bool:
         """Whether a connected peer announced holding `block` (Drive.open
         passes over signed versions whose commit nobody can send)."""
