@@ -268,3 +268,33 @@ async def test_over_a_socket_the_replies_are_decrypted_and_hashed_off_the_main_t
         entry = await drive.lookup("/f.bin")
         assert await drive.read(entry, 0, entry.size) == data
     assert len(hashed) >= size // (1 << 20) - 2 and not unhashed, (len(hashed), unhashed)
+
+
+async def test_the_read_ahead_window_is_bytes_per_peer_that_can_send(tmp_path, monkeypatch):
+    """The window is READAHEAD_BYTES per peer able to send the drive (each
+    needs replies of its own in flight), in bytes whatever the block size:
+    16 blocks of 64 KiB here with one peer, 32 once a second one is open."""
+    from p2pfs.net import fetcher
+    monkeypatch.setattr(fetcher, "READAHEAD_BYTES", 1 << 20)
+    size = 16 << 20
+    async with _reader_of(tmp_path, size) as (sa, sb, drive, data):
+        assert drive.block_size == 64 << 10
+        entry = await drive.lookup("/f.bin")
+        windows = []
+        chunk = 8 * drive.block_size  # READAHEAD_MIN blocks a read
+
+        async def read(lo, hi):
+            for offset in range(lo, hi, chunk):
+                assert await drive.read(entry, offset, chunk) == data[offset:offset + chunk]
+                windows.append(sb.fetcher._fetches[drive.key].window)
+
+        await read(0, size // 2)
+        assert max(windows) == 16, windows
+        async with open_swarm(sa.store, crypto.x25519_keypair()[0], serve_all=True) as second:
+            await _connect(sb._nursery, second, sb, address="memory:2")
+            with trio.fail_after(10):
+                while sum(p.can_request(drive.key) for p in sb.fetcher._peers()) < 2:
+                    await trio.sleep(0.01)
+            windows.clear()
+            await read(size // 2, size)
+            assert max(windows) == 32, windows
