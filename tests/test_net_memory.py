@@ -212,6 +212,19 @@ async def test_a_lone_read_is_written_without_waiting_to_gather(tmp_path, monkey
     assert commits[0][1] - kept[0] < 2.5, (commits, kept)
 
 
+def _count_waits(drive) -> list[int]:
+    """The first block of every read of `drive` that had to fetch (and wait)."""
+    waits = []
+    fetch = drive._fetch
+
+    async def counting(blocks, path=None):
+        waits.append(blocks[0])
+        await fetch(blocks, path)
+
+    drive._fetch = counting
+    return waits
+
+
 async def test_a_reader_slower_than_the_network_waits_only_at_the_start(tmp_path):
     """Read-ahead moves on while a sequential reader reads blocks it already
     holds (Fetcher.reading), not only when it runs out of them: a reader
@@ -221,14 +234,7 @@ async def test_a_reader_slower_than_the_network_waits_only_at_the_start(tmp_path
     size = 32 << 20
     async with _reader_of(tmp_path, size) as (_sa, _sb, drive, data):
         entry = await drive.lookup("/f.bin")
-        waits = []
-        fetch = drive._fetch
-
-        async def counting(blocks, path=None):
-            waits.append(blocks[0])
-            await fetch(blocks, path)
-
-        drive._fetch = counting
+        waits = _count_waits(drive)
         chunk = 1 << 20
         for offset in range(0, size, chunk):
             assert await drive.read(entry, offset, chunk) == data[offset:offset + chunk]
@@ -298,3 +304,32 @@ async def test_the_read_ahead_window_is_bytes_per_peer_that_can_send(tmp_path, m
             windows.clear()
             await read(size // 2, size)
             assert max(windows) == 32, windows
+
+
+async def test_read_ahead_starts_afresh_after_every_peer_was_lost(tmp_path):
+    """A fetch that fails with no peer left to ask drops every queued want,
+    read-ahead included; the window is dropped with them, so once a peer is
+    back the reader gets read-ahead again instead of waiting at each read
+    for the rest of the old window."""
+    size = 24 << 20
+    async with _reader_of(tmp_path, size) as (sa, sb, drive, data):
+        entry = await drive.lookup("/f.bin")
+        chunk = 1 << 20
+        for offset in range(0, 4 * chunk, chunk):
+            assert await drive.read(entry, offset, chunk) == data[offset:offset + chunk]
+        f = sb.fetcher._fetches[drive.key]
+        assert f.ahead_end > 4 * chunk // drive.block_size
+        [peer] = sb.fetcher._peers()
+        peer.drop("gone for the test", fault=False)
+        with trio.fail_after(10):
+            while sb.fetcher._peers() or f.wants:
+                await trio.sleep(0.01)  # every want failed: no peer left to ask
+        await _connect(sb._nursery, sa, sb, address="memory:2")
+        await sb.wait_for_peers(drive, 10)
+        waits = _count_waits(drive)
+        start = 12 * chunk  # inside the old window, past what had arrived
+        for offset in range(start, size, chunk):
+            assert await drive.read(entry, offset, chunk) == data[offset:offset + chunk]
+            await trio.sleep(0.05)
+        first = start // drive.block_size
+        assert len([b for b in waits if b >= first + 2 * chunk // drive.block_size]) <= 1, waits

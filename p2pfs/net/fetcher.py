@@ -512,6 +512,7 @@ class Fetcher:
             want.done.set()
         f.wants.clear()
         f.clear()
+        f.ahead_start = f.ahead_end = f.window = 0  # nothing of the window is queued now
 
     # --- BlockSource -------------------------------------------------------------------
 
