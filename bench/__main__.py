@@ -7,6 +7,7 @@ absolute pass/fail timings: the machines are shared and noisy.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 import sys
 import time
@@ -24,17 +25,28 @@ def available() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    names = argv or available()
+    """`NAME...` runs those (none: all); `NAME --option ...` runs one with
+    its own options (`scripts/bench net --help` lists them)."""
+    split = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    names, options = argv[:split] or available(), argv[split:]
     unknown = [n for n in names if n not in available()]
     if unknown:
         print(f"bench: unknown benchmark(s) {unknown}; have {available()}", file=sys.stderr)
         return 2
+    if options and len(names) != 1:
+        print(f"bench: options ({' '.join(options)}) are for one benchmark: "
+              f"name it first, e.g. scripts/bench net {' '.join(options)}", file=sys.stderr)
+        return 2
     failed = []
     for name in names:
+        module = importlib.import_module(f"bench.bench_{name}")
+        if options and not inspect.signature(module.main).parameters:
+            print(f"bench: bench {name} takes no options", file=sys.stderr)
+            return 2
         print(f"\n== bench {name} ==", flush=True)
         started = time.perf_counter()
         try:
-            importlib.import_module(f"bench.bench_{name}").main()
+            module.main(options) if options else module.main()
         except Exception:
             traceback.print_exc()
             failed.append(name)
