@@ -19,8 +19,9 @@ Theory of operation
   `Lab.service` all take the namespace to run in.
 * Teardown is total.  `Lab.close()` (run on leaving `with`, also on Ctrl-C,
   and on SIGTERM inside `sigterm_raises()`) kills every process inside each
-  lab namespace (`ip netns pids`), then deletes the namespaces, which takes
-  their veths, qdiscs and nft tables with them.  Namespaces are named
+  lab namespace or holding one open (about to join it), deletes the
+  namespaces, which takes their veths, qdiscs and nft tables with them,
+  and kills whoever got in meanwhile (`_destroy_netns`).  Namespaces are named
   `p2l<pid>x<tag>-<role>`; close() deletes every namespace with its lab's
   prefix, also one whose set-up was interrupted, and a new Lab first removes
   namespaces left by labs whose process is dead (kill -9).
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import math
 import os
@@ -472,28 +474,78 @@ def list_netns() -> list[str]:
     return [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
 
 
-def _netns_pids(name: str) -> list[int]:
-    done = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
-    return [int(p) for p in done.stdout.split() if p.isdigit()]
+def _holders(inodes: set[int], paths: set[str]) -> list[int]:
+    """Processes (not this one) inside one of the namespaces (nsfs `inodes`)
+    or holding a descriptor of one (about to join it: `ip netns exec` opens,
+    then joins).  A descriptor is looked at only if its link names one of
+    the namespaces' `paths` (or "/", what the link says once the namespace is
+    deleted): following any other could block on a hung FUSE mount."""
+    me, out = os.getpid(), []
+    texts = {f"net:[{i}]" for i in inodes}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        proc = f"/proc/{entry.name}"
+        try:
+            if os.readlink(f"{proc}/ns/net") in texts:
+                out.append(int(entry.name))
+                continue
+            fds = os.listdir(f"{proc}/fd")
+        except OSError:  # gone, or not ours to look at
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"{proc}/fd/{fd}")
+                if (link in paths or link == "/") and os.stat(f"{proc}/fd/{fd}").st_ino in inodes:
+                    out.append(int(entry.name))
+                    break
+            except OSError:
+                continue
+    return out
 
 
-def _destroy_netns(name: str, grace: float = 5.0) -> None:
-    """Kill every process in the namespace (TERM, then KILL), then delete it."""
-    pids = _netns_pids(name)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while pids and time.monotonic() < deadline:
-        time.sleep(0.02)
-        pids = _netns_pids(name)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + grace
-    while _netns_pids(name) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+def _destroy_netns(names: Sequence[str], grace: float = 5.0) -> None:
+    """Kill every process in the namespaces (TERM, then KILL), then delete them.
+
+    A process on its way in (`ip netns exec` forked, not yet joined) is in
+    no scan of the members; deleting the namespace then does not stop it
+    joining, and it lives on in a namespace nobody can name.  So each
+    namespace is held open here while it is emptied, deleted, and emptied
+    again: after the delete nobody can open it, and whoever opened it
+    before is a member or holds a descriptor of it, and is killed."""
+    pins, inodes = [], set()
+    paths = {f"/run/netns/{name}" for name in names}
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        pins.append(fd)
+        inodes.add(os.fstat(fd).st_ino)
+    try:
+        scan = functools.partial(_holders, inodes, paths)
+        _empty(scan, grace)
+        for name in names:
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+        _empty(scan, grace)
+    finally:
+        for fd in pins:
+            os.close(fd)
+
+
+def _empty(scan, grace: float) -> None:
+    """TERM, then KILL, what `scan` finds, until it finds nothing."""
+    for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):
+        pids = scan()
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.02)
+            pids = scan()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -512,8 +564,9 @@ def sweep_stale_labs() -> list[str]:
     for name in list_netns():
         m = _LAB_NAME.match(name)
         if m and not _pid_alive(int(m.group(1))):
-            _destroy_netns(name)
             stale.append(name)
+    if stale:
+        _destroy_netns(stale)
     return stale
 
 
@@ -842,8 +895,7 @@ class Lab:
                     proc.wait()
             names = {ns.name for ns in self._namespaces}
             names.update(n for n in list_netns() if n.startswith(self.prefix))
-            for name in sorted(names):
-                _destroy_netns(name)
+            _destroy_netns(sorted(names))
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
         finally:

@@ -178,6 +178,32 @@ def test_lab_tears_down_on_an_exception_and_kills_strays():
     assert stray.wait(10) is not None
 
 
+JOIN_LATE = """
+import ctypes, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+print("opened", flush=True)
+time.sleep(float(sys.argv[2]))
+if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+    sys.exit(3)
+time.sleep(600)
+"""
+
+
+@needs_root
+def test_lab_teardown_kills_a_process_on_its_way_into_a_namespace():
+    """`ip netns exec` opens the namespace, then joins it: a scan of the
+    members in between misses it, and it would join after the delete and
+    live on (CI saw `ip netns exec NS sleep 600` survive a teardown).  Here
+    the process holds the namespace open for 0.5 s before it joins."""
+    with Lab() as lab:
+        ns = lab.namespace("a")
+        joiner = subprocess.Popen([sys.executable, "-c", JOIN_LATE, f"/run/netns/{ns.name}", "0.5"],
+                                  stdout=subprocess.PIPE)
+        assert joiner.stdout.readline() == b"opened\n"
+    assert lab_names(lab) == []
+    assert joiner.wait(10) == -9 or joiner.returncode == -15, joiner.returncode
+
+
 @needs_root
 def test_new_lab_sweeps_namespaces_of_dead_labs():
     dead = subprocess.Popen(["true"])
