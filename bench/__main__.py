@@ -46,7 +46,10 @@ def main(argv: list[str]) -> int:
         print(f"\n== bench {name} ==", flush=True)
         started = time.perf_counter()
         try:
-            module.main(options) if options else module.main()
+            if options:
+                module.main(options)
+            else:
+                module.main()
         except Exception:
             traceback.print_exc()
             failed.append(name)

@@ -564,11 +564,11 @@ class Fetcher:
         the pipelines and waits a whole round trip at the window's end.
         Only the newly exposed blocks are looked at."""
         f = self._fetches.get(drive.key)
-        if f is not None and blocks and f.ahead_start <= blocks[0] < f.ahead_end:
-            self._readahead(drive, f, blocks)
+        if f is not None and blocks and f.ahead_start <= blocks[0] < f.ahead_end \
+                and self._readahead(drive, f, blocks):
             self.schedule()
 
-    def _readahead(self, drive: Drive, f: _Fetches, blocks: list[int]) -> None:
+    def _readahead(self, drive: Drive, f: _Fetches, blocks: list[int]) -> int:
         """Sequential reads get read-ahead, so that the pipelines (several
         peers') do not drain between reads: a contiguous fetch of at least
         READAHEAD_MIN blocks queues twice as many after it, unwaited; a fetch
@@ -579,28 +579,28 @@ class Fetcher:
         behind 200 Mbit/s links, 4 alternating pairs: 61-76 MB/s, median
         67.6, with 16 MiB in all; 71-79, median 73.8, with 64 MiB), and a
         drive's block size, 4 KiB or 16 MiB, does not change what the
-        window costs."""
+        window costs.  Returns how many blocks it queued."""
         n = len(blocks)
         if not n or blocks[-1] - blocks[0] != n - 1 or drive.head is None:
-            return
+            return 0
+        inside = f.ahead_start <= blocks[0] < f.ahead_end
+        if not inside and n < READAHEAD_MIN:
+            return 0
         senders = sum(1 for p in self._peers() if p.can_request(drive.key))
-        limit = READAHEAD_BYTES * min(max(senders, 1), READAHEAD_PEERS) // max(drive.block_size, 1)
-        limit = max(limit, 1)
-        if f.ahead_start <= blocks[0] < f.ahead_end:
-            window = min(limit, max(f.window * 2, 2 * n))
-        elif n >= READAHEAD_MIN:
-            window = min(limit, 2 * n)
-        else:
-            return
+        limit = max(1, READAHEAD_BYTES * min(max(senders, 1), READAHEAD_PEERS) // max(drive.block_size, 1))
+        window = min(limit, max(f.window * 2, 2 * n) if inside else 2 * n)
         start = blocks[-1] + 1
         end = min(start + window, drive.head.length)
-        if f.ahead_start <= blocks[0] < f.ahead_end:
+        if inside:
             start = max(start, f.ahead_end)  # the rest of the old window is queued already
         f.ahead_start, f.ahead_end, f.window = blocks[0], end, window
+        queued = 0
         for b in range(start, end):
             if b not in f.wants and not drive.has_block(b):
                 f.wants[b] = _Want(b)
                 f.push(b)
+                queued += 1
+        return queued
 
     async def fetch_path(self, drive: Drive, path: bytes) -> None:
         """Best effort: every index block on `path` from one peer, one round trip."""

@@ -345,9 +345,10 @@ class Connection:
     def get_buffer(self, sizehint: int) -> memoryview:
         """Instead of `receive_data`: a view to read up to `sizehint` bytes into
         (``sock.recv_into``), exactly the rest of a large frame in progress, or
-        the last bytes of one and at most LARGE_FRAME more; then call `buffer_updated` with the count read (a read of 0 bytes is
-        end of input: call ``receive_data(b"")``).  Saves the copy of every
-        byte into the frame buffer."""
+        the last bytes of one and at most LARGE_FRAME more; then call
+        `buffer_updated` with the count read (a read of 0 bytes is end of
+        input: call ``receive_data(b"")``).  Saves the copy of every byte
+        into the frame buffer."""
         if self._state == _CLOSED:
             raise RuntimeError("data received after end of stream")
         self._limit_frames()
