@@ -258,3 +258,18 @@ def test_established_connection_gets_hostile_messages(data, byte_by_byte):
             p = mutate(p, data.draw)
         stream += encode_frame(i._encryptor.encrypt(p))
     feed_connection(r, bytes(stream), byte_by_byte)
+
+
+def test_scripts_fuzz_run_by_the_base_python_moves_into_the_venv():
+    """`scripts/fuzz` as a user runs it: by the python the venv was made
+    from (no msgspec there), whose binary the venv's python links to; it
+    must re-run itself in the venv, not stop at the import."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = getattr(sys, "_base_executable", sys.executable)
+    done = subprocess.run([base, os.path.join(root, "scripts", "fuzz"), "200", "--seed", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "total 200 inputs" in done.stdout and "only ProtocolError escaped" in done.stdout
