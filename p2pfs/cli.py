@@ -677,14 +677,14 @@ async def _mirror(args) -> int:
     now: dict = {"state": "starting"}
 
     def report(path: str, why: str) -> None:
-        live.step(f"refused {path}: {why}", "refused", path=path, reason=why)
+        live.step(f"refused {path}: {why}", "refused", warning=True, path=path, reason=why)
 
     def on_version(st) -> None:
         now.update(state="idle", version=st.version, length=st.length)
         if "status" in now:
             now["status"].changed()
         for note in st.notes:
-            live.step(f"note: {note}", "note", text=note)
+            live.step(f"note: {note}", "note", warning=True, text=note)
         live.step(f"version {st.version} in {directory}: {st.written} written ({_size(st.bytes)}), "
                   f"{st.dirs} directories made, {st.deleted} deleted, {st.unchanged} unchanged"
                   + (f", {st.refused} refused" if st.refused else ""), "version",
@@ -751,7 +751,8 @@ def _setup_mirror(sub):
     p.add_argument("--safe-links", action="store_true",
                    help="refuse symbolic links that are absolute or point out of DIR")
     p.add_argument("--json", action="store_true", help="JSON lines on standard output")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress and no report of each version (what is refused is still named)")
     add_read_options(p)
     p.set_defaults(func=cmd_mirror)
 

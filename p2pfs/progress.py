@@ -114,7 +114,9 @@ class Live:
     step (`step`) and at every `PLAIN_STEP` percent of an item; with
     `json_lines`, one JSON object per line on standard output: every step
     (`{"event": ..., ...}`) and, at most every `JSON_INTERVAL` seconds while
-    an item moves, a `progress` event.  `quiet` keeps only the JSON.
+    an item moves, a `progress` event.  `quiet` keeps only the JSON and the
+    steps marked `warning` (what was refused: a quiet run that exits 1 still
+    names why).
     """
 
     PLAIN_STEP = 10
@@ -139,12 +141,13 @@ class Live:
                                 console=Console(stderr=True), transient=False)
             self.bar.start()
 
-    def step(self, text: str, event: str, **fields) -> None:
-        """A step: a line for a person (`text`), an `event` object for scripts."""
+    def step(self, text: str, event: str, *, warning: bool = False, **fields) -> None:
+        """A step: a line for a person (`text`), an `event` object for scripts.
+        A `warning` is shown even when quiet."""
         with self._lock:
             if self.json_lines:
                 _json_line({"event": event, **fields})
-            elif self.quiet:
+            elif self.quiet and not warning:
                 return
             elif self.bar is not None:
                 self.bar.console.print(f"{self.what}: {text}", markup=False, highlight=False)

@@ -313,11 +313,10 @@ def test_acceptance_2_a_hostile_drive_writes_nothing_outside_dir(tmp_path, home)
     assert sorted(os.listdir(out2)) == ["dir", "file", "ok.txt", "rel"]
 
 
-def test_safe_links_refuse_a_climb_through_another_link(tmp_path, home):
-    """Each link looks safe alone: d/up -> '..' is DIR, and 'd/up/..' never
-    goes above DIR as text.  But d/up is a link, so chain -> 'd/up/..' is
-    DIR/..: --safe-links refuses any '..' after a name."""
-    out = tmp_path / "out"
+def _climbing_links(home) -> str:
+    """A drive whose links each look safe alone: d/up -> '..' is DIR, and
+    'd/up/..' never goes above DIR as text.  But d/up is a link, so
+    chain -> 'd/up/..' is DIR/.."""
     d = Entry(KIND_DIR, 0o755, T)
 
     def link(target: bytes) -> Entry:
@@ -326,7 +325,13 @@ def test_safe_links_refuse_a_climb_through_another_link(tmp_path, home):
     entries = {b"": d, b"/\x00d": d, b"/d\x00up": link(b".."), b"/\x00chain": link(b"d/up/.."),
                b"/\x00near": link(b"d/../d"), b"/\x00ok": link(b"d/up")}
     with Store(home) as store:
-        key = forge(store, entries)
+        return forge(store, entries)
+
+
+def test_safe_links_refuse_a_climb_through_another_link(tmp_path, home):
+    """--safe-links refuses any '..' after a name (see _climbing_links)."""
+    out = tmp_path / "out"
+    key = _climbing_links(home)
     r, ev = mirror(home, key, out, "--safe-links", check=False)
     refused = {e["path"]: e["reason"] for e in ev if e["event"] == "refused"}
     assert refused == {"/chain": "link target climbs up after a name (--safe-links)",
@@ -334,6 +339,19 @@ def test_safe_links_refuse_a_climb_through_another_link(tmp_path, home):
     assert r.returncode == 1
     assert os.readlink(out / "d" / "up") == ".." and os.readlink(out / "ok") == "d/up"
     assert sorted(os.listdir(out)) == ["d", "ok"]
+
+
+def test_quiet_mirror_still_names_what_it_refused(tmp_path, home):
+    """-q silences the report of each version, not the refusals: the last
+    line says they were "named above", and they are."""
+    key = _climbing_links(home)
+    r = run_cli(home, "mirror", "-q", "--safe-links", key, tmp_path / "out", *LOCAL, check=False)
+    assert r.returncode == 1 and r.out == ""
+    why = "link target climbs up after a name (--safe-links)"
+    assert r.stderr.splitlines() == [
+        f"p2pfs: mirror: refused /chain: {why}", f"p2pfs: mirror: refused /near: {why}",
+        "p2pfs: mirror: 2 entries of the drive were refused (named above)"], r.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["d", "ok"]
 
 
 def test_a_tree_deeper_than_the_recursion_limit(tmp_path, home):
