@@ -59,7 +59,6 @@ class Options:
     latest: bool = False     # only what the newest version references
     json: bool = False       # JSON lines on standard output
     verbose: bool = False    # peers: who connected, what they were sent
-    quiet: bool = False      # no progress for a person (daemon)
 
 
 @dataclass
@@ -305,7 +304,7 @@ async def seed(store: Store, keys: Sequence[bytes], net: NetOptions,
         if t.mode != OWNED and store.latest_head(t.key) is None and not net.networked:
             raise UsageError(f"drive {crypto.encode_key(t.key)} is not held here and no peer "
                              "can be found: give --peer HOST:PORT (or turn on discovery)")
-    live = Live("seed", json_lines=opts.json, quiet=opts.quiet)
+    live = Live("seed", json_lines=opts.json)
     addresses: list[str] = []
 
     def listening(found: list[str]) -> None:
