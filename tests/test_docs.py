@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from p2pfs.cli import COMMANDS, build_parser
 
@@ -37,11 +40,24 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
     return [s for a in parser._actions for s in a.option_strings if s not in ("-h", "--help")]
 
 
-def test_every_option_is_in_its_commands_man_entry():
+@dataclass
+class Page:
+    text: str                               # the man page, plain
+    parser: argparse.ArgumentParser         # `p2pfs` itself
+    commands: dict[str, argparse.ArgumentParser]
+    entries: dict[str, str]                 # command name -> its man entry
+
+
+@pytest.fixture(scope="module")
+def page() -> Page:
     text = _plain(MAN.read_text())
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    entries = _entries(text, {name for name, _setup in COMMANDS})
+    return Page(text, parser, dict(sub.choices), _entries(text, {name for name, _setup in COMMANDS}))
+
+
+def test_every_option_is_in_its_commands_man_entry(page: Page):
+    text, entries = page.text, page.entries
     shared = text[text.index(".TP\nPEER OPTIONS:"):]
     shared = shared[:shared.index("\n.TP\n", 1)]
     takers = shared[shared.index("Options of"):shared.index("See PEERS")]
@@ -51,27 +67,24 @@ def test_every_option_is_in_its_commands_man_entry():
     for name, _setup in COMMANDS:
         assert name in entries, f"man p2pfs(1) has no entry for {name}"
         entry = entries[name]
-        for flag in _options(sub.choices[name]):
+        for flag in _options(page.commands[name]):
             if _names(entry, flag):
                 continue
             if name in takers and _names(shared, flag):
                 continue
             missing.append(f"{name} {flag}")
-    for flag in _options(parser):
+    for flag in _options(page.parser):
         if not _names(text[:text.index(".SH COMMANDS")], flag):
             missing.append(f"p2pfs {flag}")
     assert not missing, "not in man p2pfs(1): " + ", ".join(missing)
 
 
-def test_every_option_a_man_entry_shows_is_taken():
+def test_every_option_a_man_entry_shows_is_taken(page: Page):
     """The other way: a synopsis line names no option its command lacks."""
-    text = _plain(MAN.read_text())
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    entries = _entries(text, {name for name, _setup in COMMANDS})
     wrong = []
-    for name, entry in entries.items():
+    for name, entry in page.entries.items():
         synopsis = entry.split("\n")[1]
-        taken = set(_options(sub.choices[name]))
+        taken = set(_options(page.commands[name]))
         for flag in re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", synopsis):
             if flag not in taken:
                 wrong.append(f"{name} {flag}")
