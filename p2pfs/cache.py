@@ -33,7 +33,14 @@ commit (`Store.settle`); else the write after it grows the store file by
 its own size.  Measured: the home of a 1 GiB cat under a 100M cap peaked
 at 108-124 MB of disk before (7 runs), at 99-103 MB with both (5 runs).  A reader whose block was evicted finds it missing and
 fetches it again (`Drive.read` refetches; it never sees a half file);
-without peers the read fails as for any block not held.
+without peers the read fails as for any block not held.  The blocks a read
+is waiting for (`Cache.reading`, from `Drive.read`) are spared by this
+process's evictions until the read has them: a fetch's writer keeps the cap
+after each step, and a read-ahead may have touched those very blocks, so
+without this a block could go between its fetch and the read it was
+fetched for.  (They leave the bookkeeping, as pinned blocks do, and come
+back with the read's touch.)  Another process sharing the home does not
+know them; `Drive.read` fetches again a bounded number of times for that.
 
 *Sharing the home.*  Several processes may read cache drives at once;
 each enforces the cap after its own flushes, against the store's totals.
@@ -45,6 +52,7 @@ Errors: `flush` raises StoreError (disk full, ...) like every store write.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -116,7 +124,8 @@ class Keep:
     up front for every drive (so that no read transaction opens inside the
     eviction's write transaction): kept whole, or its pinned folders' ranges."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, spare: dict[bytes, frozenset[int]] | None = None):
+        self._spare = spare or {}
         self._drives: dict[bytes, object] = {}
         for key, record in store.list_drives():
             if kept(store, key):
@@ -128,14 +137,19 @@ class Keep:
                     self._drives[key] = True  # its pinned folders cannot be told apart: keep it all
 
     def __call__(self, key: bytes, block: int) -> bool:
+        if block in self._spare.get(key, ()):
+            return True
         got = self._drives.get(key, ())
         return got is True or _in_ranges(got, block)
 
 
-def evict(store: Store, target: int) -> tuple[int, int]:
+def evict(store: Store, target: int,
+          spare: dict[bytes, frozenset[int]] | None = None) -> tuple[int, int]:
     """Evict least recently read cache blocks until cache drives hold at most
-    `target` bytes, or nothing evictable is left.  Returns (blocks, bytes) freed."""
-    keep = Keep(store)
+    `target` bytes, or nothing evictable is left; never the blocks in
+    `spare` (drive key -> blocks: what reads are waiting for).  Returns
+    (blocks, bytes) freed."""
+    keep = Keep(store, spare)
     blocks = freed = 0
     used = cache_held(store)
     while used > target:
@@ -175,6 +189,8 @@ class Cache:
         # them to it
         self.riding = False
         self._kept: dict[bytes, tuple[bool, float]] = {}
+        # drive key -> {block: how many reads wait for it}: never evicted here
+        self._reading: dict[bytes, dict[int, int]] = {}
         self.evicted_blocks = 0
         self.evicted_bytes = 0
 
@@ -204,6 +220,28 @@ class Cache:
             self.flush()  # nobody flushed for a long time: back-pressure on the reader
         elif pending >= FLUSH_BYTES and self.wake is not None:
             self.wake()
+
+    @contextlib.contextmanager
+    def reading(self, key: bytes, blocks: Iterable[int]):
+        """While inside, this process evicts none of drive `key`'s `blocks`
+        (a read is fetching them, to read them as soon as they are stored)."""
+        blocks = list(blocks)
+        with self._lock:
+            waiting = self._reading.setdefault(key, {})
+            for b in blocks:
+                waiting[b] = waiting.get(b, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for b in blocks:
+                    n = waiting[b] - 1
+                    if n:
+                        waiting[b] = n
+                    else:
+                        del waiting[b]
+                if not waiting:
+                    self._reading.pop(key, None)
 
     def take(self, key: bytes) -> tuple[list[int], int] | None:
         """The touches of drive `key` gathered so far, taken out to be written
@@ -243,7 +281,9 @@ class Cache:
             return
         with self._enforce_lock:
             if cache_held(self.store) > self.cap * HIGH_WATER:
-                n, b = evict(self.store, int(self.cap * LOW_WATER))
+                with self._lock:
+                    spare = {k: frozenset(v) for k, v in self._reading.items()}
+                n, b = evict(self.store, int(self.cap * LOW_WATER), spare)
                 self.evicted_blocks += n
                 self.evicted_bytes += b
 

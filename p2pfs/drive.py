@@ -52,6 +52,7 @@ the version it signed (`adopt_own_head`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import AsyncIterator, Callable, Iterable, Iterator, Protocol
 
@@ -73,6 +74,7 @@ MIN_BLOCK_SIZE = 4096
 # made here can be replicated.
 MAX_CREATE_BLOCK_SIZE = 1 << 19
 TRUST_DEPTH = 6  # leaves are trusted in aligned groups of 2**6 blocks
+READ_FETCHES = 3  # a read's fetches that may bring none of its blocks before it fails
 TRUSTED_MAX = 1 << 20  # verified nodes cached per Drive (about 32 GiB of 64 KiB blocks)
 STORED_MAX = 1 << 20  # blocks remembered as verified and stored by this process
 MODE_BITS = 0o777  # what a reader sees of a mode: never setuid, setgid or sticky
@@ -956,14 +958,26 @@ class Drive:
         out = self._get_verified(blocks, sizes, cut, path)
         if self.source is not None and not isinstance(out, list):
             self.source.reading(self, blocks)  # a read-ahead block: move the window on
-        while isinstance(out, list):
-            missing = out
-            await self._fetch(missing)
-            out = self._get_verified(blocks, sizes, cut, path)
-            if isinstance(out, list) and out == missing:
-                raise BlockUnavailableError(f"block {missing[0]} of drive {self.key_text} "
-                                            "could not be fetched")
-        if self.cache is not None:
+        if isinstance(out, list):
+            with contextlib.ExitStack() as waiting:
+                if self.cache is not None:
+                    # touched however the read ends (what it stored is cache), and
+                    # spared by this process's evictions until then
+                    waiting.callback(self.cache.touched, self, blocks)
+                    waiting.enter_context(self.cache.reading(self.key, blocks))
+                again = 0
+                while isinstance(out, list):
+                    missing = out
+                    await self._fetch(missing)
+                    out = self._get_verified(blocks, sizes, cut, path)
+                    if isinstance(out, list) and len(out) >= len(missing):
+                        # the source said yes, but no fewer are missing: it stored
+                        # nothing, or another process of the home evicted them
+                        again += 1
+                        if again >= READ_FETCHES:
+                            raise BlockUnavailableError(
+                                f"block {out[0]} of drive {self.key_text} could not be fetched")
+        elif self.cache is not None:
             self.cache.touched(self, blocks)
         return out
 

@@ -274,3 +274,63 @@ async def test_a_source_that_stores_nothing_cannot_loop_forever(owner, home2):
         with pytest.raises(BlockUnavailableError, match="could not be fetched"):
             await d.open()
         assert Empty.calls == 1
+
+
+async def test_a_read_keeps_the_blocks_it_waits_for_from_the_cap(owner, home2):
+    """A capped cache evicts while a read's fetch is still running: the
+    fetcher's writer keeps the cap after each step it stores, and a
+    read-ahead may have touched the very blocks the read waits for.  Those
+    are spared (Cache.reading) until the read has them: it returns the
+    bytes, where it used to fail with "could not be fetched" (seen in CI:
+    cat through a mount capped at 8M)."""
+    from p2pfs.cache import Cache
+
+    store, key, src = owner
+    want = (src / "many").read_bytes()
+
+    class Evicting(PeerSource):
+        async def fetch(self, drive, blocks):
+            await super().fetch(drive, blocks)
+            if drive.cache is not None:
+                drive.cache.touched(drive, blocks)  # as the read-ahead does
+                drive.cache.flush()  # and the cap kept, as after a writer's step
+
+    with Store(home2) as store2:
+        d = Drive(store2, key, Evicting(Drive(store, key)))
+        d.accept_head(Drive(store, key).head)
+        v = await d.open()
+        entry = await v.lookup("/many")  # the index is held from here on
+        v.cache = Cache(store2, 0)  # evict every cache block at each flush
+        assert await v.read(entry, 0, len(want)) == want
+        assert v.cache.evicted_blocks == 0
+        # once read, they are cache like any other: the next flush evicts them
+        v.cache.flush()
+        assert v.cache.evicted_blocks == len(want) // BS + 1
+        assert store2.held(key)[1] < len(want)
+
+
+async def test_a_read_from_a_source_that_stores_nothing_fails(owner, home2):
+    """A source that says yes and stores nothing: the read fails after
+    READ_FETCHES fetches (room for another process's eviction), no more."""
+    from p2pfs.drive import READ_FETCHES
+
+    store, key, src = owner
+
+    class Forgetful(PeerSource):
+        calls = 0
+
+        async def fetch(self, drive, blocks):
+            if Forgetful.calls == 0:
+                await super().fetch(drive, blocks)  # the index, as for open
+            else:
+                Forgetful.calls += 1
+
+    with Store(home2) as store2:
+        d = Drive(store2, key, Forgetful(Drive(store, key)))
+        d.accept_head(Drive(store, key).head)
+        v = await d.open()
+        entry = await v.lookup("/many")
+        Forgetful.calls = 1
+        with pytest.raises(BlockUnavailableError, match="could not be fetched"):
+            await v.read(entry, 0, 100)
+        assert Forgetful.calls == 1 + READ_FETCHES
