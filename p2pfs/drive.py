@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import AsyncIterator, Callable, Iterable, Iterator, Protocol
+from typing import AsyncIterator, Callable, Iterable, Iterator, Mapping, Protocol
 
 from . import crypto, flat, index, tree
 from .errors import (
@@ -147,12 +147,21 @@ class BlockSource(Protocol):
         """Return once every listed block is stored (verified); else raise
         BlockUnavailableError."""
 
+    async def fetch_verified(self, drive: "Drive", blocks: list[int]) -> Mapping[int, bytes]:
+        """Return once every listed block is stored or verified (against a
+        signed head of the drive, with a proof); the bytes of the verified
+        ones not yet stored, by block (a read takes them from there, not
+        hashed again).  Else raise BlockUnavailableError."""
+
     async def fetch_path(self, drive: "Drive", path: bytes) -> None:
         """Best effort: fetch every index block on the path in one round trip."""
 
     def reading(self, drive: "Drive", blocks: list[int]) -> None:
         """A read found every listed block held (no fetch): keep a sequential
         reader's read-ahead ahead of it.  Never waits."""
+
+    async def drain(self) -> None:
+        """Return once every block verified so far is stored (bounded)."""
 
 
 class _Reader:
@@ -503,6 +512,12 @@ class Drive:
             if all(self.store.has_block(self.key, b) for b in blocks):
                 return
         await self.source.fetch(self, blocks)
+
+    async def _fetch_read(self, blocks: list[int]) -> Mapping[int, bytes]:
+        """A read's fetch: the verified blocks not yet stored, by block."""
+        if self.source is None:
+            await self._fetch(blocks)  # raises: nowhere to fetch from
+        return await self.source.fetch_verified(self, blocks)
 
     async def _sync(self, fn, path: bytes | None = None):
         """Run synchronous index code, fetching blocks it misses, until done.
@@ -966,10 +981,11 @@ class Drive:
                     waiting.callback(self.cache.touched, self, blocks)
                     waiting.enter_context(self.cache.reading(self.key, blocks))
                 again = 0
+                given: dict[int, bytes] = {}  # verified, not yet stored
                 while isinstance(out, list):
                     missing = out
-                    await self._fetch(missing)
-                    out = self._get_verified(blocks, sizes, cut, path)
+                    given.update(await self._fetch_read(missing))
+                    out = self._get_verified(blocks, sizes, cut, path, given)
                     if isinstance(out, list) and len(out) >= len(missing):
                         # the source said yes, but no fewer are missing: it stored
                         # nothing, or another process of the home evicted them
@@ -1067,9 +1083,11 @@ class Drive:
             f"file needs {want} (block size {self.block_size}): a bad drive")
 
     def _get_verified(self, blocks: list[int], sizes: list[int], cut: tuple[int, int],
-                      path: bytes | None) -> bytes | list[int]:
+                      path: bytes | None, given: Mapping[int, bytes] | None = None) -> bytes | list[int]:
         """The verified blocks, each of its `sizes`, joined from cut[0] bytes
         into the first to cut[1] bytes into the last; or the blocks not held.
+        `given`: blocks verified by the source and not yet stored (the store
+        is read for the rest).
 
         A block whose trusted leaf node (held) gives another size fails before
         anything is read or fetched; one whose data does, before anything is
@@ -1079,7 +1097,8 @@ class Drive:
         if len(self._trusted) > TRUSTED_MAX:
             self._trusted.clear()  # bounded memory; re-verified on demand
         stored = self._stored
-        self._trust_leaves([b for b in blocks if b not in stored])
+        given = given or {}
+        self._trust_leaves([b for b in blocks if b not in stored and b not in given])
         trusted = self._trusted
         for b, want in zip(blocks, sizes):
             node = trusted.get(2 * b)
@@ -1088,11 +1107,13 @@ class Drive:
         leaf_node = tree.leaf_node
 
         def check(views):
+            if given:
+                views = [given.get(b) if v is None else v for b, v in zip(blocks, views)]
             missing = [b for b, v in zip(blocks, views) if v is None or b >= limit]
             if missing:
                 return missing
             for b, v, want in zip(blocks, views, sizes):
-                if b not in stored:
+                if b not in stored and b not in given:
                     node = trusted.get(2 * b)
                     if node is None:
                         self.check_block(b, v)

@@ -186,6 +186,10 @@ async def caching(store: Store, drive: Drive, cap: int | None) -> AsyncIterator[
             try:
                 yield cache
             finally:
+                if drive.source is not None:
+                    # blocks reads took from memory are stored first: their touches count
+                    with trio.CancelScope(shield=True):
+                        await drive.source.drain()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         from .net.peer import raise_single  # the caller's error, as it went in

@@ -72,6 +72,40 @@ async def test_fetch_with_a_node_cache_too_small_for_the_drive(tmp_path, monkeyp
     await _fetch_whole_file(tmp_path)
 
 
+async def test_a_read_takes_verified_blocks_before_the_store_has_them(tmp_path):
+    """A read wakes once its blocks are verified, not once the writer has
+    committed them (the commits are never in its way): here the writer's
+    thread is held back for the whole read.  Closing the swarm waits for
+    the writer, so the blocks are stored all the same."""
+    import threading
+
+    gate = threading.Event()
+    held_back = []
+    try:
+        async with _reader_of(tmp_path, 2 << 20) as (sa, sb, drive, data):
+            store_b, key = drive.store, drive.key
+            entry = await drive.lookup("/f.bin")  # the index is stored from here on
+            before = store_b.held(key)[1]
+            put = store_b.put_block_items
+
+            def put_late(k, items, *args, **kwargs):
+                if k == key:
+                    held_back.append(len(items))
+                    gate.wait(20)  # in the writer's worker thread, until the read is done
+                return put(k, items, *args, **kwargs)
+
+            store_b.put_block_items = put_late
+            with trio.fail_after(15):
+                assert await drive.read(entry, 0, entry.size) == data
+            assert store_b.held(key)[1] == before  # nothing of it was committed
+            gate.set()
+        assert held_back  # stored by the writer, after the read
+        with Store(tmp_path / "b") as store_b:
+            assert store_b.held(key)[1] >= before + len(data)
+    finally:
+        gate.set()
+
+
 async def _fetch_whole_file(tmp_path):
     store_a, key, data = _owner(tmp_path, 5 << 20)
     store_b = Store(tmp_path / "b")

@@ -15,7 +15,10 @@ opened from: its newest, unless no peer can serve that); the reply is verified a
 that length, so adopting a newer head meanwhile cannot make an honest reply
 look bad.  Verified blocks are written by a worker thread, many per
 transaction, with the cache's touches of what was read meanwhile
-(`Cache.riding`); their waiters wake once they are stored.  While a stream
+(`Cache.riding`).  A read (`fetch_verified`) wakes as soon as its blocks
+are verified and takes the ones not yet stored from memory, so the store's
+commits are never in its way; `fetch` (a mirror's download) wakes once
+they are stored.  While a stream
 goes on (a write ended under `STREAMING` s ago and replies are still in
 flight) the writer lets a batch grow to `GATHER_BYTES` for up to
 `GATHER_WAIT` s before it commits; a lone read is written at once.
@@ -62,6 +65,7 @@ RIDE_IDLE = 0.25           # s the writer waits idle before it stops taking a dr
 GATHER_BYTES = 8 << 20     # while streaming, the writer lets a batch grow to this ...
 GATHER_WAIT = 0.01         # ... for at most this many s, while more replies are on their way
 STREAMING = 0.05           # s after its last write ended the writer counts as streaming
+DRAIN_TIMEOUT = 30.0       # s a closing swarm waits for the writer to store what was verified
 
 
 class _Want:
@@ -191,11 +195,15 @@ class Fetcher:
         self._describe = describe
         self._fetches: dict[bytes, _Fetches] = {}
         self._batch: dict[bytes, tuple[list, list]] = {}   # verified, not yet stored
+        self._unstored: dict[bytes, dict[int, bytes]] = {}  # ... by drive and block, until stored
+        self._handed: dict[bytes, set[int]] = {}  # ... of those, what reads took from memory
+        self._stored_event = trio.Event()   # set at the end of each round of the writer
         self._batch_bytes = 0
         self._writing: dict[bytes, tuple[list, list]] = {}  # the batch the writer is storing
         self._writing_bytes = 0
         self._batch_event = trio.Event()
         self._room_event = trio.Event()
+        self._writer_running = False
 
     # --- replies ----------------------------------------------------------------------------
 
@@ -259,13 +267,24 @@ class Fetcher:
                    result.nodes)
 
     def _keep(self, peer: Peer, key: bytes, items: list, nodes) -> None:
-        """Verified blocks and nodes: to the store (by the writer), and known now."""
+        """Verified blocks and nodes: to the store (by the writer), and known
+        now; the reads waiting for the blocks wake (`fetch_verified`)."""
         self.nodes.remember(key, nodes)
         batch_items, batch_nodes = self._batch.setdefault(key, ([], []))
         batch_items.extend(items)
         batch_nodes.extend(nodes)
         self._batch_bytes += sum(len(d) for _b, d in items)
         peer.blocks_received += len(items)
+        unstored = self._unstored.setdefault(key, {})
+        unstored.update(items)
+        f = self._fetches.get(key)
+        if f is not None:
+            wants = f.wants
+            for block, _data in items:
+                want = wants.get(block)
+                if want is not None:  # stays a want (not asked again) until stored
+                    want.done.set()
+            f.last_progress = trio.current_time()
 
     def after_input(self) -> None:
         if self._batch:
@@ -285,6 +304,7 @@ class Fetcher:
         that arrive meanwhile gather into the next, larger, round."""
         riding: set = set()  # the caches whose touches our transactions take (Cache.riding)
         last_end = -1e9  # when the last write ended
+        self._writer_running = True
         try:
             while True:
                 if not self._batch:
@@ -320,8 +340,19 @@ class Fetcher:
                     last_end = trio.current_time()
                 self._wake_stored(batch)
         finally:
+            self._writer_running = False
+            self._stored_event.set()  # a drain waits no more
             for cache in riding:
                 cache.riding = False
+
+    async def drain(self) -> None:
+        """Wait (at most DRAIN_TIMEOUT) until the writer has stored every
+        verified block: a swarm closing after a read that took its blocks
+        from memory leaves them in the store, as a read from the store would."""
+        with trio.move_on_after(DRAIN_TIMEOUT):
+            while self._writer_running and (self._batch or self._writing):
+                self._batch_event.set()  # an idle writer: store them now
+                await self._stored_event.wait()
 
     async def _gather(self) -> None:
         """A stream: let the batch grow towards GATHER_BYTES for up to
@@ -338,23 +369,30 @@ class Fetcher:
                 await self._batch_event.wait()
 
     def _wake_stored(self, batch: dict) -> None:
-        """The batch is stored: wake the fetches waiting for its blocks."""
+        """The batch is stored: its blocks are no longer wants, and the
+        fetches waiting for the store wake."""
         for key, (items, _nodes) in batch.items():
             drive = self._drive(key)
             if drive is not None:  # verified by _accept, now stored
                 drive.note_stored([block for block, _data in items])
-            for block, _data in items:
+            unstored = self._unstored.get(key)
+            for block, data in items:
+                if unstored is not None and unstored.get(block) is data:
+                    del unstored[block]  # (not if a later reply's copy waits in the next batch)
                 self._done(key, block)
+            if not unstored:
+                self._unstored.pop(key, None)
+            handed = self._handed.get(key)
+            if handed:
+                read = [block for block, _data in items if block in handed]
+                handed.difference_update(read)
+                if not handed:
+                    del self._handed[key]
+                if read and drive is not None and drive.cache is not None:
+                    drive.cache.touched(drive, read)  # held now: the touch counts
+        self._stored_event.set()
+        self._stored_event = trio.Event()
         self.schedule()
-
-    def _being_stored(self, key: bytes) -> set[int]:
-        """Blocks of a drive verified and waiting for (or in) the writer."""
-        out = set()
-        for batch in (self._batch, self._writing):
-            items = batch.get(key)
-            if items is not None:
-                out.update(b for b, _d in items[0])
-        return out
 
     def _write(self, batch: dict, caches: dict) -> None:
         for key, (items, nodes) in batch.items():
@@ -508,6 +546,8 @@ class Fetcher:
 
     def _fail_all(self, f: _Fetches, why: str) -> None:
         for want in list(f.wants.values()):
+            if want.done.is_set():
+                continue  # verified already (waiting for the store): not failed
             want.error = why
             want.done.set()
         f.wants.clear()
@@ -518,17 +558,34 @@ class Fetcher:
 
     async def fetch(self, drive: Drive, blocks: list[int]) -> None:
         """Return once every listed block is stored (verified); else BlockUnavailableError."""
+        await self._verified(drive, blocks)
+        while (unstored := self._unstored.get(drive.key)) and any(b in unstored for b in blocks):
+            await self._stored_event.wait()  # the writer stores them next
+
+    async def fetch_verified(self, drive: Drive, blocks: list[int]) -> dict[int, bytes]:
+        """Return once every listed block is stored or verified, with the
+        bytes of those verified and not yet stored; else BlockUnavailableError."""
+        await self._verified(drive, blocks)
+        unstored = self._unstored.get(drive.key)
+        if not unstored:
+            return {}
+        given = {b: unstored[b] for b in blocks if b in unstored}
+        if given and drive.cache is not None:
+            # the read's touch of them finds nothing stored yet: touched again once stored
+            self._handed.setdefault(drive.key, set()).update(given)
+        return given
+
+    async def _verified(self, drive: Drive, blocks: list[int]) -> None:
         f = self._fetches.setdefault(drive.key, _Fetches())
         wants = []
-        coming = self._being_stored(drive.key)
+        unstored = self._unstored.get(drive.key, {})
         for b in dict.fromkeys(blocks):
-            if drive.has_block(b):
+            if b in unstored or drive.has_block(b):
                 continue
             want = f.wants.get(b)
             if want is None:
                 want = f.wants[b] = _Want(b)
-                if b not in coming:  # verified already: the writer will wake it
-                    f.push(b)
+                f.push(b)
             want.waiters += 1
             wants.append(want)
         self._readahead(drive, f, blocks)
@@ -595,8 +652,9 @@ class Fetcher:
             start = max(start, f.ahead_end)  # the rest of the old window is queued already
         f.ahead_start, f.ahead_end, f.window = blocks[0], end, window
         queued = 0
+        unstored = self._unstored.get(drive.key, {})
         for b in range(start, end):
-            if b not in f.wants and not drive.has_block(b):
+            if b not in f.wants and b not in unstored and not drive.has_block(b):
                 f.wants[b] = _Want(b)
                 f.push(b)
                 queued += 1

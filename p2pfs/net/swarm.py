@@ -393,6 +393,16 @@ class Swarm:
         self.add_drive(drive)
         await self.fetcher.fetch(drive, blocks)
 
+    async def drain(self) -> None:
+        """Return once every block verified so far is stored (bounded)."""
+        await self.fetcher.drain()
+
+    async def fetch_verified(self, drive: Drive, blocks: list[int]) -> dict[int, bytes]:
+        """Return once every listed block is stored or verified, with the bytes
+        of those not yet stored; else BlockUnavailableError."""
+        self.add_drive(drive)
+        return await self.fetcher.fetch_verified(drive, blocks)
+
     async def fetch_path(self, drive: Drive, path: bytes) -> None:
         """Best effort: every index block on `path` from one peer, one round trip
         (none if a first-flight request for that path is answered or in flight)."""
@@ -504,6 +514,8 @@ async def open_swarm(store: Store, node_key: bytes, **kwargs) -> AsyncIterator[S
             try:
                 yield swarm
             finally:
+                with trio.CancelScope(shield=True):
+                    await swarm.fetcher.drain()  # what reads took from memory is stored
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The caller's error (say BlockUnavailableError) comes out of the
