@@ -160,8 +160,9 @@ class BlockSource(Protocol):
         """A read found every listed block held (no fetch): keep a sequential
         reader's read-ahead ahead of it.  Never waits."""
 
-    async def drain(self) -> None:
-        """Return once every block verified so far is stored (bounded)."""
+    async def drain(self, drive: "Drive | None" = None) -> None:
+        """Return once every block verified so far (of `drive`; None: of
+        every drive) is stored (bounded)."""
 
 
 class _Reader:

@@ -540,6 +540,8 @@ class DriveFS(pyfuse3.Operations):
         if name == XATTR_VERSION:
             return str(self.version).encode()
         if name == XATTR_BLOCKS_HELD and entry is not None and entry.kind == KIND_FILE:
+            if self.drive.source is not None:
+                await self.drive.source.drain(self.drive)  # what reads took from memory counts
             try:
                 return str(self.drive.blocks_held(entry)).encode()
             except P2pfsError as exc:

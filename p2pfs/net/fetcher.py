@@ -345,12 +345,17 @@ class Fetcher:
             for cache in riding:
                 cache.riding = False
 
-    async def drain(self) -> None:
+    async def drain(self, key: bytes | None = None) -> None:
         """Wait (at most DRAIN_TIMEOUT) until the writer has stored every
-        verified block: a swarm closing after a read that took its blocks
-        from memory leaves them in the store, as a read from the store would."""
+        block verified so far (of drive `key`; None: of every drive): a
+        swarm closing after a read that took its blocks from memory leaves
+        them in the store, and what a file's `blocks_held` says counts them."""
+        waiting = {k: list(v) for k, v in self._unstored.items() if key is None or k == key}
         with trio.move_on_after(DRAIN_TIMEOUT):
-            while self._writer_running and (self._batch or self._writing):
+            while self._writer_running:
+                if not any((u := self._unstored.get(k)) and any(b in u for b in blocks)
+                           for k, blocks in waiting.items()):
+                    return
                 self._batch_event.set()  # an idle writer: store them now
                 await self._stored_event.wait()
 

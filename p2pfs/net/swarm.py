@@ -393,9 +393,10 @@ class Swarm:
         self.add_drive(drive)
         await self.fetcher.fetch(drive, blocks)
 
-    async def drain(self) -> None:
-        """Return once every block verified so far is stored (bounded)."""
-        await self.fetcher.drain()
+    async def drain(self, drive: Drive | None = None) -> None:
+        """Return once every block verified so far (of `drive`; None: of
+        every drive) is stored (bounded)."""
+        await self.fetcher.drain(None if drive is None else drive.key)
 
     async def fetch_verified(self, drive: Drive, blocks: list[int]) -> dict[int, bytes]:
         """Return once every listed block is stored or verified, with the bytes
