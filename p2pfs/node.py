@@ -189,7 +189,7 @@ async def caching(store: Store, drive: Drive, cap: int | None) -> AsyncIterator[
                 if drive.source is not None:
                     # blocks reads took from memory are stored first: their touches count
                     with trio.CancelScope(shield=True):
-                        await drive.source.drain()
+                        await drive.source.drain(drive)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         from .net.peer import raise_single  # the caller's error, as it went in

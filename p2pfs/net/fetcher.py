@@ -203,7 +203,7 @@ class Fetcher:
         self._writing_bytes = 0
         self._batch_event = trio.Event()
         self._room_event = trio.Event()
-        self._writer_running = False
+        self._writer_ended = False
 
     # --- replies ----------------------------------------------------------------------------
 
@@ -304,7 +304,6 @@ class Fetcher:
         that arrive meanwhile gather into the next, larger, round."""
         riding: set = set()  # the caches whose touches our transactions take (Cache.riding)
         last_end = -1e9  # when the last write ended
-        self._writer_running = True
         try:
             while True:
                 if not self._batch:
@@ -340,8 +339,8 @@ class Fetcher:
                     last_end = trio.current_time()
                 self._wake_stored(batch)
         finally:
-            self._writer_running = False
-            self._stored_event.set()  # a drain waits no more
+            self._writer_ended = True
+            self._stored_event.set()  # nobody waits for it any more
             for cache in riding:
                 cache.riding = False
 
@@ -352,12 +351,15 @@ class Fetcher:
         them in the store, and what a file's `blocks_held` says counts them."""
         waiting = {k: list(v) for k, v in self._unstored.items() if key is None or k == key}
         with trio.move_on_after(DRAIN_TIMEOUT):
-            while self._writer_running:
-                if not any((u := self._unstored.get(k)) and any(b in u for b in blocks)
-                           for k, blocks in waiting.items()):
-                    return
-                self._batch_event.set()  # an idle writer: store them now
-                await self._stored_event.wait()
+            await self._until_stored(waiting)
+
+    async def _until_stored(self, waiting: dict[bytes, list[int]]) -> None:
+        """Return once none of these blocks (by drive) waits for the writer
+        (or the writer has ended)."""
+        while not self._writer_ended and any(
+                (u := self._unstored.get(k)) and any(b in u for b in blocks)
+                for k, blocks in waiting.items()):
+            await self._stored_event.wait()  # (a batch never waits for the writer unwoken)
 
     async def _gather(self) -> None:
         """A stream: let the batch grow towards GATHER_BYTES for up to
@@ -564,8 +566,7 @@ class Fetcher:
     async def fetch(self, drive: Drive, blocks: list[int]) -> None:
         """Return once every listed block is stored (verified); else BlockUnavailableError."""
         await self._verified(drive, blocks)
-        while (unstored := self._unstored.get(drive.key)) and any(b in unstored for b in blocks):
-            await self._stored_event.wait()  # the writer stores them next
+        await self._until_stored({drive.key: blocks})
 
     async def fetch_verified(self, drive: Drive, blocks: list[int]) -> dict[int, bytes]:
         """Return once every listed block is stored or verified, with the
